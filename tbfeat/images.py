@@ -1,0 +1,134 @@
+"""Probe inputs: image files, PIL images, arrays and tensors to ``(C, H, W)`` float tensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .stages import sanitize
+
+ImageLike = Any
+"""A path, a ``PIL.Image.Image``, an ``(H, W[, C])`` array or a ``([N,] C, H, W)`` tensor."""
+
+
+def load_image(image: ImageLike) -> torch.Tensor:
+    """One image as a ``(3, H, W)`` float32 tensor in [0, 1] (tensors pass through as given).
+
+    Grayscale, RGBA, palette and 16-bit images are converted to RGB, not rejected.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that is not a readable image, an array of the wrong shape.
+        TypeError: anything that is not an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {str(path)!r}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return _from_pil(im)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+    if isinstance(image, Image.Image):
+        return _from_pil(image)
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if isinstance(image, torch.Tensor):
+        _check_tensor(image, (3,))
+        return image
+    raise TypeError(
+        "an image must be a path, a PIL image, a numpy array or a tensor, "
+        f"got {type(image).__name__}"
+    )
+
+
+def to_tensors(
+    inputs: ImageLike | Sequence[ImageLike], names: Sequence[str] | None = None
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Normalize probe inputs to a list of ``(C, H, W)`` tensors and one name per image.
+
+    A ``(N, C, H, W)`` tensor gives ``N`` images. Names default to the file stem for paths
+    and to the image's position otherwise; they are sanitized for use in tags.
+    """
+    if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+        _check_tensor(inputs, (4,))
+        items: list[Any] = list(inputs.unbind(0))
+    elif isinstance(inputs, (list, tuple)):
+        items = list(inputs)
+    else:
+        items = [inputs]
+    if not items:
+        raise ValueError("inputs is empty; pass at least one image")
+    tensors = [load_image(item) for item in items]
+    if names is None:
+        names = [
+            Path(item).stem if isinstance(item, (str, os.PathLike)) else str(i)
+            for i, item in enumerate(items)
+        ]
+    names = [sanitize(n) for n in names]
+    if len(names) != len(tensors):
+        raise ValueError(f"got {len(names)} names for {len(tensors)} images")
+    return tensors, _unique(names)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        out.append(name if k == 0 else f"{name}_{k}")
+    return out
+
+
+def _check_tensor(t: torch.Tensor, dims: tuple[int, ...]) -> None:
+    if t.dim() not in dims:
+        raise ValueError(
+            "an image tensor must be (C, H, W), or (N, C, H, W) for a batch, "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"an image tensor must hold real numbers, got dtype {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"an image tensor must not be empty, got shape {tuple(t.shape)}")
+
+
+def _from_pil(im: Any) -> torch.Tensor:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im).astype(np.float32) / 65535.0
+        arr = np.clip(arr, 0.0, 1.0)
+        return torch.from_numpy(np.repeat(arr[None], 3, axis=0))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return _from_array(np.asarray(im))
+
+
+def _from_array(arr: np.ndarray) -> torch.Tensor:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.size == 0:
+        raise ValueError(
+            f"an image array must be (H, W) or (H, W, C) with C in 1, 3, 4, got shape {arr.shape}"
+        )
+    if arr.dtype == np.uint8:
+        x = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        x = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        x = arr.astype(np.float32)
+    else:
+        raise TypeError(f"an image array must be uint8, uint16 or float, got dtype {arr.dtype}")
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    elif x.shape[2] == 4:
+        x = x[:, :, :3]
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

@@ -1,0 +1,381 @@
+"""The FeatureLogger: forward hooks on a model's stages, written to TensorBoard at a step."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import adapt
+from .images import ImageLike
+from .options import LogOptions
+from .render import feature_grid, select_channels
+from .stages import Stage, StageSpec, resolve_stages, sanitize
+from .stats import RunningStats
+from .writer import EventSink
+
+log = logging.getLogger("tbfeat")
+
+
+class FeatureLogger:
+    """Log what each stage of a vision model produces, as TensorBoard images and statistics.
+
+    For every stage and every logged image it writes
+
+    - ``features/<NN>_<Type>[/<output>]/<image>``: a grid of up to ``max_channels``
+      channels, colour-mapped, 8 per row;
+    - ``activations/<NN>_<Type>[/<output>]``: a histogram of the activations;
+    - ``stats/<NN>_<Type>[/<output>]/<name>``: mean, std, min, max, zero_fraction,
+      negative_fraction and nonfinite_count.
+
+    ``NN`` is the stage index from :func:`tbfeat.list_stages`; ``<output>`` names the
+    element of a stage that returns a tuple, list or dict; ``<image>`` is the image's file
+    stem or its position in the step. The same tags recur at every step, so TensorBoard's
+    step slider compares a stage across epochs.
+
+    Args:
+        model: A ``torch.nn.Module`` (integrations add Ultralytics and torchvision objects).
+        logdir: Directory of the event files; a ``SummaryWriter`` is created there on the
+            first write and closed by :meth:`close`. ``None`` with no ``writer`` gives
+            ``SummaryWriter``'s default ``runs/<date>_<host>``.
+        writer: A ``SummaryWriter`` to write to instead; it is flushed, never closed.
+        stages: Which stages to log: ``None`` for the model's defaults, or indices, names,
+            glob patterns (``"layer*"``) and type names; see :func:`tbfeat.list_stages`.
+        step: The step (epoch, checkpoint) that forwards are logged at.
+        options: A :class:`LogOptions`; keyword arguments override its fields.
+        **kwargs: :class:`LogOptions` fields (``max_channels=16``, ``cmap="magma"``, ...).
+
+    Example:
+        Log the forwards made inside a block::
+
+            with FeatureLogger(model, logdir="runs/exp", step=epoch):
+                model(images)
+
+        Log fixed probe images once per epoch of a hand-written loop::
+
+            logger = FeatureLogger(model, logdir="runs/exp")
+            for epoch in range(epochs):
+                train_one_epoch(model)
+                logger.log(probe_images, step=epoch)
+            logger.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Any,
+        logdir: str | os.PathLike | None = None,
+        *,
+        writer: Any = None,
+        stages: StageSpec | Iterable[StageSpec] | None = None,
+        step: int = 0,
+        options: LogOptions | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.options = LogOptions.from_kwargs(options, **kwargs)
+        self.adapter = adapt(model)
+        self.model = model
+        self.stage_spec = stages
+        self.stages: list[Stage] = self.resolve(self.adapter.module)
+        self.step = step
+        self._sink = EventSink(logdir, writer)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._depth = 0
+        self._attached = False
+        self._names: list[str] = []
+        self._pending: dict[str, RunningStats] = {}
+        self._counts: dict[str, int] = {}
+        self._active_step: int | None = None
+        self._channels: dict[str, torch.Tensor] = {}
+        self._noted: set[str] = set()
+        self._closed = False
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def step(self) -> int:
+        """The step that captured forwards are logged at; setting it ends the current step."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"step must be an int, got {value!r}")
+        if getattr(self, "_active_step", None) is not None and value != self._active_step:
+            self.finish_step()
+        self._step = value
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter`` events go to (created on first access if none was given)."""
+        return self._sink.writer
+
+    @property
+    def enabled(self) -> bool:
+        """False on processes other than global rank 0: they hook and write nothing."""
+        return self._sink.enabled
+
+    # ----------------------------------------------------------------- life cycle
+    def __enter__(self) -> FeatureLogger:
+        if self._closed:
+            raise RuntimeError("this FeatureLogger is closed; create a new one")
+        self._depth += 1
+        if self._depth == 1 and self.enabled:
+            self._attached = True
+            try:
+                self.adapter.attach(self)
+            except BaseException:
+                self._exit()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit()
+
+    def _exit(self) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth:
+            return
+        try:
+            if self._attached:
+                self._attached = False
+                self.adapter.detach(self)
+        finally:
+            self.remove_hooks()
+            self.finish_step()
+
+    def at(self, step: int) -> FeatureLogger:
+        """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""
+        self.step = step
+        return self
+
+    def close(self) -> None:
+        """Remove hooks, write what is pending, close the writer if this logger created it.
+
+        Safe to call twice.
+        """
+        if self._closed:
+            return
+        self.remove_hooks()
+        self.finish_step()
+        self._sink.close()
+        self._closed = True
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureLogger({type(self.adapter.module).__name__}, stages={len(self.stages)}, "
+            f"step={self.step}, logdir={self._sink.logdir!r})"
+        )
+
+    # ----------------------------------------------------------------- probes
+    def log(
+        self,
+        inputs: ImageLike | Sequence[ImageLike],
+        step: int | None = None,
+        names: Sequence[str] | None = None,
+    ) -> Any:
+        """Run the model on fixed probe inputs and log every stage at ``step``.
+
+        The model runs in eval mode under ``torch.no_grad()``; the train/eval mode of every
+        module is restored afterwards, and the events are flushed. This is what a
+        hand-written training loop calls once per epoch.
+
+        Args:
+            inputs: A ``(N, C, H, W)`` tensor, or one or a list of images: ``(C, H, W)``
+                tensors, paths, PIL images or ``(H, W, C)`` arrays. Images of different
+                sizes run one at a time.
+            step: The step to log at; default the logger's current :attr:`step`.
+            names: One name per image for the tags; default file stems or positions.
+
+        Returns:
+            The model's output, or ``None`` on processes other than rank 0.
+
+        Example:
+            >>> import torch, torchvision, tempfile
+            >>> from tbfeat import FeatureLogger
+            >>> model = torchvision.models.resnet18(weights=None)
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     logger = FeatureLogger(model, logdir=d, max_channels=8)
+            ...     _ = logger.log(torch.rand(1, 3, 64, 64), step=1)
+            ...     logger.close()
+        """
+        if self._closed:
+            raise RuntimeError("this FeatureLogger is closed; create a new one")
+        if step is not None:
+            self.step = step
+        prepared, names = self.adapter.prepare(inputs, names)
+        if not self.enabled:
+            return None
+        module = self.adapter.module
+        modes = [(m, m.training) for m in module.modules()]
+        own_hooks = not self._handles
+        try:
+            module.eval()
+            if own_hooks:
+                self.install_hooks(self.stages)
+            self._names = list(names)
+            with torch.no_grad():
+                return self.adapter.forward(prepared)
+        finally:
+            for m, training in modes:
+                m.training = training
+            if own_hooks:
+                self.remove_hooks()
+            self.finish_step()
+
+    # ----------------------------------------------------------------- hooks
+    def resolve(self, module: nn.Module) -> list[Stage]:
+        """This logger's ``stages=`` applied to ``module`` (integrations pass a fresh model)."""
+        adapter = self.adapter if module is self.adapter.module else adapt(module)
+        return resolve_stages(
+            adapter.module,
+            adapter.candidate_stages(),
+            self.stage_spec,
+            adapter.default_stages(),
+        )
+
+    def install_hooks(self, stages: Sequence[Stage]) -> None:
+        """Register a forward hook on each stage's module; :meth:`remove_hooks` undoes it."""
+        for stage in stages:
+            hook = functools.partial(self._hook, stage)
+            self._handles.append(stage.module.register_forward_hook(hook))
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this logger registered. Safe to call twice."""
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def add_image_names(self, names: Iterable[str]) -> None:
+        """Name the next images of the current step (integrations call this per batch)."""
+        self._names.extend(sanitize(n) for n in names)
+
+    def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
+        try:
+            with torch.no_grad():
+                self._capture(stage, output)
+        except Exception as e:  # a stage that fails to log must never break the forward
+            self._note(
+                f"error:{stage.key}:{type(e).__name__}",
+                f"tbfeat: stage {stage.key} ({stage.name}) was not logged: {type(e).__name__}: {e}",
+                warn=True,
+            )
+
+    def _capture(self, stage: Stage, output: Any) -> None:
+        if self._active_step is not None and self._active_step != self._step:
+            self.finish_step()
+        self._active_step = self._step
+        opts = self.options
+        found = False
+        for suffix, t in _tensors(output):
+            found = True
+            base = f"{stage.key}/{suffix}" if suffix else stage.key
+            if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:
+                self._note(
+                    f"skip:{base}",
+                    f"tbfeat: stage {base} gives a {t.dim()}-D {t.dtype} tensor; not logged",
+                )
+                continue
+            done = self._counts.get(base, 0)
+            k = min(t.shape[0], opts.max_images - done)
+            if k <= 0:
+                continue
+            self._counts[base] = done + k
+            x = t[:k].detach()
+            if opts.stats or opts.histograms:
+                stats = self._pending.get(base)
+                if stats is None:
+                    stats = self._pending[base] = RunningStats(opts.hist_bins)
+                stats.update(x)
+            if x.dim() == 4 and opts.images:
+                self._write_grids(base, x, done)
+        if not found:
+            self._note(
+                f"skip:{stage.key}",
+                f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
+            )
+
+    def _write_grids(self, base: str, x: torch.Tensor, offset: int) -> None:
+        opts = self.options
+        channels = self._channels.get(base)
+        if channels is None or int(channels.max()) >= x.shape[1]:
+            channels = select_channels(x, opts.max_channels, opts.channels)
+            self._channels[base] = channels
+        grids = (
+            feature_grid(
+                x,
+                channels.to(x.device),
+                tile=opts.tile,
+                ncols=opts.ncols,
+                normalize=opts.normalize,
+            )
+            .cpu()
+            .numpy()
+        )
+        for i, grid in enumerate(grids):
+            if grid.size == 0:
+                continue
+            tag = f"features/{base}/{self._image_name(offset + i)}"
+            self._sink.image(tag, grid, opts.cmap, self._step)
+
+    def _image_name(self, position: int) -> str:
+        return self._names[position] if position < len(self._names) else str(position)
+
+    def finish_step(self) -> None:
+        """Write the statistics gathered at the current step and flush the events."""
+        pending, self._pending = self._pending, {}
+        step = self._active_step if self._active_step is not None else self._step
+        self._counts.clear()
+        self._names = []
+        wrote = self._active_step is not None
+        self._active_step = None
+        opts = self.options
+        for base, stats in pending.items():
+            try:
+                summary = stats.summary()
+                if summary is None:
+                    continue
+                if opts.stats:
+                    for name, value in summary.scalars().items():
+                        self._sink.scalar(f"stats/{base}/{name}", value, step)
+                if opts.histograms and summary.count > 0:
+                    self._sink.histogram(f"activations/{base}", summary, step)
+            except Exception as e:
+                self._note(
+                    f"error:{base}:{type(e).__name__}",
+                    f"tbfeat: statistics of stage {base} were not logged: {type(e).__name__}: {e}",
+                    warn=True,
+                )
+        if wrote:
+            self._sink.flush()
+
+    def _note(self, key: str, message: str, warn: bool = False) -> None:
+        if key in self._noted:
+            return
+        self._noted.add(key)
+        if warn:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        else:
+            log.info(message)
+
+
+def _tensors(output: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a stage's output with a tag suffix each: ``""`` for a lone tensor,
+    the position or key for elements of tuples, lists and dicts (nested ones joined by
+    ``_``). Anything else yields nothing."""
+    if isinstance(output, torch.Tensor):
+        yield prefix, output
+    elif isinstance(output, dict):
+        for key, value in output.items():
+            yield from _tensors(value, _join(prefix, sanitize(str(key))))
+    elif isinstance(output, (list, tuple)):
+        for i, value in enumerate(output):
+            yield from _tensors(value, _join(prefix, str(i)))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}" if prefix else key

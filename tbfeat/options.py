@@ -1,0 +1,104 @@
+"""Validated logging options shared by the core and every integration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+NORMALIZE_CHOICES = ("channel", "stage")
+CHANNEL_CHOICES = ("first", "strongest")
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """What a :class:`~tbfeat.FeatureLogger` writes for each stage.
+
+    Args:
+        max_channels: Channels shown per grid (the first ones, or the strongest; see
+            ``channels``). Ultralytics' old ``visualize=True`` showed 32.
+        max_images: Images logged per step; later images of the same step are ignored.
+        tile: Largest side of one channel tile in pixels. Bigger maps are area-pooled
+            on the model's device before anything moves to the CPU.
+        ncols: Tiles per grid row.
+        cmap: Name of a matplotlib colormap (``"viridis"``, ``"gray"``, ``"magma"``, ...).
+        normalize: ``"channel"`` scales every tile to its own min/max; ``"stage"`` uses
+            one min/max for all tiles of the grid, so channel strengths compare.
+        channels: ``"first"`` shows channels ``0..max_channels-1``; ``"strongest"``
+            picks the channels with the largest mean activation at the first logged
+            step and keeps those indices at every later step.
+        images: Write channel grids (``features/...``).
+        histograms: Write activation histograms (``activations/...``).
+        stats: Write statistics scalars (``stats/...``).
+        hist_bins: Buckets of each activation histogram.
+
+    Example:
+        >>> from tbfeat import LogOptions
+        >>> LogOptions(max_channels=16, cmap="magma").max_channels
+        16
+    """
+
+    max_channels: int = 32
+    max_images: int = 4
+    tile: int = 128
+    ncols: int = 8
+    cmap: str = "viridis"
+    normalize: str = "channel"
+    channels: str = "first"
+    images: bool = True
+    histograms: bool = True
+    stats: bool = True
+    hist_bins: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_channels", "max_images", "tile", "ncols", "hist_bins"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        for name in ("images", "histograms", "stats"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        _check_choice("normalize", self.normalize, NORMALIZE_CHOICES)
+        _check_choice("channels", self.channels, CHANNEL_CHOICES)
+        if not isinstance(self.cmap, str):
+            raise TypeError(f"cmap must be a colormap name, got {self.cmap!r}")
+        from .render import colormap_names  # deferred: matplotlib loads only when needed
+
+        names = colormap_names()
+        if self.cmap not in names:
+            raise ValueError(
+                f"unknown cmap {self.cmap!r}{_did_you_mean(self.cmap, names)}; "
+                "allowed: any matplotlib colormap name, e.g. "
+                "'viridis', 'magma', 'inferno', 'plasma', 'cividis', 'gray', 'turbo'"
+            )
+
+    @classmethod
+    def from_kwargs(cls, options: LogOptions | None = None, **kwargs: object) -> LogOptions:
+        """Build options from an optional base and keyword overrides, naming unknown keys."""
+        if options is not None and not isinstance(options, LogOptions):
+            raise TypeError(f"options must be a LogOptions, got {type(options).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in kwargs:
+            if key not in fields:
+                raise TypeError(
+                    f"unknown option {key!r}{_did_you_mean(key, fields)}; "
+                    f"allowed: {', '.join(fields)}"
+                )
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **kwargs) if kwargs else base
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+
+
+def _did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,216 @@
+"""Channel grids: plain functions from a feature map to colour-mapped pixels.
+
+The heavy part runs on the tensor's own device under ``torch.no_grad()``: pick the
+channels, area-pool each to at most ``tile`` pixels, normalize, quantize to palette
+indices and lay the tiles out in a grid. Only the small ``uint8`` grid moves to the CPU,
+where it is written as an 8-bit palette PNG whose palette is the colormap.
+
+Palette layout (see :func:`palette`): indices ``0..LEVELS-1`` are the colormap from its
+low end to its high end, :data:`NONFINITE_INDEX` marks NaN/Inf pixels and
+:data:`SEPARATOR_INDEX` is the 1 px line between tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LEVELS = 254
+"""Colour levels of a colormap in a grid; a value ``v`` in [0, 1] maps to ``round(v * 253)``."""
+NONFINITE_INDEX = 254
+SEPARATOR_INDEX = 255
+NONFINITE_RGB = (255, 0, 255)
+SEPARATOR_RGB = (255, 255, 255)
+_REL_EPS = 1e-5
+
+
+@functools.lru_cache(maxsize=1)
+def colormap_names() -> tuple[str, ...]:
+    """Names accepted as ``cmap``: every colormap registered with matplotlib."""
+    import matplotlib
+
+    return tuple(sorted(matplotlib.colormaps))
+
+
+@functools.lru_cache(maxsize=32)
+def colormap_lut(cmap: str = "viridis", levels: int = LEVELS) -> np.ndarray:
+    """``(levels, 3)`` uint8 RGB table: entry ``i`` is the colormap at ``i / (levels - 1)``."""
+    import matplotlib
+
+    if cmap not in colormap_names():
+        raise ValueError(f"unknown cmap {cmap!r}; allowed: {', '.join(colormap_names())}")
+    rgba = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, levels))
+    lut = np.round(rgba[:, :3] * 255.0).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+@functools.lru_cache(maxsize=32)
+def palette(cmap: str = "viridis") -> np.ndarray:
+    """The full 256-entry ``(256, 3)`` uint8 palette of a grid: colormap, NaN marker, separator."""
+    pal = np.empty((256, 3), dtype=np.uint8)
+    pal[:LEVELS] = colormap_lut(cmap, LEVELS)
+    pal[NONFINITE_INDEX] = NONFINITE_RGB
+    pal[SEPARATOR_INDEX] = SEPARATOR_RGB
+    pal.setflags(write=False)
+    return pal
+
+
+def tile_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """Size of one tile: the map itself, or area-pooled so that its larger side is ``tile``."""
+    if max(height, width) <= tile:
+        return height, width
+    scale = tile / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def select_channels(fmap: torch.Tensor, max_channels: int, how: str = "first") -> torch.Tensor:
+    """Channel indices to show for a ``(N, C, H, W)`` map: the first ones or the strongest.
+
+    "strongest" ranks channels by their mean activation over the batch (NaN/Inf ignored),
+    largest first.
+    """
+    channels = fmap.shape[1]
+    k = min(channels, max_channels)
+    if how == "first" or k == channels:
+        return torch.arange(k, device=fmap.device)
+    if how != "strongest":
+        raise ValueError(f"channels must be 'first' or 'strongest', got {how!r}")
+    with torch.no_grad():
+        x = fmap.detach().float()
+        x = torch.where(torch.isfinite(x), x, torch.zeros((), device=x.device))
+        strength = x.mean(dim=(0, 2, 3))
+        return strength.topk(k).indices
+
+
+@torch.no_grad()
+def feature_grid(
+    fmap: torch.Tensor,
+    channels: Sequence[int] | torch.Tensor | None = None,
+    *,
+    max_channels: int = 32,
+    tile: int = 128,
+    ncols: int = 8,
+    normalize: str = "channel",
+) -> torch.Tensor:
+    """Lay out channels of a feature map as a grid of palette indices.
+
+    Args:
+        fmap: ``(N, C, H, W)`` or ``(C, H, W)`` tensor of any real dtype, on any device.
+            It is not modified.
+        channels: Channel indices to show, in order; default the first ``max_channels``.
+        max_channels: Channels shown when ``channels`` is not given.
+        tile: Largest side of a tile; larger maps are area-pooled (``mode="area"``).
+        ncols: Tiles per row; rows have 1 px separators between them.
+        normalize: ``"channel"`` (each tile to its own min/max) or ``"stage"`` (one
+            min/max over all shown tiles of an image).
+
+    Returns:
+        ``uint8`` tensor ``(N, rows*(th+1)-1, cols*(tw+1)-1)`` (``(H', W')`` for 3-D input)
+        on ``fmap``'s device, holding palette indices (see :func:`palette`).
+
+    Example:
+        >>> import torch
+        >>> from tbfeat.render import feature_grid
+        >>> feature_grid(torch.rand(1, 16, 20, 20), ncols=8).shape
+        torch.Size([1, 41, 167])
+    """
+    if not isinstance(fmap, torch.Tensor):
+        raise TypeError(f"fmap must be a torch.Tensor, got {type(fmap).__name__}")
+    squeeze = fmap.dim() == 3
+    if squeeze:
+        fmap = fmap.unsqueeze(0)
+    if fmap.dim() != 4:
+        raise ValueError(
+            f"fmap must have 3 (C, H, W) or 4 (N, C, H, W) dims, got shape {tuple(fmap.shape)}"
+        )
+    if fmap.is_complex() or fmap.dtype == torch.bool:
+        raise TypeError(f"fmap must hold real numbers, got dtype {fmap.dtype}")
+    if normalize not in ("channel", "stage"):
+        raise ValueError(f"normalize must be 'channel' or 'stage', got {normalize!r}")
+    for name, value in (("max_channels", max_channels), ("tile", tile), ("ncols", ncols)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    n, c, h, w = fmap.shape
+    if channels is None:
+        channels = torch.arange(min(c, max_channels), device=fmap.device)
+    else:
+        channels = torch.as_tensor(channels, dtype=torch.long).to(fmap.device)
+    nshow = int(channels.numel())
+    th, tw = tile_size(h, w, tile)
+    if n == 0 or nshow == 0 or h == 0 or w == 0:
+        out = torch.empty((n, 0, 0), dtype=torch.uint8, device=fmap.device)
+        return out[0] if squeeze else out
+
+    x = fmap.detach().index_select(1, channels).float()
+    if (th, tw) != (h, w):
+        x = F.interpolate(x, size=(th, tw), mode="area")
+    idx = quantize(x, dims=(2, 3) if normalize == "channel" else (1, 2, 3))
+
+    cols = min(ncols, nshow)
+    rows = math.ceil(nshow / cols)
+    canvas = torch.full(
+        (n, rows * cols, th + 1, tw + 1), SEPARATOR_INDEX, dtype=torch.uint8, device=x.device
+    )
+    canvas[:, :nshow, :th, :tw] = idx
+    grid = (
+        canvas.view(n, rows, cols, th + 1, tw + 1)
+        .permute(0, 1, 3, 2, 4)
+        .reshape(n, rows * (th + 1), cols * (tw + 1))[:, :-1, :-1]
+    )
+    return grid[0] if squeeze else grid
+
+
+def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Map float values to palette indices, normalizing by min/max over ``dims``.
+
+    Finite values become ``round((x - lo) / max(hi - lo, eps) * (LEVELS - 1))`` where
+    ``lo``/``hi`` are the finite min/max over ``dims`` and ``eps`` is a tiny fraction of
+    the values' magnitude (a constant tile maps to index 0); NaN and Inf become
+    :data:`NONFINITE_INDEX`. ``x`` is not modified.
+    """
+    finite = torch.isfinite(x)
+    all_finite = bool(finite.all())
+    if all_finite:
+        lo = x.amin(dim=dims, keepdim=True)
+        hi = x.amax(dim=dims, keepdim=True)
+    else:
+        inf = torch.tensor(float("inf"), device=x.device)
+        lo = torch.where(finite, x, inf).amin(dim=dims, keepdim=True)
+        hi = torch.where(finite, x, -inf).amax(dim=dims, keepdim=True)
+        lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+        hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    eps = torch.maximum(lo.abs(), hi.abs()) * _REL_EPS
+    span = torch.maximum(hi - lo, eps).clamp_min(torch.finfo(torch.float32).tiny)
+    v = ((x - lo) / span).clamp_(0.0, 1.0).mul_(LEVELS - 1).round_()
+    if not all_finite:
+        v = torch.where(finite, v, torch.full_like(v, NONFINITE_INDEX))
+    return v.to(torch.uint8)
+
+
+def colorize(indices: np.ndarray | torch.Tensor, cmap: str = "viridis") -> np.ndarray:
+    """Turn palette indices from :func:`feature_grid` into an ``(..., 3)`` uint8 RGB array."""
+    if isinstance(indices, torch.Tensor):
+        indices = indices.cpu().numpy()
+    if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8:
+        raise TypeError("indices must be a uint8 numpy array or tensor from feature_grid")
+    return palette(cmap)[indices]
+
+
+def encode_png(indices: np.ndarray, cmap: str = "viridis", compress_level: int = 1) -> bytes:
+    """Encode a 2-D uint8 index grid as an 8-bit palette PNG with the colormap as palette."""
+    from PIL import Image
+
+    if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8 or indices.ndim != 2:
+        raise TypeError("indices must be a 2-D uint8 numpy array from feature_grid")
+    image = Image.fromarray(np.ascontiguousarray(indices))  # 2-D uint8: mode "L"
+    image.putpalette(palette(cmap).tobytes())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()

@@ -1,0 +1,192 @@
+"""Stages: which modules of a model are logged, and under which tag.
+
+A :class:`Stage` is a small frozen record that integrations fill in. :func:`list_stages`
+shows what a model offers; :func:`resolve_stages` turns a user's ``stages=`` into the list
+the logger hooks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+StageSpec = int | str
+"""One entry of ``stages=``: an index, a module name, a glob pattern or a type name."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One logged stage of a model.
+
+    Attributes:
+        index: Position of the stage in the model's stage list (``NN`` in tags).
+        name: Qualified module name, as in ``model.named_modules()``.
+        type: Short module class name (``"Conv2d"``, ``"C2f"``).
+        module: The module whose forward output is captured.
+        label: The text after ``NN_`` in tags; the type, or the name where the type says
+            nothing (containers such as ``Sequential``) or where an integration chose one.
+
+    Example:
+        >>> import torch
+        >>> from tbfeat import list_stages
+        >>> [s.key for s in list_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))]
+        ['00_Conv2d']
+    """
+
+    index: int
+    name: str
+    type: str
+    module: nn.Module = field(repr=False, compare=False, hash=False)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", sanitize(self.type))
+
+    @property
+    def key(self) -> str:
+        """``"<NN>_<label>"``: the part of every tag that names this stage."""
+        return f"{self.index:02d}_{self.label}"
+
+
+def sanitize(text: str) -> str:
+    """Make ``text`` safe for a TensorBoard tag and a file name (no separators, no controls)."""
+    return _UNSAFE.sub("_", str(text)).strip("_.") or "_"
+
+
+def generic_stages(model: nn.Module) -> list[Stage]:
+    """Default stages of any module: its direct children, in registration order.
+
+    Container children (``Sequential``, ``ModuleList``, ``ModuleDict``) are labelled by
+    their name (``layer1``), other children by their type (``Conv2d``).
+    """
+    stages = []
+    for i, (name, child) in enumerate(model.named_children()):
+        label = sanitize(name) if isinstance(child, _CONTAINERS) else ""
+        stages.append(Stage(i, name, type(child).__name__, child, label))
+    return stages
+
+
+def list_stages(model: object) -> list[Stage]:
+    """The stages a model offers for ``stages=``, with their index, name, type and tag key.
+
+    Integrations supply the list for Ultralytics and torchvision models; any other
+    ``nn.Module`` offers its direct children. Deeper modules can still be chosen by
+    their qualified name (``"layer1.0.conv1"``).
+
+    Example:
+        >>> import torchvision
+        >>> from tbfeat import list_stages
+        >>> [s.name for s in list_stages(torchvision.models.resnet18(weights=None))][:5]
+        ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
+    """
+    from .adapters import adapt
+
+    return adapt(model).candidate_stages()
+
+
+def resolve_stages(
+    root: nn.Module,
+    candidates: Sequence[Stage],
+    stages: StageSpec | Iterable[StageSpec] | None,
+    default: Sequence[Stage] | None = None,
+) -> list[Stage]:
+    """Turn a user's ``stages=`` into the list of stages to hook.
+
+    Args:
+        root: The module the stage names are relative to.
+        candidates: What :func:`list_stages` shows (indices refer to this list).
+        stages: ``None`` for ``default``; else one or a list of: an ``int`` index into
+            ``candidates``; a stage name (``"layer1"``) or any qualified module name of
+            ``root`` (``"layer1.0.conv1"``); a glob over names, matched segment by segment
+            (``"layer*"``); or a type name or glob over types (``"C2f"``, ``"Conv*"``).
+        default: Stages used when ``stages`` is ``None``; default all candidates.
+
+    Returns:
+        Stages without duplicates, in model order.
+
+    Raises:
+        TypeError: an entry is neither ``int`` nor ``str``.
+        ValueError: an entry matches nothing; the message names the closest valid choice.
+    """
+    if stages is None:
+        return list(candidates if default is None else default)
+    if isinstance(stages, (int, str)):
+        stages = [stages]
+    try:
+        specs = list(stages)
+    except TypeError:
+        raise TypeError(
+            f"stages must be None, an int, a str or a list of them, got {type(stages).__name__}"
+        ) from None
+    if not specs:
+        raise ValueError("stages is empty; pass None for the default stages or name at least one")
+
+    by_name = {s.name: s for s in candidates}
+    modules = dict(root.named_modules())
+    modules.pop("", None)
+    chosen: dict[str, Stage] = {}
+    for spec in specs:
+        if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+            raise TypeError(f"a stage must be an int index or a str name, got {spec!r}")
+        for stage in _match(spec, candidates, by_name, modules):
+            chosen.setdefault(stage.name, stage)
+    order = {name: i for i, name in enumerate(modules)}
+    return sorted(chosen.values(), key=lambda s: (order.get(s.name, -1), s.index))
+
+
+def _match(
+    spec: StageSpec,
+    candidates: Sequence[Stage],
+    by_name: dict[str, Stage],
+    modules: dict[str, nn.Module],
+) -> list[Stage]:
+    if isinstance(spec, int):
+        n = len(candidates)
+        if not -n <= spec < n:
+            raise ValueError(f"stage index {spec} is out of range; allowed: 0..{n - 1}")
+        return [candidates[spec]]
+    if spec in by_name:
+        return [by_name[spec]]
+    if spec in modules:
+        return [_deep_stage(spec, modules[spec], candidates)]
+    if any(ch in spec for ch in "*?["):
+        names = [n for n in modules if _glob_segments(n, spec)]
+        if names:
+            return [by_name.get(n) or _deep_stage(n, modules[n], candidates) for n in names]
+    typed = [s for s in candidates if fnmatch.fnmatchcase(s.type, spec)]
+    if typed:
+        return typed
+    choices = list(by_name) + sorted({s.type for s in candidates})
+    close = difflib.get_close_matches(spec, choices + list(modules), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(
+        f"unknown stage {spec!r}{hint}; allowed: an index 0..{len(candidates) - 1}, "
+        f"a name or glob of {', '.join(by_name) or '(none)'}, a type of "
+        f"{', '.join(sorted({s.type for s in candidates})) or '(none)'}, "
+        "or a qualified module name such as 'layer1.0.conv1'"
+    )
+
+
+def _glob_segments(name: str, pattern: str) -> bool:
+    parts, pats = name.split("."), pattern.split(".")
+    return len(parts) == len(pats) and all(
+        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pats, strict=True)
+    )
+
+
+def _deep_stage(name: str, module: nn.Module, candidates: Sequence[Stage]) -> Stage:
+    """A module below the candidate list: numbered like its nearest listed ancestor."""
+    index = 0
+    for stage in candidates:
+        if name.startswith(stage.name + ".") or name == stage.name:
+            index = stage.index
+    return Stage(index, name, type(module).__name__, module, sanitize(name))

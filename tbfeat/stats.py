@@ -1,0 +1,166 @@
+"""Activation statistics computed on the tensor's device and merged over a step's forwards."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+STAT_NAMES = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "zero_fraction",
+    "negative_fraction",
+    "nonfinite_count",
+)
+"""Scalars written under ``stats/<NN>_<Type>/<name>``."""
+
+
+@dataclass(frozen=True)
+class StatsSummary:
+    """Statistics of one stage's activations at one step.
+
+    ``mean``, ``std`` (population, ``ddof=0``), ``min``, ``max`` and the fractions cover the
+    finite values; ``nonfinite_count`` counts NaN and Inf. The histogram covers the finite
+    values: ``hist_counts[i]`` values lie in ``[hist_edges[i], hist_edges[i + 1]]``.
+    """
+
+    count: int
+    nonfinite_count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    zero_fraction: float
+    negative_fraction: float
+    sum: float
+    sum_squares: float
+    hist_edges: np.ndarray
+    hist_counts: np.ndarray
+
+    def scalars(self) -> dict[str, float]:
+        """The scalars of :data:`STAT_NAMES`; with no finite value only ``nonfinite_count``."""
+        if self.count == 0:
+            return {"nonfinite_count": float(self.nonfinite_count)}
+        return {name: float(getattr(self, name)) for name in STAT_NAMES}
+
+
+class RunningStats:
+    """Accumulates :class:`StatsSummary` inputs over several batches on the device.
+
+    Each :meth:`update` reduces a batch to a handful of device scalars and a ``bins``-bucket
+    histogram; nothing of the activation itself is kept. :meth:`summary` moves those few
+    numbers to the CPU once and merges them (Chan et al.'s formula for mean and variance;
+    histograms of several batches are re-binned onto their joint range by bucket centre).
+
+    Example:
+        >>> import torch
+        >>> from tbfeat.stats import RunningStats
+        >>> rs = RunningStats(bins=4)
+        >>> rs.update(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+        >>> rs.summary().mean
+        1.5
+    """
+
+    def __init__(self, bins: int = 64) -> None:
+        self.bins = bins
+        self._chunks: list[torch.Tensor] = []
+        self._hists: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add the values of ``x`` (any shape, any real dtype); ``x`` is not modified."""
+        flat = x.detach().reshape(-1)
+        if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        numel = flat.numel()
+        if numel == 0:
+            return
+        finite = torch.isfinite(flat)
+        nfinite = finite.sum()
+        if bool(nfinite != numel):
+            flat = flat[finite]
+        if flat.numel() == 0:
+            nan = torch.tensor(float("nan"), dtype=torch.float64, device=flat.device)
+            zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+            self._chunks.append(torch.stack([zero, zero + numel, nan, nan, nan, nan, zero, zero]))
+            self._hists.append(torch.zeros(self.bins, device=flat.device))
+            return
+        var, mean = torch.var_mean(flat, correction=0)
+        lo, hi = torch.aminmax(flat)
+        zeros = (flat == 0).sum()
+        negatives = (flat < 0).sum()
+        hist = torch.histc(flat.float(), bins=self.bins)  # min=max=0: the data's own range
+        n = nfinite.to(torch.float64)
+        row = torch.stack(
+            [
+                n,
+                numel - n,
+                mean.to(torch.float64),
+                var.to(torch.float64) * n,
+                lo.to(torch.float64),
+                hi.to(torch.float64),
+                zeros.to(torch.float64),
+                negatives.to(torch.float64),
+            ]
+        )
+        self._chunks.append(row)
+        self._hists.append(hist)
+
+    def summary(self) -> StatsSummary | None:
+        """Merge what was added into a :class:`StatsSummary`; ``None`` if nothing was."""
+        if not self._chunks:
+            return None
+        rows = torch.stack(self._chunks).cpu().numpy()
+        hists = torch.stack(self._hists).cpu().to(torch.float64).numpy()
+        n, nonfinite, means, m2s, los, his, zeros, negs = rows.T
+        total = float(n.sum())
+        nonfinite_count = int(round(float(nonfinite.sum())))
+        if total == 0:
+            return StatsSummary(
+                0, nonfinite_count, *(math.nan,) * 8, np.zeros(0), np.zeros(0, dtype=np.int64)
+            )
+        keep = n > 0
+        n, means, m2s, los, his = n[keep], means[keep], m2s[keep], los[keep], his[keep]
+        hists = hists[keep]
+        mean = float((n * means).sum() / total)
+        m2 = float((m2s + n * (means - mean) ** 2).sum())
+        lo, hi = float(los.min()), float(his.max())
+        edges, counts = _merge_histograms(los, his, hists, lo, hi, self.bins)
+        return StatsSummary(
+            count=int(round(total)),
+            nonfinite_count=nonfinite_count,
+            mean=mean,
+            std=math.sqrt(max(m2 / total, 0.0)),
+            min=lo,
+            max=hi,
+            zero_fraction=float(zeros.sum()) / total,
+            negative_fraction=float(negs.sum()) / total,
+            sum=mean * total,
+            sum_squares=m2 + total * mean * mean,
+            hist_edges=edges,
+            hist_counts=counts,
+        )
+
+
+def _merge_histograms(
+    los: np.ndarray, his: np.ndarray, hists: np.ndarray, lo: float, hi: float, bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if hi <= lo:  # every finite value equal: one bucket holding all of them
+        return np.array([lo, hi]), np.array([int(round(hists.sum()))], dtype=np.int64)
+    edges = np.linspace(lo, hi, bins + 1)
+    if len(hists) == 1:
+        return edges, np.rint(hists[0]).astype(np.int64)
+    counts = np.zeros(bins, dtype=np.float64)
+    for clo, chi, h in zip(los, his, hists, strict=True):
+        centres = clo + (np.arange(len(h)) + 0.5) * (chi - clo) / len(h)
+        where = np.clip(((centres - lo) / (hi - lo) * bins).astype(np.int64), 0, bins - 1)
+        np.add.at(counts, where, h)
+    return edges, np.rint(counts).astype(np.int64)
