@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 # (top-level package of the model's class, integration module). The integration module's
 # ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
-INTEGRATIONS: list[tuple[str, str]] = []
+INTEGRATIONS: list[tuple[str, str]] = [
+    ("ultralytics", "tbfeat.integrations.ultralytics"),
+]
 
 
 class ModelAdapter:
@@ -70,15 +72,16 @@ class ModelAdapter:
         device, dtype = self.device(), self.dtype()
         return [t.to(device=device, dtype=dtype) for t in tensors], names
 
-    def forward(self, prepared: Any) -> Any:
-        """Run the model on :meth:`prepare`'s result (eval mode and no_grad are set).
+    def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
+        """Run ``module`` (default the adapter's) on :meth:`prepare`'s result.
 
-        Images of one size run as one batch; images of different sizes run one by one
-        (the result is then a list of outputs).
+        Eval mode and no_grad are already set. Images of one size run as one batch;
+        images of different sizes run one by one (the result is then a list of outputs).
         """
+        module = self.module if module is None else module
         if len({tuple(t.shape) for t in prepared}) == 1:
-            return self.module(torch.stack(prepared))
-        return [self.module(t.unsqueeze(0)) for t in prepared]
+            return module(torch.stack(prepared))
+        return [module(t.unsqueeze(0)) for t in prepared]
 
     def attach(self, logger: FeatureLogger) -> None:
         """Called when a logger's ``with`` block starts: hook the logger's stages.

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,9 @@ class FeatureLogger:
         stages: Which stages to log: ``None`` for the model's defaults, or indices, names,
             glob patterns (``"layer*"``) and type names; see :func:`tbfeat.list_stages`.
         step: The step (epoch, checkpoint) that forwards are logged at.
+        images: Probe images for training integrations (Ultralytics ``train()``, the
+            Lightning callback): paths, PIL images, arrays or tensors. Default: the first
+            ``max_images`` images of the validation set.
         options: A :class:`LogOptions`; keyword arguments override its fields.
         **kwargs: :class:`LogOptions` fields (``max_channels=16``, ``cmap="magma"``, ...).
 
@@ -74,6 +77,7 @@ class FeatureLogger:
         writer: Any = None,
         stages: StageSpec | Iterable[StageSpec] | None = None,
         step: int = 0,
+        images: ImageLike | Sequence[ImageLike] | None = None,
         options: LogOptions | None = None,
         **kwargs: Any,
     ) -> None:
@@ -83,6 +87,7 @@ class FeatureLogger:
         self.stage_spec = stages
         self.stages: list[Stage] = self.resolve(self.adapter.module)
         self.step = step
+        self.images = images
         self._sink = EventSink(logdir, writer)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._depth = 0
@@ -94,6 +99,8 @@ class FeatureLogger:
         self._channels: dict[str, torch.Tensor] = {}
         self._noted: set[str] = set()
         self._closed = False
+        self.gate: Callable[[], bool] | None = None
+        """Integrations set a predicate; hooks capture only while it returns True."""
 
     # ----------------------------------------------------------------- properties
     @property
@@ -211,16 +218,30 @@ class FeatureLogger:
         if not self.enabled:
             return None
         module = self.adapter.module
+        return self.run_probes(module, self.stages, prepared, names)
+
+    def run_probes(
+        self, module: nn.Module, stages: Sequence[Stage], prepared: Any, names: Sequence[str]
+    ) -> Any:
+        """Forward prepared probes through ``module`` with ``stages`` hooked, then end the step.
+
+        Eval mode and ``torch.no_grad()`` for the forward; every module's train/eval mode
+        is restored and the hooks removed afterwards, also when the forward raises.
+        Integrations call this with the model of the moment (an EMA copy, say).
+        """
+        self.finish_step()
         modes = [(m, m.training) for m in module.modules()]
         own_hooks = not self._handles
+        gate, self.gate = self.gate, None
         try:
             module.eval()
             if own_hooks:
-                self.install_hooks(self.stages)
+                self.install_hooks(stages)
             self._names = list(names)
             with torch.no_grad():
-                return self.adapter.forward(prepared)
+                return self.adapter.forward(prepared, module)
         finally:
+            self.gate = gate
             for m, training in modes:
                 m.training = training
             if own_hooks:
@@ -251,10 +272,23 @@ class FeatureLogger:
             handle.remove()
 
     def add_image_names(self, names: Iterable[str]) -> None:
-        """Name the next images of the current step (integrations call this per batch)."""
-        self._names.extend(sanitize(n) for n in names)
+        """Name the next images of the current step (integrations call this per batch).
+
+        Names are sanitized for tags; a name already used in this step gets ``_1``, ...
+        """
+        used = set(self._names)
+        for name in names:
+            base = name = sanitize(name)
+            k = 0
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            self._names.append(name)
 
     def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
+        if self.gate is not None and not self.gate():
+            return
         try:
             with torch.no_grad():
                 self._capture(stage, output)

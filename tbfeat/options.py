@@ -30,6 +30,9 @@ class LogOptions:
         histograms: Write activation histograms (``activations/...``).
         stats: Write statistics scalars (``stats/...``).
         hist_bins: Buckets of each activation histogram.
+        every: Training integrations log every ``every``-th epoch (and the last).
+        imgsz: Side of the square that integrations letterbox probe images to (Ultralytics);
+            ``None`` for the model's own training size.
 
     Example:
         >>> from tbfeat import LogOptions
@@ -48,9 +51,15 @@ class LogOptions:
     histograms: bool = True
     stats: bool = True
     hist_bins: int = 64
+    every: int = 1
+    imgsz: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_channels", "max_images", "tile", "ncols", "hist_bins"):
+        if self.imgsz is not None and (
+            isinstance(self.imgsz, bool) or not isinstance(self.imgsz, int) or self.imgsz < 1
+        ):
+            raise ValueError(f"imgsz must be None or an int >= 1, got {self.imgsz!r}")
+        for name in ("max_channels", "max_images", "tile", "ncols", "hist_bins", "every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")

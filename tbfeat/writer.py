@@ -53,6 +53,7 @@ class EventSink:
         self.logdir = os.fspath(logdir) if logdir is not None else None
         self._writer = writer
         self._owns = writer is None
+        self._auto = writer is None and logdir is None
         self.enabled = global_rank() == 0
 
     @property
@@ -63,6 +64,22 @@ class EventSink:
 
             self._writer = SummaryWriter(log_dir=self.logdir)
         return self._writer
+
+    def use_default_logdir(self, logdir: str | os.PathLike) -> None:
+        """Point a sink that was given neither ``logdir`` nor ``writer`` at ``logdir``.
+
+        Integrations call this with the framework's own run folder (an Ultralytics
+        trainer's ``save_dir``). A writer already open elsewhere is closed first.
+        """
+        if not self._auto:
+            return
+        logdir = os.fspath(logdir)
+        if logdir == self.logdir:
+            return
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.logdir = logdir
 
     @property
     def created(self) -> bool:
