@@ -1,0 +1,199 @@
+"""Ultralytics YOLO: predict, val and a real short training, read back from the event files."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ultralytics = pytest.importorskip("ultralytics")  # the optional extra; `make test` installs it
+
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils import ASSETS  # noqa: E402
+
+from tbfeat import FeatureLogger, list_stages  # noqa: E402
+from tbfeat.synthetic import make_shapes_dataset  # noqa: E402
+
+from .helpers import read_events  # noqa: E402
+
+BUS, ZIDANE = Path(ASSETS) / "bus.jpg", Path(ASSETS) / "zidane.jpg"
+
+
+def no_hooks(model: torch.nn.Module) -> bool:
+    return all(not m._forward_hooks for m in model.modules())
+
+
+def ours(yolo, logger) -> int:
+    """Callbacks of this logger still registered on the YOLO object."""
+    return sum(
+        getattr(f, "__self__", None) is logger.adapter
+        for fns in yolo.callbacks.values()
+        for f in fns
+    )
+
+
+def image_tags(logdir) -> list[str]:
+    return read_events(logdir).Tags()["images"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), n_train=8, n_val=5, imgsz=64)
+
+
+def test_stages_are_layers_keyed_by_index_and_type_with_the_head_skipped(tmp_path):
+    yolo = YOLO("yolov8n.yaml")
+    stages = list_stages(yolo)
+    assert [s.key for s in stages][:4] == ["00_Conv", "01_Conv", "02_C2f", "03_Conv"]
+    assert stages[9].key == "09_SPPF" and stages[-1].key == "22_Detect"
+    logger = FeatureLogger(yolo, logdir=tmp_path)
+    assert [s.index for s in logger.stages] == list(range(22))  # all but the Detect head
+    assert [s.key for s in FeatureLogger(yolo, stages=["SPPF", 2]).stages] == ["02_C2f", "09_SPPF"]
+    assert len(FeatureLogger(yolo, stages="C2f").stages) == 8
+    with pytest.raises(ValueError, match="did you mean 'SPPF'"):
+        FeatureLogger(yolo, stages=["SPFF"])
+
+
+def test_predict_logs_each_image_by_file_stem_and_leaves_nothing_behind(tmp_path):
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, logdir=tmp_path, step=3) as logger:
+        assert ours(yolo, logger) == len(logger.adapter.callbacks())
+        results = yolo.predict([BUS, ZIDANE], imgsz=128, batch=2, verbose=False)
+    assert len(results) == 2
+    tags = image_tags(tmp_path)
+    assert len(tags) == 22 * 2
+    assert "features/02_C2f/bus" in tags and "features/21_C2f/zidane" in tags
+    acc = read_events(tmp_path)
+    assert {e.step for t in tags for e in acc.Images(t)} == {3}
+    assert no_hooks(yolo.model) and no_hooks(yolo.predictor.model)
+    assert ours(yolo, logger) == 0
+
+
+def test_predict_never_logs_the_warmup_forward(tmp_path, monkeypatch):
+    # On a GPU the predictor warms up with a forward of the first batch; make the CPU do it too.
+    from ultralytics.nn.autobackend import AutoBackend
+
+    monkeypatch.setattr(AutoBackend, "warmup", lambda self, imgsz=None, im=None: self.forward(im))
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, logdir=tmp_path, max_images=4):
+        yolo.predict(BUS, imgsz=64, verbose=False)
+    tags = image_tags(tmp_path)
+    assert [t for t in tags if t.startswith("features/00_")] == ["features/00_Conv/bus"]
+    assert read_events(tmp_path).Histograms("activations/00_Conv")[0].histogram_value.num == (
+        16 * 32 * 32  # one 64x64 image: 16 channels at stride 2
+    )
+
+
+def test_predict_stream_arrays_and_max_images(tmp_path):
+    yolo = YOLO("yolov8n.yaml")
+    frames = [np.full((80, 96, 3), v, np.uint8) for v in (20, 120, 220)]
+    with FeatureLogger(yolo, logdir=tmp_path, max_images=2, stages=[0, 9]):
+        for _ in yolo.predict(frames, imgsz=64, stream=True, verbose=False):
+            pass
+    assert image_tags(tmp_path) == [
+        "features/00_Conv/0",
+        "features/00_Conv/1",
+        "features/09_SPPF/0",
+        "features/09_SPPF/1",
+    ]
+
+
+def test_predict_output_is_unchanged_by_the_logger(tmp_path):
+    yolo = YOLO("yolov8n.yaml")
+    plain = yolo.predict(BUS, imgsz=128, verbose=False, conf=0.0)[0].boxes.data
+    with FeatureLogger(yolo, logdir=tmp_path):
+        logged = yolo.predict(BUS, imgsz=128, verbose=False, conf=0.0)[0].boxes.data
+    assert torch.equal(plain, logged)
+
+
+def test_val_logs_the_first_max_images_validation_images(tmp_path, shapes):
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, logdir=tmp_path / "val", max_images=3, stages=["SPPF"]):
+        yolo.val(
+            data=str(shapes),
+            imgsz=64,
+            batch=2,
+            device="cpu",
+            plots=False,
+            verbose=False,
+            project=str(tmp_path),
+            name="v",
+        )
+    tags = image_tags(tmp_path / "val")
+    assert len(tags) == 3 and all(t.startswith("features/09_SPPF/val_") for t in tags)
+    val_files = sorted(p.stem for p in (shapes.parent / "images" / "val").iterdir())
+    assert {t.rsplit("/", 1)[1] for t in tags} <= set(val_files)
+    assert no_hooks(yolo.model)
+
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from ultralytics.utils import SETTINGS
+    SETTINGS.update(tensorboard=True)  # Ultralytics' own TensorBoard callback, in a temp config dir
+    from ultralytics import YOLO
+    from tbfeat import FeatureLogger
+
+    data, project, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, every=every, max_images=2) as logger:
+        yolo.train(data=data, epochs=2, imgsz=64, batch=4, workers=0, device="cpu",
+                   plots=False, project=project, name="exp", save_period=1, amp=False,
+                   verbose=False, seed=0)
+    trainer = yolo.trainer
+    models = [yolo.model, trainer.model, trainer.ema.ema]
+    print(json.dumps({
+        "save_dir": str(trainer.save_dir),
+        "hooks": sum(len(m._forward_hooks) for model in models for m in model.modules()),
+        "ours": sum(1 for fns in yolo.callbacks.values() for f in fns
+                    if getattr(f, "__self__", None) is logger.adapter),
+    }))
+    """
+)
+
+
+def run_training(tmp_path, data, every=1) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GITHUB"))}
+    env["YOLO_CONFIG_DIR"] = str(tmp_path / "config")  # keep the user's Ultralytics settings
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(data), str(tmp_path / "runs"), str(every)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_training_logs_every_epoch_into_the_trainers_own_run(tmp_path, shapes):
+    out = run_training(tmp_path, shapes)
+    save_dir = Path(out["save_dir"])
+    acc = read_events(save_dir)
+    tags = acc.Tags()
+    feature_tags = [t for t in tags["images"] if t.startswith("features/")]
+    assert len(feature_tags) == 22 * 2  # 22 stages x the first 2 validation images
+    for tag in feature_tags:
+        assert [e.step for e in acc.Images(tag)] == [1, 2]
+    assert [e.step for e in acc.Scalars("stats/09_SPPF/mean")] == [1, 2]
+    # Ultralytics' own curves are in the same run
+    assert "train/box_loss" in tags["scalars"] and "metrics/mAP50(B)" in tags["scalars"]
+    # checkpoints were saved (hooks never stood in the way of pickling) and load back
+    for name in ("last.pt", "best.pt", "epoch1.pt"):
+        reloaded = YOLO(save_dir / "weights" / name)
+        assert len(reloaded.model.model) == 23
+    assert out["hooks"] == 0 and out["ours"] == 0
+
+
+def test_every_n_epochs_still_logs_the_last(tmp_path, shapes):
+    out = run_training(tmp_path, shapes, every=5)
+    acc = read_events(out["save_dir"])
+    assert [
+        e.step for e in acc.Images("features/00_Conv/" + acc.Tags()["images"][0].rsplit("/", 1)[1])
+    ] == [2]
