@@ -18,7 +18,7 @@ from .options import LogOptions
 from .render import feature_grid, select_channels
 from .stages import Stage, StageSpec, resolve_stages, sanitize
 from .stats import RunningStats
-from .writer import EventSink
+from .writer import EventSink, StepBundle
 
 log = logging.getLogger("tbfeat")
 
@@ -94,6 +94,7 @@ class FeatureLogger:
         self._attached = False
         self._names: list[str] = []
         self._pending: dict[str, RunningStats] = {}
+        self._grids: list[tuple[str, Any]] = []
         self._counts: dict[str, int] = {}
         self._active_step: int | None = None
         self._channels: dict[str, torch.Tensor] = {}
@@ -153,7 +154,7 @@ class FeatureLogger:
                 self.adapter.detach(self)
         finally:
             self.remove_hooks()
-            self.finish_step()
+            self.flush()
 
     def at(self, step: int) -> FeatureLogger:
         """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""
@@ -188,8 +189,9 @@ class FeatureLogger:
         """Run the model on fixed probe inputs and log every stage at ``step``.
 
         The model runs in eval mode under ``torch.no_grad()``; the train/eval mode of every
-        module is restored afterwards, and the events are flushed. This is what a
-        hand-written training loop calls once per epoch.
+        module is restored afterwards. The step is then encoded, written and flushed by a
+        background thread (:meth:`flush` waits for it; :meth:`close` and leaving a ``with``
+        block do too). This is what a hand-written training loop calls once per epoch.
 
         Args:
             inputs: A ``(N, C, H, W)`` tensor, or one or a list of images: ``(C, H, W)``
@@ -230,11 +232,12 @@ class FeatureLogger:
         Integrations call this with the model of the moment (an EMA copy, say).
         """
         self.finish_step()
-        modes = [(m, m.training) for m in module.modules()]
+        training = [m for m in module.modules() if m.training]
         own_hooks = not self._handles
         gate, self.gate = self.gate, None
         try:
-            module.eval()
+            for m in training:  # module.eval(), without touching modules already in eval
+                m.training = False
             if own_hooks:
                 self.install_hooks(stages)
             self._names = list(names)
@@ -242,8 +245,8 @@ class FeatureLogger:
                 return self.adapter.forward(prepared, module)
         finally:
             self.gate = gate
-            for m, training in modes:
-                m.training = training
+            for m in training:
+                m.training = True
             if own_hooks:
                 self.remove_hooks()
             self.finish_step()
@@ -325,7 +328,7 @@ class FeatureLogger:
                 if stats is None:
                     stats = self._pending[base] = RunningStats(opts.hist_bins)
                 stats.update(x)
-            if x.dim() == 4 and opts.images:
+            if x.dim() == 4 and opts.grids:
                 self._write_grids(base, x, done)
         if not found:
             self._note(
@@ -351,23 +354,25 @@ class FeatureLogger:
             .numpy()
         )
         for i, grid in enumerate(grids):
-            if grid.size == 0:
-                continue
-            tag = f"features/{base}/{self._image_name(offset + i)}"
-            self._sink.image(tag, grid, opts.cmap, self._step)
+            if grid.size:
+                self._grids.append((f"features/{base}/{self._image_name(offset + i)}", grid))
 
     def _image_name(self, position: int) -> str:
         return self._names[position] if position < len(self._names) else str(position)
 
     def finish_step(self) -> None:
-        """Write the statistics gathered at the current step and flush the events."""
+        """End the current step: hand its grids and statistics to the writer thread.
+
+        The step is written and flushed in the background; :meth:`flush` waits for it.
+        """
         pending, self._pending = self._pending, {}
+        grids, self._grids = self._grids, []
         step = self._active_step if self._active_step is not None else self._step
         self._counts.clear()
         self._names = []
-        wrote = self._active_step is not None
         self._active_step = None
         opts = self.options
+        bundle = StepBundle(step=step, cmap=opts.cmap, images=grids)
         for base, stats in pending.items():
             try:
                 summary = stats.summary()
@@ -375,17 +380,21 @@ class FeatureLogger:
                     continue
                 if opts.stats:
                     for name, value in summary.scalars().items():
-                        self._sink.scalar(f"stats/{base}/{name}", value, step)
+                        bundle.scalars.append((f"stats/{base}/{name}", value))
                 if opts.histograms and summary.count > 0:
-                    self._sink.histogram(f"activations/{base}", summary, step)
+                    bundle.histograms.append((f"activations/{base}", summary))
             except Exception as e:
                 self._note(
                     f"error:{base}:{type(e).__name__}",
                     f"tbfeat: statistics of stage {base} were not logged: {type(e).__name__}: {e}",
                     warn=True,
                 )
-        if wrote:
-            self._sink.flush()
+        self._sink.submit(bundle)
+
+    def flush(self) -> None:
+        """End the current step and block until everything logged is on disk."""
+        self.finish_step()
+        self._sink.flush()
 
     def _note(self, key: str, message: str, warn: bool = False) -> None:
         if key in self._noted:

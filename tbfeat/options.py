@@ -26,7 +26,7 @@ class LogOptions:
         channels: ``"first"`` shows channels ``0..max_channels-1``; ``"strongest"``
             picks the channels with the largest mean activation at the first logged
             step and keeps those indices at every later step.
-        images: Write channel grids (``features/...``).
+        grids: Write channel grids (``features/...``).
         histograms: Write activation histograms (``activations/...``).
         stats: Write statistics scalars (``stats/...``).
         hist_bins: Buckets of each activation histogram.
@@ -47,7 +47,7 @@ class LogOptions:
     cmap: str = "viridis"
     normalize: str = "channel"
     channels: str = "first"
-    images: bool = True
+    grids: bool = True
     histograms: bool = True
     stats: bool = True
     hist_bins: int = 64
@@ -65,7 +65,7 @@ class LogOptions:
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
-        for name in ("images", "histograms", "stats"):
+        for name in ("grids", "histograms", "stats"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")

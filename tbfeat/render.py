@@ -163,6 +163,7 @@ def feature_grid(
         canvas.view(n, rows, cols, th + 1, tw + 1)
         .permute(0, 1, 3, 2, 4)
         .reshape(n, rows * (th + 1), cols * (tw + 1))[:, :-1, :-1]
+        .contiguous()
     )
     return grid[0] if squeeze else grid
 

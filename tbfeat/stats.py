@@ -76,35 +76,44 @@ class RunningStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Add the values of ``x`` (any shape, any real dtype); ``x`` is not modified."""
+        """Add the values of ``x`` (any shape, any real dtype); ``x`` is not modified.
+
+        A handful of single passes over the values (min/max, sum, centred sum of squares,
+        zero and negative counts, histogram) and one device-to-host read of two numbers;
+        the NaN/Inf filter runs only when min/max show that there are such values.
+        """
         flat = x.detach().reshape(-1)
         if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         numel = flat.numel()
         if numel == 0:
             return
-        finite = torch.isfinite(flat)
-        nfinite = finite.sum()
-        if bool(nfinite != numel):
-            flat = flat[finite]
-        if flat.numel() == 0:
-            nan = torch.tensor(float("nan"), dtype=torch.float64, device=flat.device)
-            zero = torch.zeros((), dtype=torch.float64, device=flat.device)
-            self._chunks.append(torch.stack([zero, zero + numel, nan, nan, nan, nan, zero, zero]))
-            self._hists.append(torch.zeros(self.bins, device=flat.device))
-            return
-        var, mean = torch.var_mean(flat, correction=0)
         lo, hi = torch.aminmax(flat)
-        zeros = (flat == 0).sum()
-        negatives = (flat < 0).sum()
-        hist = torch.histc(flat.float(), bins=self.bins)  # min=max=0: the data's own range
-        n = nfinite.to(torch.float64)
+        lo_f, hi_f = torch.stack([lo, hi]).tolist()
+        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN propagates into min/max
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel() == 0:
+                nan = torch.tensor(float("nan"), dtype=torch.float64, device=flat.device)
+                zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+                row = torch.stack([zero, zero + numel, nan, nan, nan, nan, zero, zero])
+                self._chunks.append(row)
+                self._hists.append(torch.zeros(self.bins, device=flat.device))
+                return
+            lo, hi = torch.aminmax(flat)
+            lo_f, hi_f = torch.stack([lo, hi]).tolist()
+        n = flat.numel()
+        mean = flat.sum(dtype=torch.float32 if flat.dtype != torch.float64 else None) / n
+        centred = flat - mean
+        m2 = torch.dot(centred, centred)
+        zeros = n - torch.count_nonzero(flat)
+        negatives = torch.count_nonzero(flat.lt(0))
+        hist = torch.histc(flat.float(), bins=self.bins, min=lo_f, max=hi_f)
         row = torch.stack(
             [
-                n,
-                numel - n,
+                torch.tensor(float(n), dtype=torch.float64, device=flat.device),
+                torch.tensor(float(numel - n), dtype=torch.float64, device=flat.device),
                 mean.to(torch.float64),
-                var.to(torch.float64) * n,
+                m2.to(torch.float64),
                 lo.to(torch.float64),
                 hi.to(torch.float64),
                 zeros.to(torch.float64),

@@ -3,14 +3,28 @@
 Ownership follows Lightning's TensorBoardLogger: a writer this module creates is closed by
 :meth:`EventSink.close`; a writer passed in is flushed, never closed. Only the process of
 global rank 0 writes.
+
+Encoding and writing run off the forward path: the logger hands each finished step to
+:meth:`EventSink.submit` as one :class:`StepBundle`; a background thread encodes its grids
+as palette PNGs, writes the whole step as one event and flushes it. The queue is bounded
+(a full queue makes ``submit`` wait, so memory cannot grow), :meth:`EventSink.wait` blocks
+until everything submitted is on disk, and interpreter exit drains every open sink.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import queue
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import _crc
 
 
 def global_rank() -> int:
@@ -26,17 +40,46 @@ def global_rank() -> int:
     return 0
 
 
+@dataclass
+class StepBundle:
+    """Everything logged at one step: grids (palette indices), scalars and histograms."""
+
+    step: int
+    cmap: str = "viridis"
+    images: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    scalars: list[tuple[str, float]] = field(default_factory=list)
+    histograms: list[tuple[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.images or self.scalars or self.histograms)
+
+
+_OPEN_SINKS: weakref.WeakSet[EventSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_open_sinks() -> None:
+    for sink in list(_OPEN_SINKS):
+        sink.close()
+
+
 class EventSink:
-    """Writes images, histograms and scalars to a TensorBoard event file.
+    """Writes step bundles to a TensorBoard event file from a background thread.
 
     Args:
         logdir: Directory for a writer created on first use (``SummaryWriter(logdir)``).
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (or any object with its
             ``add_scalar``/``add_histogram_raw``/``add_image``/``flush`` methods) to use
             instead; it is flushed, never closed.
+        max_pending: Steps that may wait for the background thread before ``submit`` blocks.
     """
 
-    def __init__(self, logdir: str | os.PathLike | None = None, writer: Any = None) -> None:
+    def __init__(
+        self,
+        logdir: str | os.PathLike | None = None,
+        writer: Any = None,
+        max_pending: int = 4,
+    ) -> None:
         if writer is not None and logdir is not None:
             raise ValueError("pass either logdir or writer, not both")
         if writer is not None:
@@ -55,86 +98,171 @@ class EventSink:
         self._owns = writer is None
         self._auto = writer is None and logdir is None
         self.enabled = global_rank() == 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[StepBundle | None] = queue.Queue(maxsize=max_pending)
+        self._thread: threading.Thread | None = None
+        self._warned: set[str] = set()
+        _crc.install()
+        self.steps_written = 0
+        """Steps whose events were written and flushed (read it after :meth:`wait`)."""
 
+    # ---------------------------------------------------------------- writer
     @property
     def writer(self) -> Any:
         """The SummaryWriter, created on first use."""
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+        with self._lock:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=self.logdir)
-        return self._writer
+                self._writer = SummaryWriter(log_dir=self.logdir)
+            return self._writer
+
+    @property
+    def created(self) -> bool:
+        return self._writer is not None
 
     def use_default_logdir(self, logdir: str | os.PathLike) -> None:
         """Point a sink that was given neither ``logdir`` nor ``writer`` at ``logdir``.
 
         Integrations call this with the framework's own run folder (an Ultralytics
-        trainer's ``save_dir``). A writer already open elsewhere is closed first.
+        trainer's ``save_dir``). Pending steps are written first and a writer already
+        open elsewhere is closed.
         """
         if not self._auto:
             return
         logdir = os.fspath(logdir)
         if logdir == self.logdir:
             return
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.logdir = logdir
+        self.wait()
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+            self.logdir = logdir
 
-    @property
-    def created(self) -> bool:
-        return self._writer is not None
+    # ---------------------------------------------------------------- queue
+    def submit(self, bundle: StepBundle) -> None:
+        """Queue a finished step; the background thread encodes, writes and flushes it."""
+        if not self.enabled or not bundle:
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="tbfeat-writer", daemon=True)
+            self._thread.start()
+            _OPEN_SINKS.add(self)
+        self._queue.put(bundle)
 
-    def image(self, tag: str, indices: np.ndarray, cmap: str, step: int) -> None:
-        """Write a palette-index grid from :func:`~tbfeat.render.feature_grid` as an image.
+    def wait(self) -> None:
+        """Block until every submitted step is written and flushed."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
 
-        The grid is encoded as an 8-bit palette PNG and written as is (TensorBoard serves
-        the encoded bytes to the browser). Writers without torch's raw file-writer access
-        get the RGB pixels through ``add_image`` (``uint8``, so nothing is rescaled).
-        """
+    def _run(self) -> None:
+        while True:
+            bundle = self._queue.get()
+            try:
+                if bundle is None:
+                    return
+                self.write(bundle)
+            except Exception as e:  # never let a write kill the thread or the training
+                self._warn(
+                    f"write:{type(e).__name__}", f"step {bundle.step}: {type(e).__name__}: {e}"
+                )
+            finally:
+                self._queue.task_done()
+
+    def write(self, bundle: StepBundle) -> None:
+        """Encode and write one step as a single event, then flush (background thread)."""
         from .render import colorize, encode_png
 
         writer = self.writer
+        step = bundle.step
         get_file_writer = getattr(writer, "_get_file_writer", None)
-        if get_file_writer is None:
-            writer.add_image(tag, colorize(indices, cmap), global_step=step, dataformats="HWC")
+        if get_file_writer is None:  # a writer without torch's raw access: its public API
+            for tag, indices in bundle.images:
+                rgb = colorize(indices, bundle.cmap)
+                writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+            for tag, value in bundle.scalars:
+                writer.add_scalar(tag, value, global_step=step)
+            for tag, stats in bundle.histograms:
+                writer.add_histogram_raw(tag, global_step=step, **_histogram_args(stats))
+            writer.flush()
+            self.steps_written += 1
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-        height, width = indices.shape
-        image = Summary.Image(
-            height=height, width=width, colorspace=3, encoded_image_string=encode_png(indices, cmap)
-        )
-        get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        values = []
+        for tag, indices in bundle.images:
+            try:
+                height, width = indices.shape
+                png = encode_png(indices, bundle.cmap)
+            except Exception as e:
+                self._warn(f"image:{tag}", f"image {tag} was not written: {type(e).__name__}: {e}")
+                continue
+            image = Summary.Image(
+                height=height, width=width, colorspace=3, encoded_image_string=png
+            )
+            values.append(Summary.Value(tag=tag, image=image))
+        for tag, value in bundle.scalars:
+            values.append(Summary.Value(tag=tag, simple_value=float(value)))
+        for tag, stats in bundle.histograms:
+            args = _histogram_args(stats)
+            histo = HistogramProto(
+                min=args["min"],
+                max=args["max"],
+                num=args["num"],
+                sum=args["sum"],
+                sum_squares=args["sum_squares"],
+                bucket_limit=args["bucket_limits"],
+                bucket=args["bucket_counts"],
+            )
+            values.append(Summary.Value(tag=tag, histo=histo))
+        get_file_writer().add_summary(Summary(value=values), step)
+        writer.flush()
+        self.steps_written += 1
 
-    def histogram(self, tag: str, stats: Any, step: int) -> None:
-        """Write a raw histogram from a :class:`~tbfeat.stats.StatsSummary`."""
-        edges, counts = stats.hist_edges, stats.hist_counts
-        self.writer.add_histogram_raw(
-            tag,
-            min=stats.min,
-            max=stats.max,
-            num=stats.count,
-            sum=stats.sum,
-            sum_squares=stats.sum_squares,
-            bucket_limits=np.asarray(edges[1:], dtype=np.float64).tolist(),
-            bucket_counts=np.asarray(counts, dtype=np.int64).tolist(),
-            global_step=step,
-        )
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"tbfeat: {message}", RuntimeWarning, stacklevel=2)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, global_step=step)
-
+    # ---------------------------------------------------------------- end
     def flush(self) -> None:
+        """Write everything submitted and flush the writer."""
+        self.wait()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush; close the writer if this sink created it. Safe to call twice."""
-        if self._writer is None:
-            return
-        if self._owns:
-            self._writer.close()
-            self._writer = None
-        else:
-            self._writer.flush()
+        """Drain the queue, stop the thread; close the writer if this sink created it.
+
+        Safe to call twice.
+        """
+        thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join()
+        _OPEN_SINKS.discard(self)
+        with self._lock:
+            if self._writer is None:
+                return
+            if self._owns:
+                self._writer.close()
+                self._writer = None
+            else:
+                self._writer.flush()
+
+
+def _histogram_args(stats: Any) -> dict[str, Any]:
+    """``add_histogram_raw`` arguments from a :class:`~tbfeat.stats.StatsSummary`.
+
+    TensorBoard stores right bucket edges only; the first left edge is ``min``.
+    """
+    return {
+        "min": float(stats.min),
+        "max": float(stats.max),
+        "num": int(stats.count),
+        "sum": float(stats.sum),
+        "sum_squares": float(stats.sum_squares),
+        "bucket_limits": np.asarray(stats.hist_edges[1:], dtype=np.float64).tolist(),
+        "bucket_counts": np.asarray(stats.hist_counts, dtype=np.float64).tolist(),
+    }
