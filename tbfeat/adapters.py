@@ -38,6 +38,8 @@ class ModelAdapter:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
+        self.logger: FeatureLogger | None = None
+        """The logger this adapter serves (set by :class:`~tbfeat.FeatureLogger`)."""
 
     def candidate_stages(self) -> list[Stage]:
         """Everything :func:`tbfeat.list_stages` shows; indices in ``stages=`` refer to it."""

@@ -83,6 +83,7 @@ class FeatureLogger:
     ) -> None:
         self.options = LogOptions.from_kwargs(options, **kwargs)
         self.adapter = adapt(model)
+        self.adapter.logger = self
         self.model = model
         self.stage_spec = stages
         self.stages: list[Stage] = self.resolve(self.adapter.module)

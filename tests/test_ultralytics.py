@@ -197,3 +197,17 @@ def test_every_n_epochs_still_logs_the_last(tmp_path, shapes):
     assert [
         e.step for e in acc.Images("features/00_Conv/" + acc.Tags()["images"][0].rsplit("/", 1)[1])
     ] == [2]
+
+
+def test_log_letterboxes_probes_at_imgsz_through_the_model(tmp_path):
+    yolo = YOLO("yolov8n.yaml")
+    yolo.model.train()
+    logger = FeatureLogger(yolo, logdir=tmp_path, imgsz=96, stages=[0])
+    logger.log([BUS, ZIDANE], step=5)
+    logger.close()
+    assert yolo.model.training  # mode restored, and YOLO.eval() (which trains) never called
+    acc = read_events(tmp_path)
+    for name in ("bus", "zidane"):
+        (event,) = acc.Images(f"features/00_Conv/{name}")
+        # 16 channels of 48x48 (stride 2 on a 96x96 letterbox): 8 per row, 2 rows
+        assert (event.step, event.width, event.height) == (5, 8 * 49 - 1, 2 * 49 - 1)

@@ -144,7 +144,6 @@ class UltralyticsAdapter(ModelAdapter):
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
         super().__init__(module)
         self.wrapper = wrapper
-        self._logger: FeatureLogger | None = None
         self._registered: list[tuple[str, Any]] = []
         self._probes: tuple[int, list[torch.Tensor], list[str]] | None = None
         self._in_batch = False
@@ -161,7 +160,7 @@ class UltralyticsAdapter(ModelAdapter):
 
     # -------------------------------------------------------------- probes
     def imgsz(self, default: int = 640) -> int:
-        logger = self._logger
+        logger = self.logger
         if logger is not None and logger.options.imgsz is not None:
             return logger.options.imgsz
         overrides = getattr(self.wrapper, "overrides", None) or {}
@@ -211,7 +210,6 @@ class UltralyticsAdapter(ModelAdapter):
         if self.wrapper is None:
             super().attach(logger)
             return
-        self._logger = logger
         for event, fn in self.callbacks().items():
             self.wrapper.add_callback(event, fn)
             self._registered.append((event, fn))
@@ -227,7 +225,6 @@ class UltralyticsAdapter(ModelAdapter):
         logger.gate = None
         logger.remove_hooks()
         self._warn_if_ddp_ran()
-        self._logger = None
         self._probes = None
 
     def callbacks(self) -> dict[str, Any]:
@@ -248,7 +245,7 @@ class UltralyticsAdapter(ModelAdapter):
 
     # -------------------------------------------------------------- predict / val
     def _start(self, owner: Any, model: Any) -> None:
-        logger = self._logger
+        logger = self.logger
         logger.finish_step()
         logger.remove_hooks()
         logger._sink.use_default_logdir(owner.save_dir)
@@ -267,8 +264,8 @@ class UltralyticsAdapter(ModelAdapter):
 
     def on_predict_batch_start(self, predictor: Any) -> None:
         paths = predictor.batch[0] if predictor.batch else []
-        start = len(self._logger._names)
-        self._logger.add_image_names(
+        start = len(self.logger._names)
+        self.logger.add_image_names(
             Path(p).stem if isinstance(p, str) and Path(p).is_file() else str(start + i)
             for i, p in enumerate(paths)
         )
@@ -280,7 +277,7 @@ class UltralyticsAdapter(ModelAdapter):
         self._start(validator, _validator_model(validator) or self.wrapper.model)
         dataset = getattr(validator.dataloader, "dataset", None)
         files = list(getattr(dataset, "im_files", None) or [])
-        self._logger.add_image_names(Path(f).stem for f in files[: self._logger.options.max_images])
+        self.logger.add_image_names(Path(f).stem for f in files[: self.logger.options.max_images])
 
     def on_val_batch_start(self, validator: Any) -> None:
         if self._owner is validator:
@@ -292,7 +289,7 @@ class UltralyticsAdapter(ModelAdapter):
     def on_end(self, owner: Any) -> None:
         if self._owner is not owner:
             return
-        logger = self._logger
+        logger = self.logger
         logger.gate = None
         logger.remove_hooks()
         logger.finish_step()
@@ -300,7 +297,7 @@ class UltralyticsAdapter(ModelAdapter):
 
     # -------------------------------------------------------------- train
     def on_pretrain_routine_start(self, trainer: Any) -> None:
-        self._logger._sink.use_default_logdir(trainer.save_dir)
+        self.logger._sink.use_default_logdir(trainer.save_dir)
         self._probes = None
         self._training = True
 
@@ -308,7 +305,7 @@ class UltralyticsAdapter(ModelAdapter):
         self._training = False
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        logger = self._logger
+        logger = self.logger
         epoch = trainer.epoch + 1  # 1-based, as in results.csv
         every = logger.options.every
         if epoch % every and epoch < trainer.epochs:
@@ -326,7 +323,7 @@ class UltralyticsAdapter(ModelAdapter):
         logger.run_probes(model, logger.resolve(model), tensors, names)
 
     def _val_images(self, trainer: Any) -> list[str]:
-        n = self._logger.options.max_images
+        n = self.logger.options.max_images
         loader = getattr(trainer, "test_loader", None)
         dataset = getattr(loader, "dataset", None)
         files = list(getattr(dataset, "im_files", None) or [])
