@@ -49,20 +49,35 @@ def main() -> None:
     from tbfeat.synthetic import make_shapes_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_shapes_dataset(Path(tmp) / "data", n_train=args.n_train, n_val=8, imgsz=args.imgsz)
+        data = make_shapes_dataset(
+            Path(tmp) / "data", n_train=args.n_train, n_val=8, imgsz=args.imgsz
+        )
         results: dict[str, list[float]] = {"plain": [], "logged": []}
         for r in range(args.repeats):
             for name, use in (("plain", "0"), ("logged", "1")):
                 out = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(data), f"{tmp}/{name}{r}", str(args.epochs),
-                     str(args.imgsz), str(args.batch), use],
-                    capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        "-c",
+                        CHILD,
+                        str(data),
+                        f"{tmp}/{name}{r}",
+                        str(args.epochs),
+                        str(args.imgsz),
+                        str(args.batch),
+                        use,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 # the first epoch carries start-up costs; compare the rest
                 results[name] += json.loads(out.stdout.strip().splitlines()[-1])[1:]
     plain, logged = statistics.median(results["plain"]), statistics.median(results["logged"])
-    print(f"median epoch: plain {plain:.3f}s, with FeatureLogger {logged:.3f}s, "
-          f"overhead {100 * (logged / plain - 1):+.1f}%")
+    print(
+        f"median epoch: plain {plain:.3f}s, with FeatureLogger {logged:.3f}s, "
+        f"overhead {100 * (logged / plain - 1):+.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -103,6 +103,19 @@ def test_predict_stream_arrays_and_max_images(tmp_path):
     ]
 
 
+def test_predict_a_folder_names_images_by_stem(tmp_path):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(BUS, folder / "a bus.jpg")
+    shutil.copy(ZIDANE, folder / "zidane.jpg")
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, logdir=tmp_path / "run", stages=["SPPF"]):
+        yolo.predict(folder, imgsz=64, verbose=False)
+    assert image_tags(tmp_path / "run") == ["features/09_SPPF/a_bus", "features/09_SPPF/zidane"]
+
+
 def test_predict_output_is_unchanged_by_the_logger(tmp_path):
     yolo = YOLO("yolov8n.yaml")
     plain = yolo.predict(BUS, imgsz=128, verbose=False, conf=0.0)[0].boxes.data
