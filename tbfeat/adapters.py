@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
 INTEGRATIONS: list[tuple[str, str]] = [
     ("ultralytics", "tbfeat.integrations.ultralytics"),
+    ("torchvision", "tbfeat.integrations.torchvision"),
 ]
 
 
@@ -90,7 +91,7 @@ class ModelAdapter:
 
         Integrations override it to add framework callbacks instead.
         """
-        logger.install_hooks(logger.stages)
+        logger.install_hooks(logger.stages, root=self.module)
 
     def detach(self, logger: FeatureLogger) -> None:
         """Undo :meth:`attach`; called on exit, also after an exception. Safe to call twice."""

@@ -101,6 +101,8 @@ class FeatureLogger:
         self._channels: dict[str, torch.Tensor] = {}
         self._noted: set[str] = set()
         self._closed = False
+        self._forward_id = 0
+        self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
         self.gate: Callable[[], bool] | None = None
         """Integrations set a predicate; hooks capture only while it returns True."""
 
@@ -240,7 +242,8 @@ class FeatureLogger:
             for m in training:  # module.eval(), without touching modules already in eval
                 m.training = False
             if own_hooks:
-                self.install_hooks(stages)
+                self.install_hooks(stages, root=module)
+            self._forward_id += 1
             self._names = list(names)
             with torch.no_grad():
                 return self.adapter.forward(prepared, module)
@@ -263,11 +266,20 @@ class FeatureLogger:
             adapter.default_stages(),
         )
 
-    def install_hooks(self, stages: Sequence[Stage]) -> None:
-        """Register a forward hook on each stage's module; :meth:`remove_hooks` undoes it."""
+    def install_hooks(self, stages: Sequence[Stage], root: nn.Module | None = None) -> None:
+        """Register a forward hook on each stage's module; :meth:`remove_hooks` undoes it.
+
+        ``root`` is the module whose calls are "one forward": a stage module called again
+        within one forward (a head shared by FPN levels) logs those calls as ``call1``, ...
+        """
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(self._new_forward))
         for stage in stages:
             hook = functools.partial(self._hook, stage)
             self._handles.append(stage.module.register_forward_hook(hook))
+
+    def _new_forward(self, module: nn.Module, args: Any) -> None:
+        self._forward_id += 1
 
     def remove_hooks(self) -> None:
         """Remove every hook this logger registered. Safe to call twice."""
@@ -307,9 +319,15 @@ class FeatureLogger:
         if self._active_step is not None and self._active_step != self._step:
             self.finish_step()
         self._active_step = self._step
+        ident = (stage.name, stage.output)
+        forward, calls = self._calls.get(ident, (-1, -1))
+        calls = calls + 1 if forward == self._forward_id else 0
+        self._calls[ident] = (self._forward_id, calls)
+        if stage.output is not None:
+            output = output[stage.output]
         opts = self.options
         found = False
-        for suffix, t in _tensors(output):
+        for suffix, t in _tensors(output, f"call{calls}" if calls else ""):
             found = True
             base = f"{stage.key}/{suffix}" if suffix else stage.key
             if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:

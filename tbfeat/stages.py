@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+"""Plain containers: their class name says nothing, so stages are labelled by name."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 StageSpec = int | str
@@ -33,6 +34,8 @@ class Stage:
         module: The module whose forward output is captured.
         label: The text after ``NN_`` in tags; the type, or the name where the type says
             nothing (containers such as ``Sequential``) or where an integration chose one.
+        output: For a module that returns a dict, list or tuple: the key or position of
+            the one element this stage logs (an FPN level); ``None`` logs every element.
 
     Example:
         >>> import torch
@@ -46,6 +49,7 @@ class Stage:
     type: str
     module: nn.Module = field(repr=False, compare=False, hash=False)
     label: str = ""
+    output: str | int | None = None
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -70,7 +74,7 @@ def generic_stages(model: nn.Module) -> list[Stage]:
     """
     stages = []
     for i, (name, child) in enumerate(model.named_children()):
-        label = sanitize(name) if isinstance(child, _CONTAINERS) else ""
+        label = sanitize(name) if type(child) in CONTAINERS else ""
         stages.append(Stage(i, name, type(child).__name__, child, label))
     return stages
 
@@ -130,15 +134,19 @@ def resolve_stages(
     if not specs:
         raise ValueError("stages is empty; pass None for the default stages or name at least one")
 
-    by_name = {s.name: s for s in candidates}
+    by_name = {s.name: s for s in candidates if s.output is None}
+    by_name.update({f"{s.name}:{s.output}": s for s in candidates if s.output is not None})
+    by_name.update(  # labels an integration chose (fpn_0, stem), not type names
+        {s.label: s for s in candidates if s.label != sanitize(s.type) and s.label not in by_name}
+    )
     modules = dict(root.named_modules())
     modules.pop("", None)
-    chosen: dict[str, Stage] = {}
+    chosen: dict[tuple[str, str | int | None], Stage] = {}
     for spec in specs:
         if isinstance(spec, bool) or not isinstance(spec, (int, str)):
             raise TypeError(f"a stage must be an int index or a str name, got {spec!r}")
         for stage in _match(spec, candidates, by_name, modules):
-            chosen.setdefault(stage.name, stage)
+            chosen.setdefault((stage.name, stage.output), stage)
     order = {name: i for i, name in enumerate(modules)}
     return sorted(chosen.values(), key=lambda s: (order.get(s.name, -1), s.index))
 
@@ -184,8 +192,9 @@ def _glob_segments(name: str, pattern: str) -> bool:
 
 
 def _deep_stage(name: str, module: nn.Module, candidates: Sequence[Stage]) -> Stage:
-    """A module below the candidate list: numbered like its nearest listed ancestor."""
-    index = 0
+    """A module off the candidate list: numbered like its nearest listed ancestor, or after
+    the whole list when it has none (a detector's head); its label is its full name."""
+    index = len(candidates)
     for stage in candidates:
         if name.startswith(stage.name + ".") or name == stage.name:
             index = stage.index

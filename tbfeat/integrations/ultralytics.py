@@ -250,7 +250,7 @@ class UltralyticsAdapter(ModelAdapter):
         logger.remove_hooks()
         logger._sink.use_default_logdir(owner.save_dir)
         module = torch_model(model)
-        logger.install_hooks(logger.resolve(module))
+        logger.install_hooks(logger.resolve(module), root=module)
         self._owner = owner
         self._in_batch = False
         logger.gate = self._gate

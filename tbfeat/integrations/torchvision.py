@@ -1,0 +1,307 @@
+"""torchvision models: detector backbones with their FPN levels, and classifiers.
+
+``FeatureLogger(model)`` with a torchvision detection model (Faster/Mask/Keypoint R-CNN,
+RetinaNet, FCOS, SSD, SSDlite) logs
+
+- the backbone body's stem and stages: ``00_stem`` (conv1-bn1-relu), ``01_layer1`` ...
+  ``04_layer4`` for ResNet bodies; one stage per feature block for MobileNet-style bodies;
+- every feature level the backbone returns: ``05_fpn_0`` ... ``09_fpn_pool`` behind an
+  FPN (``fpn_p6``/``fpn_p7`` for RetinaNet and FCOS), ``level_0`` ... for SSD.
+
+``logger.log(images)`` runs the model's own ``transform`` first (resize and normalize, as
+the detector sees its input), then the backbone; the heads run only if a chosen stage
+lies in them. Classification models (ResNet, MobileNet, EfficientNet, ConvNeXt, RegNet, ...)
+get their ``features``/``trunk_output`` blocks as stages instead of one opaque block.
+
+:func:`load_checkpoint` reads state dicts saved by training scripts, torchvision's
+reference format (``{"model": state_dict, "epoch": ...}``) included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import ModelAdapter
+from ..stages import CONTAINERS, Stage, sanitize
+
+_EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
+
+
+def _detection_types() -> tuple[type, ...]:
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+    from torchvision.models.detection.retinanet import RetinaNet
+    from torchvision.models.detection.ssd import SSD
+
+    return (GeneralizedRCNN, RetinaNet, FCOS, SSD)
+
+
+def adapt(obj: object) -> ModelAdapter | None:
+    """The adapter for a torchvision detection or classification model, else ``None``."""
+    if not isinstance(obj, nn.Module):
+        return None
+    if isinstance(obj, _detection_types()):
+        return DetectionAdapter(obj)
+    if type(obj).__module__.startswith("torchvision.models"):
+        return ClassifierAdapter(obj)
+    return None
+
+
+class ClassifierAdapter(ModelAdapter):
+    """torchvision classifiers: top-level children, with ``features``/``trunk_output``
+    unrolled into their blocks."""
+
+    def candidate_stages(self) -> list[Stage]:
+        stages: list[Stage] = []
+        for name, child in self.module.named_children():
+            if name in _EXPAND and isinstance(child, nn.Sequential):
+                for sub, block in child.named_children():
+                    stages.append(_stage(len(stages), f"{name}.{sub}", block))
+            else:
+                stages.append(_stage(len(stages), name, child))
+        return stages
+
+
+class DetectionAdapter(ModelAdapter):
+    """torchvision detection models: backbone body stages and every output level."""
+
+    def candidate_stages(self) -> list[Stage]:
+        backbone = self.module.backbone
+        stages: list[Stage] = []
+        body = getattr(backbone, "body", None)
+        if isinstance(body, nn.Module):
+            children = dict(body.named_children())
+            if "layer1" in children and "relu" in children:  # ResNet: stem + layer1..4
+                stages.append(Stage(0, "backbone.body.relu", "ReLU", children["relu"], "stem"))
+                for name, child in children.items():
+                    if name.startswith("layer"):
+                        stages.append(_stage(len(stages), f"backbone.body.{name}", child, name))
+            else:  # MobileNet/EfficientNet-style: one stage per feature block
+                for name, child in children.items():
+                    stages.append(_stage(len(stages), f"backbone.body.{name}", child))
+        fpn = getattr(backbone, "fpn", None)
+        prefix = "fpn" if fpn is not None else "level"
+        for key in self.output_keys():
+            stages.append(
+                Stage(
+                    len(stages),
+                    "backbone",
+                    type(backbone).__name__,
+                    backbone,
+                    sanitize(f"{prefix}_{key}"),
+                    output=key,
+                )
+            )
+        return stages
+
+    def output_keys(self) -> list[str]:
+        """The keys of the backbone's output dict, read from its structure."""
+        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+        backbone = self.module.backbone
+        body, fpn = getattr(backbone, "body", None), getattr(backbone, "fpn", None)
+        if fpn is not None and hasattr(body, "return_layers"):
+            keys = [str(v) for v in body.return_layers.values()]
+            extra = getattr(fpn, "extra_blocks", None)
+            if isinstance(extra, LastLevelMaxPool):
+                keys.append("pool")
+            elif isinstance(extra, LastLevelP6P7):
+                keys += ["p6", "p7"]
+            elif extra is not None:
+                return self._probe_keys()
+            return keys
+        features, extra = getattr(backbone, "features", None), getattr(backbone, "extra", None)
+        if isinstance(extra, nn.ModuleList) and isinstance(features, nn.Sequential):
+            from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
+
+            first = 1 if isinstance(backbone, SSDFeatureExtractorVGG) else len(features)
+            return [str(i) for i in range(first + len(extra))]
+        return self._probe_keys()
+
+    def _probe_keys(self) -> list[str]:
+        """Fallback for unfamiliar backbones: one small forward to read the output keys."""
+        size = int(getattr(self.module.transform, "min_size", (320,))[0])
+        param = next(self.module.parameters())
+        with torch.no_grad():
+            training = self.module.backbone.training
+            self.module.backbone.eval()
+            try:
+                out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
+            finally:
+                self.module.backbone.train(training)
+        return [str(k) for k in out] if isinstance(out, dict) else [str(i) for i in range(len(out))]
+
+    def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
+        """``transform`` then ``backbone``; the whole model if a chosen stage is elsewhere."""
+        model = self.module if module is None else module
+        logger = self.logger
+        stages = logger.stages if logger is not None else []
+        backbone_modules = {id(m) for m in model.backbone.modules()}
+        if any(id(s.module) not in backbone_modules for s in stages):
+            return model(list(prepared))
+        images, _ = model.transform(list(prepared))
+        return model.backbone(images.tensors)
+
+
+def _stage(index: int, name: str, module: nn.Module, short: str | None = None) -> Stage:
+    """Plain containers are labelled by (short) name, everything else by type."""
+    label = sanitize(short or name) if type(module) in CONTAINERS else ""
+    return Stage(index, name, type(module).__name__, module, label)
+
+
+# ------------------------------------------------------------------ checkpoints
+def load_checkpoint(
+    path: str | os.PathLike,
+    arch: str | nn.Module,
+    **builder_kwargs: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a state-dict checkpoint into a torchvision model, safely.
+
+    Reads a bare ``state_dict``, torchvision's reference format ``{"model": state_dict,
+    "epoch": e, "args": Namespace, ...}`` or Lightning's ``{"state_dict": ...}`` with
+    ``torch.load(weights_only=True)`` (``argparse.Namespace`` is allowed, nothing else
+    that runs code). The number of classes is read from the checkpoint's box predictor or
+    classifier when ``num_classes`` is not given.
+
+    Args:
+        path: The checkpoint file.
+        arch: A torchvision builder name (``"fasterrcnn_resnet50_fpn"``) or a model to load
+            into.
+        **builder_kwargs: Passed to the builder (``weights=None, weights_backbone=None``
+            are the defaults).
+
+    Returns:
+        The model in eval mode and the checkpoint's other entries (``epoch`` etc.).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unknown ``arch`` (naming the closest builder), a file that is not a
+            checkpoint, or a state dict of another architecture (naming a few missing and
+            unexpected keys).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"cannot read checkpoint {str(path)!r} as a state dict "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+    state, meta = _split_checkpoint(ckpt, path)
+    if isinstance(arch, nn.Module):
+        model, name = arch, type(arch).__name__
+    else:
+        name = arch
+        kwargs = {"weights": None, "weights_backbone": None, **builder_kwargs}
+        if "num_classes" not in kwargs:
+            n = infer_num_classes(state, arch)
+            if n is not None:
+                kwargs["num_classes"] = n
+        model = build(arch, **kwargs)
+    _load_state(model, state, name, path)
+    return model.eval(), meta
+
+
+def build(arch: str, **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model(arch, **kwargs)`` with an error naming the closest name."""
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown arch {arch!r}{hint}; allowed: a torchvision builder name such as "
+            "fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, resnet50 "
+            "(torchvision.models.list_models() lists all)"
+        )
+    kwargs.setdefault("weights", None)
+    if "weights_backbone" in kwargs and kwargs["weights_backbone"] is None:
+        import inspect
+
+        builder = torchvision.models.get_model_builder(arch)
+        if "weights_backbone" not in inspect.signature(builder).parameters:
+            kwargs.pop("weights_backbone")
+    return torchvision.models.get_model(arch, **kwargs)
+
+
+def infer_num_classes(state: dict[str, torch.Tensor], arch: str = "") -> int | None:
+    """Classes of a detection or classification state dict, from its last layer's shape."""
+    for key in ("roi_heads.box_predictor.cls_score.weight", "fc.weight"):
+        w = state.get(key)
+        if isinstance(w, torch.Tensor):
+            return int(w.shape[0])
+    logits = state.get("head.classification_head.cls_logits.weight")
+    if isinstance(logits, torch.Tensor):  # RetinaNet: 9 anchors per location, FCOS: 1
+        anchors = 9 if arch.startswith("retinanet") else 1
+        return int(logits.shape[0]) // anchors
+    classifier = [
+        k for k in state if re.fullmatch(r"classifier\.\d+\.weight", k) and state[k].dim() == 2
+    ]
+    if classifier:
+        return int(state[max(classifier, key=lambda k: int(k.split(".")[1]))].shape[0])
+    return None
+
+
+def _split_checkpoint(ckpt: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = ckpt.get(key)
+            if (
+                isinstance(inner, dict)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
+                meta = {k: v for k, v in ckpt.items() if k != key}
+                state = inner
+                if key == "state_dict":  # Lightning: strip the LightningModule attribute
+                    state = _strip_common_prefix(state)
+                return state, meta
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt, {}
+    raise ValueError(
+        f"{str(path)!r} holds no state dict: expected a dict of tensors or a dict with "
+        "'model' (torchvision reference format) or 'state_dict' (Lightning)"
+    )
+
+
+def _strip_common_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) == 1 and all("." in k for k in state):
+        return {k.split(".", 1)[1]: v for k, v in state.items()}
+    return state
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shapes differ, e.g. {'; '.join(mismatched[:2])}")
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. "
+            "Pass the architecture it was saved from (--arch / arch=)."
+        )
+    model.load_state_dict(state)
