@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        logger.log(probes, step=epoch, names=["probe0", "probe1"])
-        logger.writer.add_scalar("train/loss", loss.item(), epoch)
+        logger.log(probes, step=epoch + 1, names=["probe0", "probe1"])  # 1-based, as sweeps
+        logger.writer.add_scalar("train/loss", loss.item(), epoch + 1)
         checkpoint = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),

@@ -209,8 +209,8 @@ def test_training_loop_example_logs_every_epoch_and_saves_reference_checkpoints(
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     acc = read_events(out)
-    assert [e.step for e in acc.Images("features/19_fpn_pool/probe1")] == [0, 1]
-    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1]
+    assert [e.step for e in acc.Images("features/19_fpn_pool/probe1")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     for epoch in (0, 1):
         model, meta = load_checkpoint(
             out / f"model_{epoch}.pth",

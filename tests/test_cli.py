@@ -1,0 +1,264 @@
+"""The tbfeat command end to end, in subprocesses."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from tbfeat.integrations.torchvision import build
+
+from .helpers import read_events
+
+pytest.importorskip("ultralytics")  # the optional extra; `make test` installs it
+from ultralytics import YOLO  # noqa: E402
+from ultralytics.utils import ASSETS  # noqa: E402
+
+BUS = str(Path(ASSETS) / "bus.jpg")
+
+
+def tbfeat(*args, timeout=600):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tbfeat", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc
+
+
+def assert_usage_error(proc, *fragments):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tbfeat: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def yolo_weights(tmp_path_factory):
+    """epoch0.pt and epoch1.pt from a real 2-epoch Ultralytics training."""
+    from tbfeat.synthetic import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("yolo")
+    data = make_shapes_dataset(root / "data", n_train=8, n_val=2, imgsz=64)
+    yolo = YOLO("yolov8n.yaml")
+    yolo.train(
+        data=str(data),
+        epochs=2,
+        imgsz=64,
+        batch=4,
+        workers=0,
+        device="cpu",
+        plots=False,
+        project=str(root),
+        name="t",
+        save_period=1,
+        amp=False,
+        verbose=False,
+    )
+    weights = Path(yolo.trainer.save_dir) / "weights"
+    assert {p.name for p in weights.iterdir()} >= {"epoch0.pt", "epoch1.pt", "last.pt", "best.pt"}
+    return weights
+
+
+@pytest.fixture(scope="module")
+def tv_checkpoints(tmp_path_factory):
+    """A torchvision detector's state dict saved at two epochs, reference format."""
+    root = tmp_path_factory.mktemp("tv")
+    torch.manual_seed(0)
+    model = build("fasterrcnn_mobilenet_v3_large_fpn", weights_backbone=None, num_classes=3)
+    torch.save({"model": model.state_dict(), "epoch": 0}, root / "model_0.pth")
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.mul_(1.5)
+    torch.save({"model": model.state_dict(), "epoch": 1}, root / "model_1.pth")
+    return root
+
+
+def test_sweep_ultralytics_checkpoints_in_epoch_order_once(tmp_path, yolo_weights):
+    logdir = tmp_path / "sweep"
+    proc = tbfeat("sweep", yolo_weights, "--images", BUS, "--logdir", logdir, "--imgsz", 64)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "img" in proc.stderr  # the progress bar
+    acc = read_events(logdir)
+    tags = acc.Tags()["images"]
+    assert len(tags) == 22 and all(t.endswith("/bus") for t in tags)
+    assert [e.step for e in acc.Images("features/09_SPPF/bus")] == [1, 2]
+    # again: nothing twice
+    again = tbfeat("sweep", yolo_weights, "--images", BUS, "--logdir", logdir, "--imgsz", 64)
+    assert again.returncode == 0 and "already in" in again.stderr
+    assert [e.step for e in read_events(logdir).Images("features/09_SPPF/bus")] == [1, 2]
+    # --overwrite replaces the sweep's run
+    over = tbfeat(
+        "sweep",
+        yolo_weights,
+        "--images",
+        BUS,
+        "--logdir",
+        logdir,
+        "--imgsz",
+        64,
+        "--overwrite",
+        "--stages",
+        "9",
+    )
+    assert over.returncode == 0, over.stderr[-2000:]
+    acc = read_events(logdir)
+    assert acc.Tags()["images"] == ["features/09_SPPF/bus"]
+    assert [e.step for e in acc.Images("features/09_SPPF/bus")] == [1, 2]
+
+
+def test_sweep_state_dicts_with_arch_given_out_of_order(tmp_path, tv_checkpoints):
+    logdir = tmp_path / "tv"
+    proc = tbfeat(
+        "sweep",
+        tv_checkpoints / "model_1.pth",
+        tv_checkpoints / "model_0.pth",
+        "--images",
+        BUS,
+        "--logdir",
+        logdir,
+        "--arch",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "--imgsz",
+        96,
+        "--stages",
+        "fpn_0",
+        "--max-channels",
+        4,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    acc = read_events(logdir)
+    assert acc.Tags()["images"] == ["features/17_fpn_0/bus"]
+    assert [e.step for e in acc.Images("features/17_fpn_0/bus")] == [1, 2]
+    means = [e.value for e in acc.Scalars("stats/17_fpn_0/mean")]
+    assert means[0] != means[1]  # two different checkpoints
+
+
+def test_sweep_errors_exit_2_with_one_line(tmp_path, tv_checkpoints, yolo_weights):
+    arch = ["--arch", "fasterrcnn_mobilenet_v3_large_fpn"]
+    good = tv_checkpoints / "model_0.pth"
+    out = ["--logdir", tmp_path / "err"]
+    assert_usage_error(
+        tbfeat("sweep", tmp_path / "nope.pt", "--images", BUS, *out),
+        "checkpoint not found",
+        "nope.pt",
+    )
+    truncated = tmp_path / "model_5.pth"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    assert_usage_error(
+        tbfeat("sweep", truncated, "--images", BUS, *out, *arch),
+        "model_5.pth",
+        "corrupt or truncated",
+    )
+    assert_usage_error(
+        tbfeat("sweep", good, "--images", BUS, *out, "--arch", "retinanet_resnet50_fpn"),
+        "does not fit retinanet_resnet50_fpn",
+        "missing",
+    )
+    assert_usage_error(
+        tbfeat("sweep", good, "--images", BUS, *out, "--arch", "fasterrcnn_mobilenet"),
+        "unknown arch 'fasterrcnn_mobilenet'",
+        "did you mean",
+    )
+    assert_usage_error(tbfeat("sweep", good, "--images", BUS, *out), "--arch")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(tbfeat("sweep", good, "--images", empty, *out, *arch), "no images", "empty")
+    bad_image = tmp_path / "broken.jpg"
+    bad_image.write_bytes(b"not a jpeg")
+    assert_usage_error(
+        tbfeat("sweep", good, "--images", bad_image, *out, *arch), "cannot read image", "broken.jpg"
+    )
+    assert_usage_error(
+        tbfeat("sweep", yolo_weights, "--images", BUS, *out, "--stages", "SPFF"),
+        "unknown stage 'SPFF'",
+        "did you mean 'SPPF'",
+    )
+    # what was logged before a failing checkpoint stays
+    keep = tmp_path / "keep"
+    proc = tbfeat(
+        "sweep",
+        good,
+        truncated,
+        "--images",
+        BUS,
+        "--logdir",
+        keep,
+        *arch,
+        "--imgsz",
+        96,
+        "--stages",
+        "fpn_0",
+    )
+    assert_usage_error(proc, "model_5.pth")
+    assert [e.step for e in read_events(keep).Images("features/17_fpn_0/bus")] == [1]
+    debug = tbfeat("--debug", "sweep", tmp_path / "nope.pt", "--images", BUS, *out)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_stages_prints_the_table():
+    proc = tbfeat("stages", "yolov8n.yaml", "--imgsz", 64)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    row = next(line for line in lines if "09_SPPF" in line)
+    assert row.startswith("*") and "model.9" in row and "1x256x2x2" in row
+    head = next(line for line in lines if "22_Detect" in line)
+    assert not head.startswith("*")
+    tv = tbfeat("stages", "fasterrcnn_resnet50_fpn", "--imgsz", 128)
+    assert tv.returncode == 0, tv.stderr[-2000:]
+    assert "09_fpn_pool" in tv.stdout and "00_stem" in tv.stdout
+    assert_usage_error(tbfeat("stages", "resnet_9000"), "unknown model 'resnet_9000'")
+
+
+def test_demo_runs_end_to_end_with_few_epochs(tmp_path):
+    proc = tbfeat(
+        "demo", "--dir", tmp_path / "demo", "--epochs", 2, "--train-images", 16, "--imgsz", 64
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tensorboard --logdir" in proc.stdout and "samples_per_plugin images=" in proc.stdout
+    train = read_events(tmp_path / "demo" / "train")
+    assert [e.step for e in train.Scalars("stats/09_SPPF/mean")] == [1, 2]
+    assert [e.step for e in train.Scalars("train/box_loss")] == [1, 2]
+    sweep = read_events(tmp_path / "demo" / "sweep")
+    assert [e.step for e in sweep.Images("features/09_SPPF/bus")] == [1, 2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_board_serves_the_logdir_on_localhost(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(tmp_path / "run") as w:
+        w.add_scalar("x", 1.0, 0)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbfeat", "board", tmp_path, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 60
+        body = None
+        while time.time() < deadline and body is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None and "run" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert_usage_error(tbfeat("board", tmp_path / "missing"), "logdir not found")
