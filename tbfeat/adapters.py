@@ -102,6 +102,7 @@ def adapt(model: object) -> ModelAdapter:
     """The adapter for ``model``: an integration's for framework objects, else generic."""
     if isinstance(model, ModelAdapter):
         return model
+    model = unwrap(model)
     package = type(model).__module__.split(".", 1)[0]
     for owner, module_name in INTEGRATIONS:
         if package == owner:
@@ -113,3 +114,18 @@ def adapt(model: object) -> ModelAdapter:
     raise TypeError(
         f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}"
     )
+
+
+def unwrap(model: object) -> object:
+    """The module inside ``torch.compile`` (``_orig_mod``) and DDP/DataParallel (``module``)
+    wrappers, whose own children would hide the model's stages."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        break
+    return model

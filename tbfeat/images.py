@@ -77,10 +77,11 @@ def to_tensors(
     names = [sanitize(n) for n in names]
     if len(names) != len(tensors):
         raise ValueError(f"got {len(names)} names for {len(tensors)} images")
-    return tensors, _unique(names)
+    return tensors, unique_names(names)
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
+    """Names made unique by suffixing repeats with ``_1``, ``_2``, ..."""
     seen: dict[str, int] = {}
     out = []
     for name in names:

@@ -86,10 +86,14 @@ class FeatureLogger:
         self.adapter.logger = self
         self.model = model
         self.stage_spec = stages
-        self.stages: list[Stage] = self.resolve(self.adapter.module)
+        # resolve now: an unknown stage fails here, not mid-training
+        self._resolved = (self.adapter.module, self.resolve(self.adapter.module))
         self.step = step
+        if images is not None:
+            self.adapter.prepare(images, None)  # bad probe images fail here too
         self.images = images
         self._sink = EventSink(logdir, writer)
+        self._installed: tuple[list[Stage], nn.Module | None] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._depth = 0
         self._attached = False
@@ -107,6 +111,15 @@ class FeatureLogger:
         """Integrations set a predicate; hooks capture only while it returns True."""
 
     # ----------------------------------------------------------------- properties
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages logged, resolved against the adapter's current model (an Ultralytics
+        ``YOLO`` object swaps in its trained model after ``train()``)."""
+        module = self.adapter.module
+        if self._resolved is None or self._resolved[0] is not module:
+            self._resolved = (module, self.resolve(module))
+        return self._resolved[1]
+
     @property
     def step(self) -> int:
         """The step that captured forwards are logged at; setting it ends the current step."""
@@ -157,7 +170,10 @@ class FeatureLogger:
                 self.adapter.detach(self)
         finally:
             self.remove_hooks()
-            self.flush()
+            self.finish_step()
+            # Write everything, and release the writer thread and event file; entering
+            # again opens a new event file in the same run folder.
+            self._sink.close()
 
     def at(self, step: int) -> FeatureLogger:
         """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""
@@ -171,10 +187,16 @@ class FeatureLogger:
         """
         if self._closed:
             return
-        self.remove_hooks()
-        self.finish_step()
-        self._sink.close()
-        self._closed = True
+        self._depth = 0
+        try:
+            if self._attached:
+                self._attached = False
+                self.adapter.detach(self)
+        finally:
+            self.remove_hooks()
+            self.finish_step()
+            self._sink.close()
+            self._closed = True
 
     def __repr__(self) -> str:
         return (
@@ -185,7 +207,7 @@ class FeatureLogger:
     # ----------------------------------------------------------------- probes
     def log(
         self,
-        inputs: ImageLike | Sequence[ImageLike],
+        inputs: ImageLike | Sequence[ImageLike] | None = None,
         step: int | None = None,
         names: Sequence[str] | None = None,
     ) -> Any:
@@ -199,7 +221,7 @@ class FeatureLogger:
         Args:
             inputs: A ``(N, C, H, W)`` tensor, or one or a list of images: ``(C, H, W)``
                 tensors, paths, PIL images or ``(H, W, C)`` arrays. Images of different
-                sizes run one at a time.
+                sizes run one at a time. Default: the ``images=`` given at construction.
             step: The step to log at; default the logger's current :attr:`step`.
             names: One name per image for the tags; default file stems or positions.
 
@@ -217,6 +239,10 @@ class FeatureLogger:
         """
         if self._closed:
             raise RuntimeError("this FeatureLogger is closed; create a new one")
+        if inputs is None:
+            if self.images is None:
+                raise ValueError("log() needs inputs, or images= when the logger is created")
+            inputs = self.images
         if step is not None:
             self.step = step
         prepared, names = self.adapter.prepare(inputs, names)
@@ -236,13 +262,13 @@ class FeatureLogger:
         """
         self.finish_step()
         training = [m for m in module.modules() if m.training]
-        own_hooks = not self._handles
+        installed = self._installed
+        self.remove_hooks()  # hooks of a surrounding block come back afterwards
         gate, self.gate = self.gate, None
         try:
             for m in training:  # module.eval(), without touching modules already in eval
                 m.training = False
-            if own_hooks:
-                self.install_hooks(stages, root=module)
+            self.install_hooks(stages, root=module)
             self._forward_id += 1
             self._names = list(names)
             with torch.no_grad():
@@ -251,9 +277,10 @@ class FeatureLogger:
             self.gate = gate
             for m in training:
                 m.training = True
-            if own_hooks:
-                self.remove_hooks()
+            self.remove_hooks()
             self.finish_step()
+            if installed is not None:
+                self.install_hooks(*installed)
 
     # ----------------------------------------------------------------- hooks
     def resolve(self, module: nn.Module) -> list[Stage]:
@@ -272,6 +299,7 @@ class FeatureLogger:
         ``root`` is the module whose calls are "one forward": a stage module called again
         within one forward (a head shared by FPN levels) logs those calls as ``call1``, ...
         """
+        self._installed = (list(stages), root)
         if root is not None:
             self._handles.append(root.register_forward_pre_hook(self._new_forward))
         for stage in stages:
@@ -284,6 +312,7 @@ class FeatureLogger:
     def remove_hooks(self) -> None:
         """Remove every hook this logger registered. Safe to call twice."""
         handles, self._handles = self._handles, []
+        self._installed = None
         for handle in handles:
             handle.remove()
 

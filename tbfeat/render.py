@@ -78,7 +78,7 @@ def select_channels(fmap: torch.Tensor, max_channels: int, how: str = "first") -
     """
     channels = fmap.shape[1]
     k = min(channels, max_channels)
-    if how == "first" or k == channels:
+    if how == "first":
         return torch.arange(k, device=fmap.device)
     if how != "strongest":
         raise ValueError(f"channels must be 'first' or 'strongest', got {how!r}")
@@ -141,7 +141,10 @@ def feature_grid(
     if channels is None:
         channels = torch.arange(min(c, max_channels), device=fmap.device)
     else:
-        channels = torch.as_tensor(channels, dtype=torch.long).to(fmap.device)
+        channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+        if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= c):
+            raise ValueError(f"channels must be indices in 0..{c - 1}, got {channels.tolist()[:8]}")
+        channels = channels.to(fmap.device)
     nshow = int(channels.numel())
     th, tw = tile_size(h, w, tile)
     if n == 0 or nshow == 0 or h == 0 or w == 0:
@@ -187,6 +190,8 @@ def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         hi = torch.where(finite, x, -inf).amax(dim=dims, keepdim=True)
         lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
         hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    if not bool(torch.isfinite(hi - lo).all()):  # range beyond float32 (|x| near 3e38)
+        x, lo, hi = x.double(), lo.double(), hi.double()
     eps = torch.maximum(lo.abs(), hi.abs()) * _REL_EPS
     span = torch.maximum(hi - lo, eps).clamp_min(torch.finfo(torch.float32).tiny)
     v = ((x - lo) / span).clamp_(0.0, 1.0).mul_(LEVELS - 1).round_()

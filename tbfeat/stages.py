@@ -148,7 +148,7 @@ def resolve_stages(
         for stage in _match(spec, candidates, by_name, modules):
             chosen.setdefault((stage.name, stage.output), stage)
     order = {name: i for i, name in enumerate(modules)}
-    return sorted(chosen.values(), key=lambda s: (order.get(s.name, -1), s.index))
+    return sorted(chosen.values(), key=lambda s: (s.index, order.get(s.name, -1)))
 
 
 def _match(
@@ -194,8 +194,7 @@ def _glob_segments(name: str, pattern: str) -> bool:
 def _deep_stage(name: str, module: nn.Module, candidates: Sequence[Stage]) -> Stage:
     """A module off the candidate list: numbered like its nearest listed ancestor, or after
     the whole list when it has none (a detector's head); its label is its full name."""
-    index = len(candidates)
-    for stage in candidates:
-        if name.startswith(stage.name + ".") or name == stage.name:
-            index = stage.index
+    ancestors = [s for s in candidates if name.startswith(s.name + ".") or name == s.name]
+    nearest = max(ancestors, key=lambda s: (len(s.name), -s.index), default=None)
+    index = nearest.index if nearest is not None else len(candidates)
     return Stage(index, name, type(module).__name__, module, sanitize(name))

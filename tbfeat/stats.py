@@ -83,8 +83,10 @@ class RunningStats:
         the NaN/Inf filter runs only when min/max show that there are such values.
         """
         flat = x.detach().reshape(-1)
-        if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+        if flat.dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16):
             flat = flat.float()
+        elif not flat.is_floating_point():  # int32/int64: float32 would round large values
+            flat = flat.double()
         numel = flat.numel()
         if numel == 0:
             return
@@ -102,12 +104,17 @@ class RunningStats:
             lo, hi = torch.aminmax(flat)
             lo_f, hi_f = torch.stack([lo, hi]).tolist()
         n = flat.numel()
-        mean = flat.sum(dtype=torch.float32 if flat.dtype != torch.float64 else None) / n
+        mean = flat.sum() / n
         centred = flat - mean
         m2 = torch.dot(centred, centred)
         zeros = n - torch.count_nonzero(flat)
         negatives = torch.count_nonzero(flat.lt(0))
-        hist = torch.histc(flat.float(), bins=self.bins, min=lo_f, max=hi_f)
+        if flat.dtype == torch.float64 and max(abs(lo_f), abs(hi_f)) > 1e38:
+            # beyond float32: bin positions scaled into range, counts unchanged
+            scale = max(abs(lo_f), abs(hi_f))
+            hist = torch.histc((flat / scale).float(), self.bins, lo_f / scale, hi_f / scale)
+        else:
+            hist = torch.histc(flat.float(), bins=self.bins, min=lo_f, max=hi_f)
         row = torch.stack(
             [
                 torch.tensor(float(n), dtype=torch.float64, device=flat.device),

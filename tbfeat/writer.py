@@ -97,7 +97,6 @@ class EventSink:
         self._writer = writer
         self._owns = writer is None
         self._auto = writer is None and logdir is None
-        self.enabled = global_rank() == 0
         self._lock = threading.Lock()
         self._queue: queue.Queue[StepBundle | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
@@ -105,6 +104,11 @@ class EventSink:
         _crc.install()
         self.steps_written = 0
         """Steps whose events were written and flushed (read it after :meth:`wait`)."""
+
+    @property
+    def enabled(self) -> bool:
+        """Only global rank 0 writes (read at each use: ranks may be set up later)."""
+        return global_rank() == 0
 
     # ---------------------------------------------------------------- writer
     @property

@@ -27,6 +27,7 @@ except ImportError:  # the older package name
 
 from ..images import ImageLike, to_tensors
 from ..logger import FeatureLogger
+from ..options import LogOptions
 from ..stages import StageSpec
 
 
@@ -65,6 +66,7 @@ class FeatureLoggerCallback(Callback):
         if module is not None and not (isinstance(module, str) or callable(module)):
             raise TypeError(f"module must be None, an attribute name or a function, got {module!r}")
         _, self.names = to_tensors(images, names)  # bad images fail here, not mid-training
+        LogOptions.from_kwargs(**options)  # and so do bad options
         self.images = images
         self.module = module
         self.stages = stages
@@ -108,7 +110,7 @@ class FeatureLoggerCallback(Callback):
             return
         epoch = trainer.current_epoch
         every = self.options.get("every", 1)
-        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
         if (epoch + 1) % every and not last:
             return
         logger = self._feature_logger(trainer, pl_module)

@@ -238,7 +238,13 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
 
 def infer_num_classes(state: dict[str, torch.Tensor], arch: str = "") -> int | None:
     """Classes of a detection or classification state dict, from its last layer's shape."""
-    for key in ("roi_heads.box_predictor.cls_score.weight", "fc.weight"):
+    for key in (
+        "roi_heads.box_predictor.cls_score.weight",  # Faster/Mask/Keypoint R-CNN
+        "fc.weight",  # ResNet, RegNet, GoogLeNet
+        "classifier.weight",  # DenseNet
+        "heads.head.weight",  # ViT
+        "head.weight",  # Swin
+    ):
         w = state.get(key)
         if isinstance(w, torch.Tensor):
             return int(w.shape[0])
@@ -246,11 +252,25 @@ def infer_num_classes(state: dict[str, torch.Tensor], arch: str = "") -> int | N
     if isinstance(logits, torch.Tensor):  # RetinaNet: 9 anchors per location, FCOS: 1
         anchors = 9 if arch.startswith("retinanet") else 1
         return int(logits.shape[0]) // anchors
+    if arch.startswith("ssd"):  # first level: (anchors * classes) output channels
+        first = [
+            k
+            for k in state
+            if k.startswith("head.classification_head.module_list.0.")
+            and k.endswith("weight")
+            and state[k].dim() == 4
+        ]
+        if first:
+            anchors = 4 if arch.startswith("ssd300") else 6
+            return int(state[sorted(first)[-1]].shape[0]) // anchors
     classifier = [
-        k for k in state if re.fullmatch(r"classifier\.\d+\.weight", k) and state[k].dim() == 2
+        k
+        for k in state
+        if re.fullmatch(r"classifier\.\d+(\.\d+)?\.weight", k) and state[k].dim() in (2, 4)
     ]
     if classifier:
-        return int(state[max(classifier, key=lambda k: int(k.split(".")[1]))].shape[0])
+        last = max(classifier, key=lambda k: [int(p) for p in k.split(".")[1:-1]])
+        return int(state[last].shape[0])
     return None
 
 
@@ -300,8 +320,20 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, pat
             parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
         if mismatched:
             parts.append(f"{len(mismatched)} shapes differ, e.g. {'; '.join(mismatched[:2])}")
+        head_only = (
+            not missing
+            and not unexpected
+            and all(
+                any(h in m for h in ("predictor", "classif", "head", "fc.", "cls"))
+                for m in mismatched
+            )
+        )
+        hint = (
+            "Only the classification layer differs: pass num_classes= to match the checkpoint."
+            if head_only
+            else "Pass the architecture it was saved from (--arch / arch=)."
+        )
         raise ValueError(
-            f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. "
-            "Pass the architecture it was saved from (--arch / arch=)."
+            f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. {hint}"
         )
     model.load_state_dict(state)

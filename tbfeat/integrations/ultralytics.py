@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..images import ImageLike
+from ..images import ImageLike, unique_names
 from ..stages import Stage, sanitize
 
 if TYPE_CHECKING:
@@ -97,11 +97,14 @@ def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Ten
     from ultralytics.data.augment import LetterBox
 
     name = None
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"a probe tensor must be (C, H, W), got shape {tuple(image.shape)}")
-        return image.float(), None
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, torch.Tensor):  # RGB (3, H, W) in [0, 1], letterboxed like the rest
+        if image.dim() != 3 or image.shape[0] != 3 or image.is_complex():
+            raise ValueError(
+                f"a probe tensor must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}"
+            )
+        rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+        bgr = np.ascontiguousarray(rgb.cpu().numpy()[:, :, ::-1])
+    elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {str(path)!r}")
@@ -112,9 +115,15 @@ def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Ten
     elif isinstance(image, Image.Image):
         bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
     elif isinstance(image, np.ndarray):
-        bgr = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-        if bgr.dtype != np.uint8:
-            raise TypeError(f"a probe array must be uint8 BGR (H, W, 3), got dtype {bgr.dtype}")
+        if image.dtype != np.uint8:
+            raise TypeError(f"a probe array must be uint8 BGR (H, W, 3), got dtype {image.dtype}")
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or 0 in image.shape:
+            raise ValueError(
+                f"a probe array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}"
+            )
+        bgr = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
     else:
         raise TypeError(
             "a probe image must be a path, a PIL image, a BGR array or a tensor, "
@@ -142,13 +151,23 @@ class UltralyticsAdapter(ModelAdapter):
     """Stages and callbacks for an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
 
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
-        super().__init__(module)
         self.wrapper = wrapper
+        super().__init__(module)
         self._registered: list[tuple[str, Any]] = []
         self._probes: tuple[int, list[torch.Tensor], list[str]] | None = None
         self._in_batch = False
         self._owner: Any = None
         self._training = False
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapper's current model (``train()`` replaces it), else the bare model."""
+        current = getattr(self.wrapper, "model", None)
+        return current if isinstance(current, nn.Module) else self._module
+
+    @module.setter
+    def module(self, value: nn.Module) -> None:
+        self._module = value
 
     # -------------------------------------------------------------- stages
     def candidate_stages(self) -> list[Stage]:
@@ -194,7 +213,7 @@ class UltralyticsAdapter(ModelAdapter):
             names = [n if n is not None else str(i) for i, (_, n) in enumerate(boxed)]
         if len(names) != len(tensors):
             raise ValueError(f"got {len(names)} names for {len(tensors)} images")
-        return tensors, [sanitize(n) for n in names]
+        return tensors, unique_names([sanitize(n) for n in names])
 
     def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
         module = self.module if module is None else module
@@ -210,6 +229,7 @@ class UltralyticsAdapter(ModelAdapter):
         if self.wrapper is None:
             super().attach(logger)
             return
+        self._trainer_before = getattr(self.wrapper, "trainer", None)
         for event, fn in self.callbacks().items():
             self.wrapper.add_callback(event, fn)
             self._registered.append((event, fn))
@@ -240,7 +260,7 @@ class UltralyticsAdapter(ModelAdapter):
             "on_val_end": self.on_end,
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_train_epoch_end": self.on_train_epoch_end,
-            "on_train_end": self.on_train_end,
+            "teardown": self.on_teardown,
         }
 
     # -------------------------------------------------------------- predict / val
@@ -287,21 +307,26 @@ class UltralyticsAdapter(ModelAdapter):
         self._in_batch = False
 
     def on_end(self, owner: Any) -> None:
-        if self._owner is not owner:
-            return
+        if self._owner is owner:
+            self._end_capture()
+
+    def _end_capture(self) -> None:
         logger = self.logger
         logger.gate = None
         logger.remove_hooks()
         logger.finish_step()
         self._owner = None
+        self._in_batch = False
 
     # -------------------------------------------------------------- train
     def on_pretrain_routine_start(self, trainer: Any) -> None:
+        self._end_capture()  # a predict stopped half-way (stream=True, break) ends here
         self.logger._sink.use_default_logdir(trainer.save_dir)
         self._probes = None
         self._training = True
 
-    def on_train_end(self, trainer: Any) -> None:
+    def on_teardown(self, trainer: Any) -> None:
+        """Ultralytics runs ``teardown`` in a ``finally``: also after a failed train()."""
         self._training = False
 
     def on_train_epoch_end(self, trainer: Any) -> None:
@@ -339,7 +364,8 @@ class UltralyticsAdapter(ModelAdapter):
 
     def _warn_if_ddp_ran(self) -> None:
         trainer = getattr(self.wrapper, "trainer", None)
-        if trainer is not None and getattr(trainer, "ddp", False):
+        new = trainer is not getattr(self, "_trainer_before", None)
+        if new and trainer is not None and getattr(trainer, "ddp", False):
             import warnings
 
             warnings.warn(
