@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -94,6 +95,8 @@ class FeatureLogger:
         self.images = images
         self._sink = EventSink(logdir, writer)
         self._installed: tuple[list[Stage], nn.Module | None] | None = None
+        # a logger dropped without close() still drains and closes what it created
+        self._finalizer = weakref.finalize(self, self._sink.close)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._depth = 0
         self._attached = False
@@ -170,10 +173,7 @@ class FeatureLogger:
                 self.adapter.detach(self)
         finally:
             self.remove_hooks()
-            self.finish_step()
-            # Write everything, and release the writer thread and event file; entering
-            # again opens a new event file in the same run folder.
-            self._sink.close()
+            self.flush()
 
     def at(self, step: int) -> FeatureLogger:
         """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""

@@ -157,7 +157,6 @@ class UltralyticsAdapter(ModelAdapter):
         self._probes: tuple[int, list[torch.Tensor], list[str]] | None = None
         self._in_batch = False
         self._owner: Any = None
-        self._training = False
 
     @property
     def module(self) -> nn.Module:
@@ -241,7 +240,6 @@ class UltralyticsAdapter(ModelAdapter):
                 fns.remove(fn)
         self._registered = []
         self._in_batch = False
-        self._training = False
         logger.gate = None
         logger.remove_hooks()
         self._warn_if_ddp_ran()
@@ -260,7 +258,6 @@ class UltralyticsAdapter(ModelAdapter):
             "on_val_end": self.on_end,
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_train_epoch_end": self.on_train_epoch_end,
-            "teardown": self.on_teardown,
         }
 
     # -------------------------------------------------------------- predict / val
@@ -292,7 +289,8 @@ class UltralyticsAdapter(ModelAdapter):
         self._in_batch = True
 
     def on_val_start(self, validator: Any) -> None:
-        if self._training or getattr(validator, "training", False):
+        trainer = getattr(self.wrapper, "trainer", None)
+        if getattr(validator, "training", False) or validator is getattr(trainer, "validator", 0):
             return  # validation inside train(), final_eval too: the epoch-end probe covers it
         self._start(validator, _validator_model(validator) or self.wrapper.model)
         dataset = getattr(validator.dataloader, "dataset", None)
@@ -323,11 +321,6 @@ class UltralyticsAdapter(ModelAdapter):
         self._end_capture()  # a predict stopped half-way (stream=True, break) ends here
         self.logger._sink.use_default_logdir(trainer.save_dir)
         self._probes = None
-        self._training = True
-
-    def on_teardown(self, trainer: Any) -> None:
-        """Ultralytics runs ``teardown`` in a ``finally``: also after a failed train()."""
-        self._training = False
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         logger = self.logger
