@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -350,10 +349,10 @@ def run_board(logdir: Path, port: int) -> int:
         f"images={ALL_STEPS}",
     ]
     print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    sys.stderr.flush()
+    # Become TensorBoard: signals (Ctrl-C, a terminate) reach it directly, no orphan left.
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
 
 
 def cmd_board(args: argparse.Namespace) -> int:

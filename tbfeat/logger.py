@@ -16,7 +16,7 @@ from torch import nn
 from .adapters import adapt
 from .images import ImageLike
 from .options import LogOptions
-from .render import feature_grid, select_channels
+from .render import feature_tiles, select_channels
 from .stages import Stage, StageSpec, resolve_stages, sanitize
 from .stats import RunningStats
 from .writer import EventSink, StepBundle
@@ -102,7 +102,6 @@ class FeatureLogger:
         self._attached = False
         self._names: list[str] = []
         self._pending: dict[str, RunningStats] = {}
-        self._grids: list[tuple[str, Any]] = []
         self._counts: dict[str, int] = {}
         self._active_step: int | None = None
         self._channels: dict[str, torch.Tensor] = {}
@@ -388,22 +387,16 @@ class FeatureLogger:
         opts = self.options
         channels = self._channels.get(base)
         if channels is None or int(channels.max()) >= x.shape[1]:
-            channels = select_channels(x, opts.max_channels, opts.channels)
+            channels = select_channels(x, opts.max_channels, opts.channels).cpu()
             self._channels[base] = channels
-        grids = (
-            feature_grid(
-                x,
-                channels.to(x.device),
-                tile=opts.tile,
-                ncols=opts.ncols,
-                normalize=opts.normalize,
-            )
-            .cpu()
-            .numpy()
-        )
-        for i, grid in enumerate(grids):
-            if grid.size:
-                self._grids.append((f"features/{base}/{self._image_name(offset + i)}", grid))
+        tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
+        tiles = tiles.cpu().numpy()  # small: the quantized tiles; laid out by the writer thread
+        images = [
+            (f"features/{base}/{self._image_name(offset + i)}", t)
+            for i, t in enumerate(tiles)
+            if t.size
+        ]
+        self._sink.images(self._step, images, opts.cmap, opts.ncols)
 
     def _image_name(self, position: int) -> str:
         return self._names[position] if position < len(self._names) else str(position)
@@ -414,13 +407,13 @@ class FeatureLogger:
         The step is written and flushed in the background; :meth:`flush` waits for it.
         """
         pending, self._pending = self._pending, {}
-        grids, self._grids = self._grids, []
-        step = self._active_step if self._active_step is not None else self._step
+        captured = self._active_step is not None
+        step = self._active_step if captured else self._step
         self._counts.clear()
         self._names = []
         self._active_step = None
         opts = self.options
-        bundle = StepBundle(step=step, cmap=opts.cmap, images=grids)
+        bundle = StepBundle(step=step, cmap=opts.cmap)
         for base, stats in pending.items():
             try:
                 summary = stats.summary()
@@ -437,7 +430,8 @@ class FeatureLogger:
                     f"tbfeat: statistics of stage {base} were not logged: {type(e).__name__}: {e}",
                     warn=True,
                 )
-        self._sink.submit(bundle)
+        if captured:
+            self._sink.submit(bundle)
 
     def flush(self) -> None:
         """End the current step and block until everything logged is on disk."""

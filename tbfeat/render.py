@@ -62,12 +62,16 @@ def palette(cmap: str = "viridis") -> np.ndarray:
     return pal
 
 
+def pool_factor(height: int, width: int, tile: int) -> int:
+    """The integer area-pooling factor that brings the larger side to at most ``tile``."""
+    return max(1, math.ceil(max(height, width) / tile))
+
+
 def tile_size(height: int, width: int, tile: int) -> tuple[int, int]:
-    """Size of one tile: the map itself, or area-pooled so that its larger side is ``tile``."""
-    if max(height, width) <= tile:
-        return height, width
-    scale = tile / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    """Size of one tile: the map itself, or area-pooled by an integer factor ``k`` (the
+    smallest that makes the larger side at most ``tile``), ``ceil(side / k)``."""
+    k = pool_factor(height, width, tile)
+    return math.ceil(height / k), math.ceil(width / k)
 
 
 def select_channels(fmap: torch.Tensor, max_channels: int, how: str = "first") -> torch.Tensor:
@@ -106,14 +110,16 @@ def feature_grid(
             It is not modified.
         channels: Channel indices to show, in order; default the first ``max_channels``.
         max_channels: Channels shown when ``channels`` is not given.
-        tile: Largest side of a tile; larger maps are area-pooled (``mode="area"``).
+        tile: Largest side of a tile; larger maps are average-pooled by the smallest
+            integer factor that fits (:func:`tile_size`).
         ncols: Tiles per row; rows have 1 px separators between them.
         normalize: ``"channel"`` (each tile to its own min/max) or ``"stage"`` (one
             min/max over all shown tiles of an image).
 
     Returns:
-        ``uint8`` tensor ``(N, rows*(th+1)-1, cols*(tw+1)-1)`` (``(H', W')`` for 3-D input)
-        on ``fmap``'s device, holding palette indices (see :func:`palette`).
+        ``uint8`` CPU tensor ``(N, rows*(th+1)-1, cols*(tw+1)-1)`` (``(H', W')`` for 3-D
+        input) holding palette indices (see :func:`palette`). Everything up to the small
+        quantized tiles runs on ``fmap``'s device (:func:`feature_tiles`).
 
     Example:
         >>> import torch
@@ -121,11 +127,36 @@ def feature_grid(
         >>> feature_grid(torch.rand(1, 16, 20, 20), ncols=8).shape
         torch.Size([1, 41, 167])
     """
+    squeeze = isinstance(fmap, torch.Tensor) and fmap.dim() == 3
+    if not isinstance(ncols, int) or isinstance(ncols, bool) or ncols < 1:
+        raise ValueError(f"ncols must be an int >= 1, got {ncols!r}")
+    tiles = feature_tiles(
+        fmap.unsqueeze(0) if squeeze else fmap,
+        channels,
+        max_channels=max_channels,
+        tile=tile,
+        normalize=normalize,
+    )
+    grid = torch.from_numpy(layout(tiles.cpu().numpy(), ncols))
+    return grid[0] if squeeze else grid
+
+
+@torch.no_grad()
+def feature_tiles(
+    fmap: torch.Tensor,
+    channels: Sequence[int] | torch.Tensor | None = None,
+    *,
+    max_channels: int = 32,
+    tile: int = 128,
+    normalize: str = "channel",
+) -> torch.Tensor:
+    """The device part of :func:`feature_grid`: ``(N, C', th, tw)`` uint8 palette indices.
+
+    Selects the channels (a view when they are the first ones), average-pools by an
+    integer factor to at most ``tile`` px and quantizes; ``fmap`` is not modified.
+    """
     if not isinstance(fmap, torch.Tensor):
         raise TypeError(f"fmap must be a torch.Tensor, got {type(fmap).__name__}")
-    squeeze = fmap.dim() == 3
-    if squeeze:
-        fmap = fmap.unsqueeze(0)
     if fmap.dim() != 4:
         raise ValueError(
             f"fmap must have 3 (C, H, W) or 4 (N, C, H, W) dims, got shape {tuple(fmap.shape)}"
@@ -134,40 +165,57 @@ def feature_grid(
         raise TypeError(f"fmap must hold real numbers, got dtype {fmap.dtype}")
     if normalize not in ("channel", "stage"):
         raise ValueError(f"normalize must be 'channel' or 'stage', got {normalize!r}")
-    for name, value in (("max_channels", max_channels), ("tile", tile), ("ncols", ncols)):
-        if not isinstance(value, int) or value < 1:
+    for name, value in (("max_channels", max_channels), ("tile", tile)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     n, c, h, w = fmap.shape
     if channels is None:
-        channels = torch.arange(min(c, max_channels), device=fmap.device)
+        channels = torch.arange(min(c, max_channels))
     else:
-        channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+        channels = torch.as_tensor(channels, dtype=torch.long).reshape(-1).cpu()
         if channels.numel() and (int(channels.min()) < 0 or int(channels.max()) >= c):
             raise ValueError(f"channels must be indices in 0..{c - 1}, got {channels.tolist()[:8]}")
-        channels = channels.to(fmap.device)
     nshow = int(channels.numel())
     th, tw = tile_size(h, w, tile)
     if n == 0 or nshow == 0 or h == 0 or w == 0:
-        out = torch.empty((n, 0, 0), dtype=torch.uint8, device=fmap.device)
+        return torch.empty((n, nshow, 0, 0), dtype=torch.uint8, device=fmap.device)
+    x = fmap.detach()
+    if torch.equal(channels, torch.arange(nshow)):
+        x = x.narrow(1, 0, nshow)  # the first channels: a view, no copy
+    else:
+        x = x.index_select(1, channels.to(fmap.device))
+    x = x.float()
+    k = pool_factor(h, w, tile)
+    if k > 1:  # integer windows: a plain, fast average pool (edge windows average what's there)
+        x = F.avg_pool2d(x, kernel_size=k, stride=k, ceil_mode=True)
+    # min/max over (H, W) are far faster in NCHW than in the channels-last layout that
+    # CPU convolutions return; the tiles are small by now
+    x = x.contiguous()
+    return quantize(x, dims=(2, 3) if normalize == "channel" else (1, 2, 3))
+
+
+def layout(tiles: np.ndarray, ncols: int = 8) -> np.ndarray:
+    """Arrange ``(N, C, th, tw)`` (or ``(C, th, tw)``) uint8 tiles into grids, ``ncols``
+    per row, separated by 1 px of :data:`SEPARATOR_INDEX`: ``(N, H, W)`` (or ``(H, W)``)."""
+    squeeze = tiles.ndim == 3
+    if squeeze:
+        tiles = tiles[None]
+    n, c, th, tw = tiles.shape
+    if c == 0 or th == 0 or tw == 0:
+        out = np.empty((n, 0, 0), dtype=np.uint8)
         return out[0] if squeeze else out
-
-    x = fmap.detach().index_select(1, channels).float()
-    if (th, tw) != (h, w):
-        x = F.interpolate(x, size=(th, tw), mode="area")
-    idx = quantize(x, dims=(2, 3) if normalize == "channel" else (1, 2, 3))
-
-    cols = min(ncols, nshow)
-    rows = math.ceil(nshow / cols)
-    canvas = torch.full(
-        (n, rows * cols, th + 1, tw + 1), SEPARATOR_INDEX, dtype=torch.uint8, device=x.device
-    )
-    canvas[:, :nshow, :th, :tw] = idx
-    grid = (
-        canvas.view(n, rows, cols, th + 1, tw + 1)
-        .permute(0, 1, 3, 2, 4)
-        .reshape(n, rows * (th + 1), cols * (tw + 1))[:, :-1, :-1]
-        .contiguous()
-    )
+    cols = min(ncols, c)
+    rows = math.ceil(c / cols)
+    canvas = np.full((n, rows, th + 1, cols, tw + 1), SEPARATOR_INDEX, np.uint8)
+    cells = canvas[:, :, :th, :, :tw]  # (n, rows, th, cols, tw) view of the tile cells
+    full, rest = divmod(c, cols)
+    if full:
+        cells[:, :full] = tiles[:, : full * cols].reshape(n, full, cols, th, tw).transpose(
+            0, 1, 3, 2, 4
+        )
+    if rest:
+        cells[:, full, :, :rest] = tiles[:, full * cols :].transpose(0, 2, 1, 3)
+    grid = canvas.reshape(n, rows * (th + 1), cols * (tw + 1))[:, :-1, :-1]
     return grid[0] if squeeze else grid
 
 
@@ -179,12 +227,11 @@ def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     the values' magnitude (a constant tile maps to index 0); NaN and Inf become
     :data:`NONFINITE_INDEX`. ``x`` is not modified.
     """
-    finite = torch.isfinite(x)
-    all_finite = bool(finite.all())
-    if all_finite:
-        lo = x.amin(dim=dims, keepdim=True)
-        hi = x.amax(dim=dims, keepdim=True)
-    else:
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    all_finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())  # NaN propagates
+    if not all_finite:
+        finite = torch.isfinite(x)
         inf = torch.tensor(float("inf"), device=x.device)
         lo = torch.where(finite, x, inf).amin(dim=dims, keepdim=True)
         hi = torch.where(finite, x, -inf).amax(dim=dims, keepdim=True)
@@ -194,7 +241,7 @@ def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         x, lo, hi = x.double(), lo.double(), hi.double()
     eps = torch.maximum(lo.abs(), hi.abs()) * _REL_EPS
     span = torch.maximum(hi - lo, eps).clamp_min(torch.finfo(torch.float32).tiny)
-    v = ((x - lo) / span).clamp_(0.0, 1.0).mul_(LEVELS - 1).round_()
+    v = ((x - lo) / span).clamp_(0.0, 1.0).mul_(LEVELS - 1).round_()  # x itself is untouched
     if not all_finite:
         v = torch.where(finite, v, torch.full_like(v, NONFINITE_INDEX))
     return v.to(torch.uint8)

@@ -19,6 +19,9 @@ STAT_NAMES = (
 )
 """Scalars written under ``stats/<NN>_<Type>/<name>``."""
 
+HIST_SAMPLE = 16384
+"""Histograms bin every ``ceil``-th value so that at most about this many are binned."""
+
 
 @dataclass(frozen=True)
 class StatsSummary:
@@ -68,21 +71,25 @@ class RunningStats:
 
     def __init__(self, bins: int = 64) -> None:
         self.bins = bins
-        self._chunks: list[torch.Tensor] = []
+        self._rows: list[list[float]] = []
+        self._counts: list[torch.Tensor] = []
         self._hists: list[torch.Tensor] = []
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self._rows)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add the values of ``x`` (any shape, any real dtype); ``x`` is not modified.
 
-        A handful of single passes over the values (min/max, sum, centred sum of squares,
-        zero and negative counts, histogram) and one device-to-host read of two numbers;
-        the NaN/Inf filter runs only when min/max show that there are such values.
+        Exact statistics from a few fast passes (min/max, sum, sum of squares, zero and
+        negative counts; the counts are skipped when min/max already decide them, and a
+        centred second pass runs only when the mean dwarfs the spread). The histogram
+        bins a fixed-size strided sample of :data:`HIST_SAMPLE` values between the exact
+        min and max, its counts scaled to the number of values. NaN/Inf are filtered
+        out only when min/max show there are some. One device-to-host read per call.
         """
-        flat = x.detach().reshape(-1)
+        flat = flat_view(x.detach())
         if flat.dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16):
             flat = flat.float()
         elif not flat.is_floating_point():  # int32/int64: float32 would round large values
@@ -91,52 +98,59 @@ class RunningStats:
         if numel == 0:
             return
         lo, hi = torch.aminmax(flat)
-        lo_f, hi_f = torch.stack([lo, hi]).tolist()
+        total, squares = flat.sum(), torch.dot(flat, flat)
+        lo_f, hi_f, sum_f, sq_f = torch.stack([lo, hi, total, squares]).tolist()
         if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN propagates into min/max
             flat = flat[torch.isfinite(flat)]
             if flat.numel() == 0:
-                nan = torch.tensor(float("nan"), dtype=torch.float64, device=flat.device)
-                zero = torch.zeros((), dtype=torch.float64, device=flat.device)
-                row = torch.stack([zero, zero + numel, nan, nan, nan, nan, zero, zero])
-                self._chunks.append(row)
+                self._rows.append([0.0, float(numel), math.nan, math.nan, math.nan, math.nan])
+                self._counts.append(torch.zeros(2, dtype=torch.float64, device=flat.device))
                 self._hists.append(torch.zeros(self.bins, device=flat.device))
                 return
             lo, hi = torch.aminmax(flat)
-            lo_f, hi_f = torch.stack([lo, hi]).tolist()
+            total, squares = flat.sum(), torch.dot(flat, flat)
+            lo_f, hi_f, sum_f, sq_f = torch.stack([lo, hi, total, squares]).tolist()
         n = flat.numel()
-        mean = flat.sum() / n
-        centred = flat - mean
-        m2 = torch.dot(centred, centred)
-        zeros = n - torch.count_nonzero(flat)
-        negatives = torch.count_nonzero(flat.lt(0))
-        if flat.dtype == torch.float64 and max(abs(lo_f), abs(hi_f)) > 1e38:
-            # beyond float32: bin positions scaled into range, counts unchanged
-            scale = max(abs(lo_f), abs(hi_f))
-            hist = torch.histc((flat / scale).float(), self.bins, lo_f / scale, hi_f / scale)
+        mean = sum_f / n
+        m2 = sq_f - sum_f * mean
+        if not math.isfinite(sq_f) or m2 < 1e-3 * sq_f:  # cancellation: centre first
+            centred = flat - mean
+            m2 = float(torch.dot(centred, centred))
+            if not math.isfinite(m2):  # beyond float32 even centred
+                centred = flat.double() - mean
+                m2 = float(torch.dot(centred, centred))
+        zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+        zeros = zero if (lo_f > 0 or hi_f < 0) else n - torch.count_nonzero(flat)
+        if lo_f >= 0:
+            negatives = zero
+        elif hi_f < 0:
+            negatives = zero + n
         else:
-            hist = torch.histc(flat.float(), bins=self.bins, min=lo_f, max=hi_f)
-        row = torch.stack(
-            [
-                torch.tensor(float(n), dtype=torch.float64, device=flat.device),
-                torch.tensor(float(numel - n), dtype=torch.float64, device=flat.device),
-                mean.to(torch.float64),
-                m2.to(torch.float64),
-                lo.to(torch.float64),
-                hi.to(torch.float64),
-                zeros.to(torch.float64),
-                negatives.to(torch.float64),
-            ]
+            negatives = torch.count_nonzero(flat.lt(0))
+        step = max(1, n // HIST_SAMPLE)
+        sample = flat[::step]
+        scale = max(abs(lo_f), abs(hi_f), 1.0) if max(abs(lo_f), abs(hi_f)) > 1e38 else 1.0
+        hist = torch.histc(
+            (sample / scale).float() if scale != 1.0 else sample.float(),
+            self.bins,
+            lo_f / scale,
+            hi_f / scale,
         )
-        self._chunks.append(row)
+        if sample.numel() != n:
+            hist = hist * (n / sample.numel())
+        self._rows.append([float(n), float(numel - n), mean, max(m2, 0.0), lo_f, hi_f])
+        self._counts.append(torch.stack([zeros.to(torch.float64), negatives.to(torch.float64)]))
         self._hists.append(hist)
 
     def summary(self) -> StatsSummary | None:
         """Merge what was added into a :class:`StatsSummary`; ``None`` if nothing was."""
-        if not self._chunks:
+        if not self._rows:
             return None
-        rows = torch.stack(self._chunks).cpu().numpy()
+        rows = np.asarray(self._rows, dtype=np.float64)
+        counts = torch.stack(self._counts).cpu().numpy()
         hists = torch.stack(self._hists).cpu().to(torch.float64).numpy()
-        n, nonfinite, means, m2s, los, his, zeros, negs = rows.T
+        n, nonfinite, means, m2s, los, his = rows.T
+        zeros, negs = counts.T
         total = float(n.sum())
         nonfinite_count = int(round(float(nonfinite.sum())))
         if total == 0:
@@ -164,6 +178,18 @@ class RunningStats:
             hist_edges=edges,
             hist_counts=counts,
         )
+
+
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """All values of ``x`` as a 1-D tensor, in memory order: a view, not a copy, for
+    contiguous and channels-last tensors (what convolutions on a CPU often return)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
 
 
 def _merge_histograms(

@@ -14,6 +14,7 @@ until everything submitted is on disk, and interpreter exit drains every open si
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import queue
 import threading
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import _crc
+from .render import layout
 
 
 def global_rank() -> int:
@@ -47,11 +49,13 @@ class StepBundle:
     step: int
     cmap: str = "viridis"
     images: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    """(tag, palette-index grid ``(H, W)`` or tiles ``(C, th, tw)``)."""
     scalars: list[tuple[str, float]] = field(default_factory=list)
     histograms: list[tuple[str, Any]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.images or self.scalars or self.histograms)
+    ncols: int = 8
+    """Tiles per row for entries of ``images`` that are ``(C, th, tw)`` tiles."""
+    final: bool = True
+    """False for grids sent ahead while the step still runs; True ends the step."""
 
 
 _OPEN_SINKS: weakref.WeakSet[EventSink] = weakref.WeakSet()
@@ -71,14 +75,15 @@ class EventSink:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (or any object with its
             ``add_scalar``/``add_histogram_raw``/``add_image``/``flush`` methods) to use
             instead; it is flushed, never closed.
-        max_pending: Steps that may wait for the background thread before ``submit`` blocks.
+        max_pending: Queue entries (a stage's grids, or a finished step) that may wait for
+            the background thread before the caller blocks.
     """
 
     def __init__(
         self,
         logdir: str | os.PathLike | None = None,
         writer: Any = None,
-        max_pending: int = 4,
+        max_pending: int = 64,
     ) -> None:
         if writer is not None and logdir is not None:
             raise ValueError("pass either logdir or writer, not both")
@@ -101,6 +106,7 @@ class EventSink:
         self._queue: queue.Queue[StepBundle | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._warned: set[str] = set()
+        self._pending: dict[int, list[Any]] = {}
         _crc.install()
         self.steps_written = 0
         """Steps whose events were written and flushed (read it after :meth:`wait`)."""
@@ -145,14 +151,29 @@ class EventSink:
             self.logdir = logdir
 
     # ---------------------------------------------------------------- queue
-    def submit(self, bundle: StepBundle) -> None:
-        """Queue a finished step; the background thread encodes, writes and flushes it."""
-        if not self.enabled or not bundle:
-            return
+    def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="tbfeat-writer", daemon=True)
             self._thread.start()
             _OPEN_SINKS.add(self)
+
+    def images(
+        self, step: int, images: list[tuple[str, np.ndarray]], cmap: str, ncols: int = 8
+    ) -> None:
+        """Queue grids (or ``(C, th, tw)`` tiles to lay out ``ncols`` per row) of a step
+        that is still running; the thread encodes them at once, overlapping the rest of
+        the forward, and keeps them for the step's event."""
+        if not self.enabled or not images:
+            return
+        self._ensure_thread()
+        bundle = StepBundle(step=step, cmap=cmap, images=images, ncols=ncols, final=False)
+        self._queue.put(bundle)
+
+    def submit(self, bundle: StepBundle) -> None:
+        """Queue a finished step; the background thread writes it as one event and flushes."""
+        if not self.enabled:
+            return
+        self._ensure_thread()
         self._queue.put(bundle)
 
     def wait(self) -> None:
@@ -161,6 +182,10 @@ class EventSink:
             self._queue.join()
 
     def _run(self) -> None:
+        # yield the CPU to the training/inference threads; use what they leave idle
+        # (Linux; elsewhere, or when not permitted, the thread keeps normal priority)
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             bundle = self._queue.get()
             try:
@@ -175,54 +200,68 @@ class EventSink:
                 self._queue.task_done()
 
     def write(self, bundle: StepBundle) -> None:
-        """Encode and write one step as a single event, then flush (background thread)."""
-        from .render import colorize, encode_png
+        """Encode a bundle's grids; for a final bundle, write the step as one event and
+        flush (background thread)."""
+        pending = self._pending.setdefault(bundle.step, [])
+        raw = getattr(self.writer, "_get_file_writer", None) is not None
+        for tag, indices in bundle.images:
+            try:
+                if indices.ndim == 3:
+                    indices = layout(indices, bundle.ncols)
+                pending.append(
+                    self._image_value(tag, indices, bundle.cmap)
+                    if raw
+                    else (tag, indices, bundle.cmap)
+                )
+            except Exception as e:
+                self._warn(f"image:{tag}", f"image {tag} was not written: {type(e).__name__}: {e}")
+        if not bundle.final:
+            return
+        images = self._pending.pop(bundle.step)
+        if not (images or bundle.scalars or bundle.histograms):
+            return
+        writer, step = self.writer, bundle.step
+        if not raw:  # a writer without torch's raw access: its public API
+            from .render import colorize
 
-        writer = self.writer
-        step = bundle.step
-        get_file_writer = getattr(writer, "_get_file_writer", None)
-        if get_file_writer is None:  # a writer without torch's raw access: its public API
-            for tag, indices in bundle.images:
-                rgb = colorize(indices, bundle.cmap)
-                writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+            for tag, indices, cmap in images:
+                writer.add_image(tag, colorize(indices, cmap), global_step=step, dataformats="HWC")
             for tag, value in bundle.scalars:
                 writer.add_scalar(tag, value, global_step=step)
             for tag, stats in bundle.histograms:
                 writer.add_histogram_raw(tag, global_step=step, **_histogram_args(stats))
-            writer.flush()
-            self.steps_written += 1
-            return
-        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+        else:
+            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-        values = []
-        for tag, indices in bundle.images:
-            try:
-                height, width = indices.shape
-                png = encode_png(indices, bundle.cmap)
-            except Exception as e:
-                self._warn(f"image:{tag}", f"image {tag} was not written: {type(e).__name__}: {e}")
-                continue
-            image = Summary.Image(
-                height=height, width=width, colorspace=3, encoded_image_string=png
-            )
-            values.append(Summary.Value(tag=tag, image=image))
-        for tag, value in bundle.scalars:
-            values.append(Summary.Value(tag=tag, simple_value=float(value)))
-        for tag, stats in bundle.histograms:
-            args = _histogram_args(stats)
-            histo = HistogramProto(
-                min=args["min"],
-                max=args["max"],
-                num=args["num"],
-                sum=args["sum"],
-                sum_squares=args["sum_squares"],
-                bucket_limit=args["bucket_limits"],
-                bucket=args["bucket_counts"],
-            )
-            values.append(Summary.Value(tag=tag, histo=histo))
-        get_file_writer().add_summary(Summary(value=values), step)
+            values = list(images)
+            for tag, value in bundle.scalars:
+                values.append(Summary.Value(tag=tag, simple_value=float(value)))
+            for tag, stats in bundle.histograms:
+                args = _histogram_args(stats)
+                histo = HistogramProto(
+                    min=args["min"],
+                    max=args["max"],
+                    num=args["num"],
+                    sum=args["sum"],
+                    sum_squares=args["sum_squares"],
+                    bucket_limit=args["bucket_limits"],
+                    bucket=args["bucket_counts"],
+                )
+                values.append(Summary.Value(tag=tag, histo=histo))
+            writer._get_file_writer().add_summary(Summary(value=values), step)
         writer.flush()
         self.steps_written += 1
+
+    @staticmethod
+    def _image_value(tag: str, indices: np.ndarray, cmap: str) -> Any:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from .render import encode_png
+
+        height, width = indices.shape
+        png = encode_png(indices, cmap)
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        return Summary.Value(tag=tag, image=image)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

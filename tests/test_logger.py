@@ -342,7 +342,7 @@ def test_a_failing_stage_warns_once_and_never_breaks_the_forward(tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("render failed")
 
-    monkeypatch.setattr(core, "feature_grid", broken)
+    monkeypatch.setattr(core, "feature_tiles", broken)
     model = small_net().eval()
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
