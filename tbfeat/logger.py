@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,20 @@ from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
 log = logging.getLogger("tbfeat")
+
+MAX_INFLIGHT_BYTES = 256 * 2**20
+"""Activation bytes that may wait for the writer thread; beyond, captures run inline."""
+
+
+@dataclass
+class _Capture:
+    """One stage output to summarize and draw, for the writer thread or inline."""
+
+    base: str
+    step: int
+    x: Any
+    stats: RunningStats | None
+    tags: list[str] | None
 
 
 class FeatureLogger:
@@ -109,6 +125,8 @@ class FeatureLogger:
         self._closed = False
         self._forward_id = 0
         self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
         self.gate: Callable[[], bool] | None = None
         """Integrations set a predicate; hooks capture only while it returns True."""
 
@@ -370,33 +388,70 @@ class FeatureLogger:
                 continue
             self._counts[base] = done + k
             x = t[:k].detach()
+            stats = None
             if opts.stats or opts.histograms:
                 stats = self._pending.get(base)
                 if stats is None:
                     stats = self._pending[base] = RunningStats(opts.hist_bins)
-                stats.update(x)
+            tags = None
             if x.dim() == 4 and opts.grids:
-                self._write_grids(base, x, done)
+                tags = [f"features/{base}/{self._image_name(done + i)}" for i in range(k)]
+            self._dispatch(_Capture(base, self._step, x, stats, tags))
         if not found:
             self._note(
                 f"skip:{stage.key}",
                 f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
             )
 
-    def _write_grids(self, base: str, x: torch.Tensor, offset: int) -> None:
-        opts = self.options
-        channels = self._channels.get(base)
-        if channels is None or int(channels.max()) >= x.shape[1]:
-            channels = select_channels(x, opts.max_channels, opts.channels).cpu()
-            self._channels[base] = channels
-        tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
-        tiles = tiles.cpu().numpy()  # small: the quantized tiles; laid out by the writer thread
-        images = [
-            (f"features/{base}/{self._image_name(offset + i)}", t)
-            for i, t in enumerate(tiles)
-            if t.size
-        ]
-        self._sink.images(self._step, images, opts.cmap, opts.ncols)
+    def _dispatch(self, job: _Capture) -> None:
+        """Process a capture on the writer thread, overlapping the rest of the forward, or
+        here when the copies waiting for that thread would exceed
+        :data:`MAX_INFLIGHT_BYTES`.
+
+        The writer thread works on a copy: a later layer may change the output in place
+        (``ReLU(inplace=True)`` after a ``BatchNorm``), and the copy costs one memory pass
+        against the several that statistics and tiles take.
+        """
+        x = job.x
+        nbytes = x.numel() * x.element_size()
+        with self._inflight_lock:
+            defer = self._inflight + nbytes <= MAX_INFLIGHT_BYTES
+            if defer:
+                self._inflight += nbytes
+        if not defer:
+            self._process(job, deferred=False)
+            return
+        job.x = x.clone()
+        self._sink.call(self._process, job, True)
+
+    def _process(self, job: _Capture, deferred: bool) -> None:
+        """Statistics and channel tiles of one capture (writer thread, or inline)."""
+        x = job.x
+        try:
+            with torch.no_grad():
+                if job.stats is not None:
+                    job.stats.update(x)
+                if job.tags is not None:
+                    opts = self.options
+                    channels = self._channels.get(job.base)
+                    if channels is None or int(channels.max()) >= x.shape[1]:
+                        channels = select_channels(x, opts.max_channels, opts.channels).cpu()
+                        self._channels[job.base] = channels
+                    tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
+                    tiles = tiles.cpu().numpy()
+                    images = [(tag, t) for tag, t in zip(job.tags, tiles, strict=True) if t.size]
+                    self._sink.images(job.step, images, opts.cmap, opts.ncols)
+        except Exception as e:  # a stage that fails to log must never break anything
+            self._note(
+                f"error:{job.base}:{type(e).__name__}",
+                f"tbfeat: stage {job.base} was not logged: {type(e).__name__}: {e}",
+                warn=True,
+            )
+        finally:
+            if deferred:
+                with self._inflight_lock:
+                    self._inflight -= x.numel() * x.element_size()
+            job.x = None
 
     def _image_name(self, position: int) -> str:
         return self._names[position] if position < len(self._names) else str(position)
@@ -412,6 +467,11 @@ class FeatureLogger:
         self._counts.clear()
         self._names = []
         self._active_step = None
+        if captured:
+            self._sink.call(self._write_step, step, pending)
+
+    def _write_step(self, step: int, pending: dict[str, RunningStats]) -> None:
+        """Summarize a finished step's statistics and write the step (writer thread)."""
         opts = self.options
         bundle = StepBundle(step=step, cmap=opts.cmap)
         for base, stats in pending.items():
@@ -430,8 +490,7 @@ class FeatureLogger:
                     f"tbfeat: statistics of stage {base} were not logged: {type(e).__name__}: {e}",
                     warn=True,
                 )
-        if captured:
-            self._sink.submit(bundle)
+        self._sink.submit(bundle)
 
     def flush(self) -> None:
         """End the current step and block until everything logged is on disk."""

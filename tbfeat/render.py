@@ -210,8 +210,8 @@ def layout(tiles: np.ndarray, ncols: int = 8) -> np.ndarray:
     cells = canvas[:, :, :th, :, :tw]  # (n, rows, th, cols, tw) view of the tile cells
     full, rest = divmod(c, cols)
     if full:
-        cells[:, :full] = tiles[:, : full * cols].reshape(n, full, cols, th, tw).transpose(
-            0, 1, 3, 2, 4
+        cells[:, :full] = (
+            tiles[:, : full * cols].reshape(n, full, cols, th, tw).transpose(0, 1, 3, 2, 4)
         )
     if rest:
         cells[:, full, :, :rest] = tiles[:, full * cols :].transpose(0, 2, 1, 3)

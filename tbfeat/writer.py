@@ -58,6 +58,12 @@ class StepBundle:
     """False for grids sent ahead while the step still runs; True ends the step."""
 
 
+@dataclass
+class _Task:
+    fn: Any
+    args: tuple[Any, ...]
+
+
 _OPEN_SINKS: weakref.WeakSet[EventSink] = weakref.WeakSet()
 
 
@@ -103,8 +109,9 @@ class EventSink:
         self._owns = writer is None
         self._auto = writer is None and logdir is None
         self._lock = threading.Lock()
-        self._queue: queue.Queue[StepBundle | None] = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue[StepBundle | _Task | None] = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
+        self._worker_ident: int | None = None
         self._warned: set[str] = set()
         self._pending: dict[int, list[Any]] = {}
         _crc.install()
@@ -165,13 +172,29 @@ class EventSink:
         the forward, and keeps them for the step's event."""
         if not self.enabled or not images:
             return
-        self._ensure_thread()
         bundle = StepBundle(step=step, cmap=cmap, images=images, ncols=ncols, final=False)
+        if threading.get_ident() == self._worker_ident:  # already on the writer thread
+            self.write(bundle)
+            return
+        self._ensure_thread()
         self._queue.put(bundle)
+
+    def call(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` on the writer thread, in order with everything queued."""
+        if not self.enabled:
+            return
+        if threading.get_ident() == self._worker_ident:
+            fn(*args)
+            return
+        self._ensure_thread()
+        self._queue.put(_Task(fn, args))
 
     def submit(self, bundle: StepBundle) -> None:
         """Queue a finished step; the background thread writes it as one event and flushes."""
         if not self.enabled:
+            return
+        if threading.get_ident() == self._worker_ident:
+            self.write(bundle)
             return
         self._ensure_thread()
         self._queue.put(bundle)
@@ -182,6 +205,7 @@ class EventSink:
             self._queue.join()
 
     def _run(self) -> None:
+        self._worker_ident = threading.get_ident()
         # yield the CPU to the training/inference threads; use what they leave idle
         # (Linux; elsewhere, or when not permitted, the thread keeps normal priority)
         with contextlib.suppress(AttributeError, OSError):
@@ -191,12 +215,15 @@ class EventSink:
             try:
                 if bundle is None:
                     return
-                self.write(bundle)
+                if isinstance(bundle, _Task):
+                    bundle.fn(*bundle.args)
+                else:
+                    self.write(bundle)
             except Exception as e:  # never let a write kill the thread or the training
-                self._warn(
-                    f"write:{type(e).__name__}", f"step {bundle.step}: {type(e).__name__}: {e}"
-                )
+                what = f"step {bundle.step}" if isinstance(bundle, StepBundle) else "a task"
+                self._warn(f"write:{type(e).__name__}", f"{what}: {type(e).__name__}: {e}")
             finally:
+                bundle = None  # hold nothing (a task holds its logger) while waiting
                 self._queue.task_done()
 
     def write(self, bundle: StepBundle) -> None:
@@ -280,10 +307,11 @@ class EventSink:
 
         Safe to call twice.
         """
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join()
+        self._thread = None
         _OPEN_SINKS.discard(self)
         with self._lock:
             if self._writer is None:

@@ -279,6 +279,7 @@ def test_strongest_channels_stay_fixed_after_the_first_step(tmp_path):
     with torch.no_grad():
         scale.weight.copy_(weights.view(4, 1, 1, 1))
     logger.log(x, step=0)
+    logger.flush()  # channels are chosen where the capture is processed: the writer thread
     first = logger._channels["00_Conv2d"].tolist()
     with torch.no_grad():
         scale.weight.copy_(torch.tensor([9.0, 0.0, 8.0, 0.0]).view(4, 1, 1, 1))

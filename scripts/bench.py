@@ -1,0 +1,304 @@
+"""How much a FeatureLogger costs next to the forward pass it watches.
+
+Cases (yolov8n from its yaml, bus.jpg, this machine's CPU; ratios measured in one process,
+plain and logged runs interleaved, medians):
+
+- ``yolo``: predict at 640 px with all 22 stages logged (grids, histograms, scalars):
+  time until predict returns and until the events are flushed, over the plain predict;
+  event-file bytes per logged image.
+- ``seed``: the approach tbfeat replaces, reimplemented as described (first 32 channels per
+  layer, matplotlib ``subplots(ceil(n/8), 8)``, ``imshow`` per channel,
+  ``savefig(dpi=300, bbox_inches="tight")``, ``np.save`` of ``x[0]``), against tbfeat.
+- ``frcnn``: Faster R-CNN R50-FPN (weights=None) at 800 px, ``logger.log`` until flushed,
+  over plain inference (transform + backbone + heads).
+- ``memory``: resident memory growth over 500 logged steps after the first.
+- ``scale``: the predict overhead at 320, 640 and 1280 px, and with 1, 4 and 16 images.
+
+    python scripts/bench.py                 # everything (about 5 minutes)
+    python scripts/bench.py --quick         # one short case, as CI runs it
+    python scripts/bench.py --cases yolo scale --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tbfeat import FeatureLogger
+
+ROWS: list[dict[str, Any]] = []
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def record(case: str, median_s: float, ratio: float | None = None, **extra: Any) -> None:
+    row = {
+        "case": case,
+        "median_s": round(median_s, 4),
+        "ratio": None if ratio is None else round(ratio, 3),
+        **extra,
+    }
+    ROWS.append(row)
+    bits = [f"{case:<34}", f"{median_s * 1000:9.1f} ms", f"{ratio:6.2f}x" if ratio else " " * 7]
+    bits += [f"{k}={v}" for k, v in extra.items()]
+    print("  ".join(bits), flush=True)
+
+
+def bus_paths(n: int) -> list[str]:
+    from ultralytics.utils import ASSETS
+
+    return [str(Path(ASSETS) / "bus.jpg")] * n
+
+
+def predict_overhead(imgsz: int, n_images: int, repeats: int) -> dict[str, float]:
+    """Median plain predict, and logged predict until it returns and until flushed."""
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov8n.yaml")
+    source = bus_paths(n_images)
+    for _ in range(3):
+        yolo.predict(source, imgsz=imgsz, verbose=False)
+    plain, returned, flushed = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = FeatureLogger(yolo, logdir=tmp, max_images=n_images)
+        with logger.at(-1):
+            yolo.predict(source, imgsz=imgsz, verbose=False)  # warm the logging path
+        base = dir_bytes(tmp)
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            yolo.predict(source, imgsz=imgsz, verbose=False)
+            plain.append(time.perf_counter() - t0)
+            with logger.at(i):
+                t0 = time.perf_counter()
+                yolo.predict(source, imgsz=imgsz, verbose=False)
+                returned.append(time.perf_counter() - t0)
+            flushed.append(time.perf_counter() - t0)  # leaving the block flushes
+        logger.close()
+        per_image = (dir_bytes(tmp) - base) / (repeats * n_images)
+    p = statistics.median(plain)
+    return {
+        "plain": p,
+        "returned": statistics.median(returned),
+        "flushed": statistics.median(flushed),
+        "bytes_per_image": per_image,
+    }
+
+
+def case_yolo(repeats: int) -> None:
+    r = predict_overhead(640, 1, repeats)
+    record("yolov8n 640 predict (plain)", r["plain"])
+    record(
+        "  + FeatureLogger, returned", r["returned"], r["returned"] / r["plain"], target="<=1.25x"
+    )
+    record(
+        "  + FeatureLogger, flushed",
+        r["flushed"],
+        r["flushed"] / r["plain"],
+        target="<=1.40x",
+        bytes_per_image=int(r["bytes_per_image"]),
+        bytes_target="<=1500000",
+    )
+
+
+def seed_baseline(outdir: Path) -> float:
+    """One image, the old per-layer visualization: returns seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov8n.yaml")
+    model = yolo.model.eval()
+    layers = model.model
+    outputs: list[tuple[int, str, torch.Tensor]] = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: outputs.append((m.i, m.type, o)))
+        for m in layers[:-1]
+    ]
+    from tbfeat.integrations.ultralytics import letterbox
+
+    image, _ = letterbox(bus_paths(1)[0], 640)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(image[None])
+    for i, mtype, x in outputs:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            continue
+        _, channels, h, w = x.shape
+        f = outdir / f"stage{i}_{mtype.split('.')[-1]}_features.png"
+        blocks = torch.chunk(x[0].cpu(), channels, dim=0)
+        n = min(32, channels)
+        fig, ax = plt.subplots(math.ceil(n / 8), 8, tight_layout=True)
+        ax = ax.ravel()
+        plt.subplots_adjust(wspace=0.05, hspace=0.05)
+        for k in range(n):
+            ax[k].imshow(blocks[k].squeeze())
+            ax[k].axis("off")
+        plt.savefig(f, dpi=300, bbox_inches="tight")
+        plt.close()
+        np.save(str(f.with_suffix(".npy")), x[0].cpu().numpy())
+    elapsed = time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    return elapsed
+
+
+def case_seed(repeats: int) -> None:
+    times, sizes = [], []
+    for _ in range(max(1, repeats)):
+        with tempfile.TemporaryDirectory() as tmp:
+            times.append(seed_baseline(Path(tmp)))
+            sizes.append(dir_bytes(Path(tmp)))
+    seed = statistics.median(times)
+    r = predict_overhead(640, 1, 5)
+    logged = r["flushed"]
+    record("seed approach, 1 image", seed, bytes_per_image=int(statistics.median(sizes)))
+    record("tbfeat, 1 image until flushed", logged, bytes_per_image=int(r["bytes_per_image"]))
+    record("  seed / tbfeat", seed, seed / logged, target=">=80x")
+
+
+def case_frcnn(repeats: int) -> None:
+    import torchvision
+
+    model = torchvision.models.get_model(
+        "fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None
+    ).eval()
+    image = torch.rand(3, 800, 1066)
+    with torch.no_grad():
+        model([image])
+    plain, logged = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = FeatureLogger(model, logdir=tmp, stages=None)
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model([image])
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            logger.log([image], step=i)
+            logger.flush()
+            logged.append(time.perf_counter() - t0)
+        logger.close()
+    p, q = statistics.median(plain), statistics.median(logged)
+    record("faster r-cnn r50-fpn 800 (plain)", p)
+    record("  + log(), until flushed", q, q / p, target="<=1.05x")
+
+
+def case_memory(steps: int) -> None:
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU()
+    )
+    x = torch.rand(2, 3, 96, 96)
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = FeatureLogger(model, logdir=tmp)
+        logger.log(x, step=0)
+        logger.flush()
+        gc.collect()
+        start = rss_mb()
+        t0 = time.perf_counter()
+        for step in range(1, steps + 1):
+            logger.log(x, step=step)
+        logger.flush()
+        gc.collect()
+        grown = rss_mb() - start
+        elapsed = (time.perf_counter() - t0) / steps
+        logger.close()
+    record(
+        f"memory: {steps} steps after the first",
+        elapsed,
+        rss_growth_mb=round(grown, 1),
+        target="<50 MB",
+    )
+
+
+def case_scale(repeats: int) -> None:
+    for imgsz in (320, 640, 1280):
+        r = predict_overhead(imgsz, 1, repeats)
+        record(
+            f"scale: {imgsz} px, 1 image, flushed",
+            r["flushed"],
+            r["flushed"] / r["plain"],
+            returned_ratio=round(r["returned"] / r["plain"], 3),
+        )
+    for n in (4, 16):
+        r = predict_overhead(640, n, max(3, repeats // 2))
+        record(
+            f"scale: 640 px, {n} images, flushed",
+            r["flushed"],
+            r["flushed"] / r["plain"],
+            returned_ratio=round(r["returned"] / r["plain"], 3),
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        default=["yolo", "seed", "frcnn", "memory", "scale"],
+        choices=["yolo", "seed", "frcnn", "memory", "scale"],
+    )
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="one short case (CI smoke)")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
+    if args.quick:
+        r = predict_overhead(320, 1, 3)
+        record(
+            "quick: yolov8n 320, flushed",
+            r["flushed"],
+            r["flushed"] / r["plain"],
+            bytes_per_image=int(r["bytes_per_image"]),
+        )
+    else:
+        runners = {
+            "yolo": lambda: case_yolo(args.repeats),
+            "seed": lambda: case_seed(1),
+            "frcnn": lambda: case_frcnn(max(3, args.repeats // 3)),
+            "memory": lambda: case_memory(500),
+            "scale": lambda: case_scale(args.repeats),
+        }
+        for case in args.cases:
+            runners[case]()
+    if args.json:
+        meta = {
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": ROWS}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
