@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --logdir runs/demo
+	$(BIN)/tbfeat demo --dir runs/demo
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,7 +22,6 @@ plain and logged runs interleaved, medians):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -40,11 +39,6 @@ import torch
 from tbfeat import FeatureLogger
 
 ROWS: list[dict[str, Any]] = []
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def dir_bytes(path: Path) -> int:
@@ -187,49 +181,72 @@ def case_frcnn(repeats: int) -> None:
     image = torch.rand(3, 800, 1066)
     with torch.no_grad():
         model([image])
-    plain, logged = [], []
+    plain, logged, probe = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        logger = FeatureLogger(model, logdir=tmp, stages=None)
+        logger = FeatureLogger(model, logdir=tmp)
         for i in range(repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
                 model([image])
             plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            logger.log([image], step=i)
+            with logger.at(i), torch.no_grad():  # the same inference, all stages hooked
+                model([image])
+            logged.append(time.perf_counter() - t0)  # leaving the block flushes
+            t0 = time.perf_counter()
+            logger.log([image], step=1000 + i)  # transform + backbone only
             logger.flush()
-            logged.append(time.perf_counter() - t0)
+            probe.append(time.perf_counter() - t0)
         logger.close()
-    p, q = statistics.median(plain), statistics.median(logged)
+    p, q, r = statistics.median(plain), statistics.median(logged), statistics.median(probe)
     record("faster r-cnn r50-fpn 800 (plain)", p)
-    record("  + log(), until flushed", q, q / p, target="<=1.05x")
+    record("  + FeatureLogger, until flushed", q, q / p, target="<=1.05x")
+    record("  log() probe (backbone only)", r, r / p)
+
+
+MEMORY_CHILD = r"""
+import gc, json, os, sys, tempfile, time
+import torch
+from torch import nn
+from tbfeat import FeatureLogger
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+steps = int(sys.argv[1])
+model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2),
+                      nn.ReLU())
+x = torch.rand(2, 3, 96, 96)
+with tempfile.TemporaryDirectory() as tmp:
+    logger = FeatureLogger(model, logdir=tmp)
+    logger.log(x, step=0)
+    logger.flush()
+    gc.collect()
+    start, fds = rss_mb(), len(os.listdir("/proc/self/fd"))
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        logger.log(x, step=step)
+    logger.flush()
+    gc.collect()
+    print(json.dumps({"grown": rss_mb() - start, "per_step": (time.perf_counter() - t0) / steps,
+                      "fds": len(os.listdir("/proc/self/fd")) - fds}))
+    logger.close()
+"""
 
 
 def case_memory(steps: int) -> None:
-    from torch import nn
+    import subprocess
 
-    model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU()
-    )
-    x = torch.rand(2, 3, 96, 96)
-    with tempfile.TemporaryDirectory() as tmp:
-        logger = FeatureLogger(model, logdir=tmp)
-        logger.log(x, step=0)
-        logger.flush()
-        gc.collect()
-        start = rss_mb()
-        t0 = time.perf_counter()
-        for step in range(1, steps + 1):
-            logger.log(x, step=step)
-        logger.flush()
-        gc.collect()
-        grown = rss_mb() - start
-        elapsed = (time.perf_counter() - t0) / steps
-        logger.close()
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(steps)], capture_output=True, text=True, check=True
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
     record(
         f"memory: {steps} steps after the first",
-        elapsed,
-        rss_growth_mb=round(grown, 1),
+        r["per_step"],
+        rss_growth_mb=round(r["grown"], 1),
+        open_files_growth=r["fds"],
         target="<50 MB",
     )
 

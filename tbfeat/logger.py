@@ -364,6 +364,10 @@ class FeatureLogger:
     def _capture(self, stage: Stage, output: Any) -> None:
         if self._active_step is not None and self._active_step != self._step:
             self.finish_step()
+        if self._active_step is None:
+            # a new step: let the writer finish the previous one first, so that at most one
+            # step's copies wait in memory (a no-op when steps are epochs apart)
+            self._sink.wait()
         self._active_step = self._step
         ident = (stage.name, stage.output)
         forward, calls = self._calls.get(ident, (-1, -1))
