@@ -159,6 +159,11 @@ class FeatureLogger:
         return self._sink.writer
 
     @property
+    def flushed_step(self) -> int | None:
+        """The last step whose events are on disk (written and flushed by the writer thread)."""
+        return self._sink.flushed_step
+
+    @property
     def enabled(self) -> bool:
         """False on processes other than global rank 0: they hook and write nothing."""
         return self._sink.enabled
@@ -434,7 +439,15 @@ class FeatureLogger:
         try:
             with torch.no_grad():
                 if job.stats is not None:
-                    job.stats.update(x)
+                    try:
+                        job.stats.update(x)
+                    except Exception as e:  # the grids may still work
+                        self._note(
+                            f"error:{job.base}:stats:{type(e).__name__}",
+                            f"tbfeat: statistics of stage {job.base} were not logged: "
+                            f"{type(e).__name__}: {e}",
+                            warn=True,
+                        )
                 if job.tags is not None:
                     opts = self.options
                     channels = self._channels.get(job.base)

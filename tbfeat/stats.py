@@ -111,6 +111,9 @@ class RunningStats:
             total, squares = flat.sum(), torch.dot(flat, flat)
             lo_f, hi_f, sum_f, sq_f = torch.stack([lo, hi, total, squares]).tolist()
         n = flat.numel()
+        if not (math.isfinite(sum_f) and math.isfinite(sq_f)) and flat.dtype != torch.float64:
+            flat = flat.double()  # |values| near the float32 limit: sums overflow
+            sum_f, sq_f = torch.stack([flat.sum(), torch.dot(flat, flat)]).tolist()
         mean = sum_f / n
         m2 = sq_f - sum_f * mean
         if not math.isfinite(sq_f) or m2 < 1e-3 * sq_f:  # cancellation: centre first

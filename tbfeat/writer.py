@@ -17,6 +17,8 @@ import atexit
 import contextlib
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import warnings
 import weakref
@@ -27,6 +29,28 @@ import numpy as np
 
 from . import _crc
 from .render import layout
+
+FLUSH_SECS = 5
+MIN_FREE_BYTES = 16 * 2**20
+
+
+def check_logdir(logdir: str) -> None:
+    """Fail early, with one clear message, on a logdir that cannot take event files."""
+    try:
+        os.makedirs(logdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=logdir):
+            pass
+    except OSError as e:
+        raise OSError(
+            f"logdir {logdir!r} is not writable ({e.strerror or e}); "
+            "choose a folder you can write to"
+        ) from None
+    free = shutil.disk_usage(logdir).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(
+            f"logdir {logdir!r} has only {free // 2**20} MiB free; "
+            f"tbfeat needs at least {MIN_FREE_BYTES // 2**20} MiB to write events"
+        )
 
 
 def global_rank() -> int:
@@ -105,6 +129,8 @@ class EventSink:
                     f"{', '.join(missing)}"
                 )
         self.logdir = os.fspath(logdir) if logdir is not None else None
+        if self.logdir is not None and self.enabled:
+            check_logdir(self.logdir)
         self._writer = writer
         self._owns = writer is None
         self._auto = writer is None and logdir is None
@@ -115,6 +141,8 @@ class EventSink:
         self._warned: set[str] = set()
         self._pending: dict[int, list[Any]] = {}
         _crc.install()
+        self.flushed_step: int | None = None
+        """The last step whose event is written and flushed to disk."""
         self.steps_written = 0
         """Steps whose events were written and flushed (read it after :meth:`wait`)."""
 
@@ -131,7 +159,9 @@ class EventSink:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._writer = SummaryWriter(log_dir=self.logdir)
+                # flush_secs: TensorBoard's own writer also flushes on its own every few
+                # seconds (its default is two minutes)
+                self._writer = SummaryWriter(log_dir=self.logdir, flush_secs=FLUSH_SECS)
             return self._writer
 
     @property
@@ -278,6 +308,7 @@ class EventSink:
             writer._get_file_writer().add_summary(Summary(value=values), step)
         writer.flush()
         self.steps_written += 1
+        self.flushed_step = step
 
     @staticmethod
     def _image_value(tag: str, indices: np.ndarray, cmap: str) -> Any:
