@@ -10,12 +10,14 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .adapters import adapt
+from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
 from .images import ImageLike
 from .options import LogOptions
 from .render import feature_tiles, select_channels
@@ -38,6 +40,7 @@ class _Capture:
     x: Any
     stats: RunningStats | None
     tags: list[str] | None
+    names: list[str] | None = None  # image names, for drift and the evolution strip
 
 
 class FeatureLogger:
@@ -127,6 +130,8 @@ class FeatureLogger:
         self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
         self._inflight = 0
         self._inflight_lock = threading.Lock()
+        self._step_extra: dict[int, dict[str, dict[str, Any]]] = {}
+        self._history: History | None = None
         self.gate: Callable[[], bool] | None = None
         """Integrations set a predicate; hooks capture only while it returns True."""
 
@@ -402,10 +407,14 @@ class FeatureLogger:
                 stats = self._pending.get(base)
                 if stats is None:
                     stats = self._pending[base] = RunningStats(opts.hist_bins)
-            tags = None
-            if x.dim() == 4 and opts.grids:
-                tags = [f"features/{base}/{self._image_name(done + i)}" for i in range(k)]
-            self._dispatch(_Capture(base, self._step, x, stats, tags))
+            tags = names = None
+            if x.dim() == 4:
+                names = [self._image_name(done + i) for i in range(k)]
+                if opts.grids:
+                    tags = [f"features/{base}/{name}" for name in names]
+                if not (opts.drift or opts.evolution):
+                    names = None
+            self._dispatch(_Capture(base, self._step, x, stats, tags, names))
         if not found:
             self._note(
                 f"skip:{stage.key}",
@@ -458,6 +467,8 @@ class FeatureLogger:
                     tiles = tiles.cpu().numpy()
                     images = [(tag, t) for tag, t in zip(job.tags, tiles, strict=True) if t.size]
                     self._sink.images(job.step, images, opts.cmap, opts.ncols)
+                if job.names is not None and x.numel():
+                    self._track(job)
         except Exception as e:  # a stage that fails to log must never break anything
             self._note(
                 f"error:{job.base}:{type(e).__name__}",
@@ -469,6 +480,33 @@ class FeatureLogger:
                 with self._inflight_lock:
                     self._inflight -= x.numel() * x.element_size()
             job.x = None
+
+    def _track(self, job: _Capture) -> None:
+        """Keep this capture's drift samples and strip cells for its step."""
+        opts = self.options
+        x = job.x
+        extra = self._step_extra.setdefault(job.step, {}).setdefault(
+            job.base, {"rows": [], "cells": {}, "names": [], "shape": tuple(x.shape[-2:])}
+        )
+        if opts.drift:
+            per_image = max(1, opts.drift_samples // opts.max_images)
+            extra["rows"].append(sample_rows(x, per_image))
+        if opts.evolution:
+            for name, cell in zip(job.names, mean_map_cell(x, opts.evolution_cell), strict=True):
+                extra["cells"][name] = cell
+        extra["names"] += job.names
+
+    def _history_for(self) -> History | None:
+        """The run's drift/evolution history, loaded from (and saved to) its logdir."""
+        logdir = self._sink.logdir
+        if logdir is None:
+            writer = self._sink.writer
+            get = getattr(writer, "get_logdir", None)
+            logdir = get() if callable(get) else getattr(writer, "log_dir", None)
+        path = Path(logdir) / HISTORY_FILE if logdir else None
+        if self._history is None or self._history.path != path:
+            self._history = History(path, keep=self.options.evolution_steps)
+        return self._history
 
     def _image_name(self, position: int) -> str:
         return self._names[position] if position < len(self._names) else str(position)
@@ -491,6 +529,26 @@ class FeatureLogger:
         """Summarize a finished step's statistics and write the step (writer thread)."""
         opts = self.options
         bundle = StepBundle(step=step, cmap=opts.cmap)
+        extras = self._step_extra.pop(step, {})
+        history = self._history_for() if extras else None
+        for base, extra in extras.items():
+            try:
+                rows = torch.cat(extra["rows"]) if extra["rows"] else None
+                drift = history.update(
+                    base, step, rows, extra["shape"], tuple(extra["names"]), extra["cells"]
+                )
+                for suffix, value in drift.items():
+                    bundle.scalars.append((f"drift/{base}{suffix}", value))
+                strip = history.strip(base) if opts.evolution else None
+                if strip is not None:
+                    bundle.images.append((f"evolution/{base}", strip))
+            except Exception as e:
+                self._note(
+                    f"error:{base}:drift:{type(e).__name__}",
+                    f"tbfeat: drift/evolution of stage {base} were not logged: "
+                    f"{type(e).__name__}: {e}",
+                    warn=True,
+                )
         for base, stats in pending.items():
             try:
                 summary = stats.summary()
@@ -508,6 +566,15 @@ class FeatureLogger:
                     warn=True,
                 )
         self._sink.submit(bundle)
+        if history is not None:
+            try:
+                history.save()
+            except OSError as e:
+                self._note(
+                    f"history:{type(e).__name__}",
+                    f"tbfeat: drift history not saved: {e}",
+                    warn=True,
+                )
 
     def flush(self) -> None:
         """End the current step and block until everything logged is on disk."""

@@ -30,6 +30,12 @@ class LogOptions:
         histograms: Write activation histograms (``activations/...``).
         stats: Write statistics scalars (``stats/...``).
         hist_bins: Buckets of each activation histogram.
+        drift: Write ``drift/<NN>_<Type>`` (1 - linear CKA against the previous logged step)
+            and ``drift/<NN>_<Type>_vs_first`` (against the first), from a fixed sample of
+            ``drift_samples`` positions of the probe images.
+        evolution: Write ``evolution/<NN>_<Type>``: one picture of the stage's channel-mean
+            map per probe image (rows) and logged step (columns, the last
+            ``evolution_steps``), each cell at most ``evolution_cell`` px.
         every: Training integrations log every ``every``-th epoch (and the last).
         imgsz: Side of the square that integrations letterbox probe images to (Ultralytics);
             ``None`` for the model's own training size.
@@ -51,6 +57,11 @@ class LogOptions:
     histograms: bool = True
     stats: bool = True
     hist_bins: int = 64
+    drift: bool = True
+    evolution: bool = True
+    drift_samples: int = 512
+    evolution_steps: int = 32
+    evolution_cell: int = 32
     every: int = 1
     imgsz: int | None = None
 
@@ -59,13 +70,14 @@ class LogOptions:
             isinstance(self.imgsz, bool) or not isinstance(self.imgsz, int) or self.imgsz < 1
         ):
             raise ValueError(f"imgsz must be None or an int >= 1, got {self.imgsz!r}")
-        for name in ("max_channels", "max_images", "tile", "ncols", "hist_bins", "every"):
+        ints = ("max_channels", "max_images", "tile", "ncols", "hist_bins", "every")
+        for name in (*ints, "drift_samples", "evolution_steps", "evolution_cell"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
-        for name in ("grids", "histograms", "stats"):
+        for name in ("grids", "histograms", "stats", "drift", "evolution"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")

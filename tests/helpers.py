@@ -8,13 +8,31 @@ import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+DERIVED = ("drift/", "evolution/")
 
-def read_events(logdir) -> EventAccumulator:
+
+class Events(EventAccumulator):
+    """An EventAccumulator whose ``Tags()`` leaves out the derived ``drift/`` scalars and
+    ``evolution/`` images unless asked, so tag lists compare with the stages logged."""
+
+    def __init__(self, logdir, derived: bool) -> None:
+        super().__init__(
+            str(logdir),
+            size_guidance={"images": 0, "scalars": 0, "histograms": 0, "tensors": 0},
+        )
+        self.derived = derived
+
+    def Tags(self):  # noqa: N802 - TensorBoard's name
+        tags = super().Tags()
+        if not self.derived:
+            for kind in ("images", "scalars"):
+                tags[kind] = [t for t in tags[kind] if not t.startswith(DERIVED)]
+        return tags
+
+
+def read_events(logdir, derived: bool = False) -> Events:
     """Load every event under ``logdir`` with no sampling (all steps of every tag)."""
-    acc = EventAccumulator(
-        str(logdir),
-        size_guidance={"images": 0, "scalars": 0, "histograms": 0, "tensors": 0},
-    )
+    acc = Events(logdir, derived)
     acc.Reload()
     return acc
 

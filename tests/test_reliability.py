@@ -269,6 +269,5 @@ def test_tags_from_image_names_are_sanitized(tmp_path):
     logger.close()
     tags = read_events(tmp_path).Tags()["images"]
     assert sorted(tags) == ["features/00_Identity/a_b_c", "features/00_Identity/etc_passwd"]
-    assert sorted(os.listdir(tmp_path)) == [
-        p for p in os.listdir(tmp_path) if p.startswith("events")
-    ]
+    files = os.listdir(tmp_path)  # nothing named after an image reaches the logdir
+    assert all(f.startswith("events.out.tfevents.") or f == "tbfeat-history.pt" for f in files)

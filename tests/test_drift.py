@@ -1,0 +1,131 @@
+"""Drift (1 - linear CKA) between steps, the evolution strip, and their saved history."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tbfeat import FeatureLogger
+from tbfeat.drift import HISTORY_FILE, linear_cka
+
+from .helpers import read_events
+
+
+def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA straight from the definition, with centred Gram matrices."""
+    n = x.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    kx, ky = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float(np.sum(kx * ky) / np.sqrt(np.sum(kx * kx) * np.sum(ky * ky)))
+
+
+def test_cka_matches_the_definition():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 7))
+    y = x @ rng.normal(size=(7, 5)) + 0.3 * rng.normal(size=(60, 5))
+    assert linear_cka(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(
+        numpy_cka(x, y), rel=1e-9
+    )
+
+
+def test_cka_known_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 16, generator=g)
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, x[:, torch.randperm(16, generator=g)]) == pytest.approx(1.0)
+    assert linear_cka(x, 7.5 * x) == pytest.approx(1.0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(x, x @ q) == pytest.approx(1.0)
+    noise = torch.randn(20000, 8, generator=g)
+    assert 1 - linear_cka(torch.randn(20000, 8, generator=g), noise) > 0.99
+    with pytest.raises(ValueError, match="same samples"):
+        linear_cka(x, x[:10])
+
+
+def run_steps(logdir, changes, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    probes = torch.rand(2, 3, 40, 40)
+    logger = FeatureLogger(model, logdir=logdir, **kw)
+    for step, change in changes:
+        if change:
+            with torch.no_grad():
+                model[0].weight.add_(change * torch.randn_like(model[0].weight))
+        logger.log(probes, step=step)
+    logger.close()
+    return read_events(logdir, derived=True)
+
+
+def test_drift_is_zero_for_an_unchanged_model_and_grows_with_change(tmp_path):
+    acc = run_steps(tmp_path / "same", [(1, 0.0), (2, 0.0), (3, 0.0)])
+    assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3]
+    assert all(e.value == pytest.approx(0.0, abs=1e-3) for e in acc.Scalars("drift/00_Conv2d"))
+    acc = run_steps(tmp_path / "moving", [(1, 0.0), (2, 0.05), (3, 2.0)])
+    small, large = (e.value for e in acc.Scalars("drift/00_Conv2d"))
+    assert 0.0 < small < large <= 1.0
+    vs_first = [e.value for e in acc.Scalars("drift/00_Conv2d_vs_first")]
+    assert vs_first[0] == pytest.approx(small, abs=1e-6) and vs_first[1] > small
+
+
+def test_evolution_strip_has_a_column_per_step_and_a_row_per_image(tmp_path):
+    acc = run_steps(tmp_path, [(1, 0.0), (2, 0.1), (3, 0.1)], evolution_cell=16)
+    events = acc.Images("evolution/01_ReLU")
+    assert [e.step for e in events] == [1, 2, 3]
+    # 40x40 maps pooled by 3 to 14x14 cells; 2 images (rows) x steps so far (columns)
+    assert [(e.width, e.height) for e in events] == [(14, 29), (29, 29), (44, 29)]
+
+
+def test_history_resumes_across_loggers_and_is_bounded(tmp_path):
+    run_steps(tmp_path, [(1, 0.0), (2, 0.2)], evolution_steps=3)
+    assert (tmp_path / HISTORY_FILE).is_file()
+    # a new logger (a resumed run) continues: drift at step 3 against step 2 from disk
+    acc = run_steps(tmp_path, [(3, 0.0), (4, 0.2), (5, 0.2)], evolution_steps=3)
+    assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3, 4, 5]
+    last = acc.Images("evolution/00_Conv2d")[-1]
+    assert last.step == 5 and last.width == 3 * 21 - 1  # 20 px cells; only the last 3 steps
+    size = (tmp_path / HISTORY_FILE).stat().st_size
+    assert size < 2_000_000
+
+
+def test_a_sweep_extended_with_a_checkpoint_continues(tmp_path):
+    from tbfeat.integrations.torchvision import build
+
+    torch.manual_seed(0)
+    model = build("resnet18", num_classes=3)
+    for epoch in range(3):
+        with torch.no_grad():
+            model.conv1.weight.mul_(1.3)
+        torch.save({"model": model.state_dict(), "epoch": epoch}, tmp_path / f"model_{epoch}.pth")
+    image = tmp_path / "probe.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 48, 3), np.uint8)).save(image)
+    common = [
+        "--images",
+        image,
+        "--logdir",
+        tmp_path / "sweep",
+        "--arch",
+        "resnet18",
+        "--stages",
+        "conv1",
+        "layer1",
+    ]
+
+    def sweep(*ckpts):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tbfeat", "sweep", *map(str, ckpts), *map(str, common)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    sweep(tmp_path / "model_0.pth", tmp_path / "model_1.pth")
+    sweep(tmp_path / "model_0.pth", tmp_path / "model_1.pth", tmp_path / "model_2.pth")
+    acc = read_events(tmp_path / "sweep", derived=True)
+    assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3]
+    assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (24 + 1) - 1
