@@ -195,12 +195,18 @@ class FeatureLogger:
         if self._depth:
             return
         try:
+            self._detach()
+        finally:
+            self.flush()
+
+    def _detach(self) -> None:
+        """Remove the integration's callbacks and every hook; also when detaching raises."""
+        try:
             if self._attached:
                 self._attached = False
                 self.adapter.detach(self)
         finally:
             self.remove_hooks()
-            self.flush()
 
     def at(self, step: int) -> FeatureLogger:
         """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""
@@ -216,11 +222,8 @@ class FeatureLogger:
             return
         self._depth = 0
         try:
-            if self._attached:
-                self._attached = False
-                self.adapter.detach(self)
+            self._detach()
         finally:
-            self.remove_hooks()
             self.finish_step()
             self._sink.close()
             self._closed = True

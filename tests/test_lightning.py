@@ -58,23 +58,21 @@ def loaders():
     )
 
 
+def make_trainer(tb, callback, **kwargs):
+    """A quiet 3-epoch CPU Trainer with the TensorBoard logger and our callback."""
+    return pl.Trainer(
+        max_epochs=3, logger=tb, callbacks=[callback], accelerator="cpu", devices=1,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        **kwargs,
+    )  # fmt: skip
+
+
 def test_callback_logs_each_validation_epoch_into_lightnings_own_run(tmp_path):
     module = Module()
     tb = TensorBoardLogger(tmp_path, name="exp")
     probe = torch.rand(2, 3, 16, 16)
     callback = FeatureLoggerCallback(images=probe, names=["a", "b"], max_channels=4)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=tb,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        num_sanity_val_steps=1,
-    )
+    trainer = make_trainer(tb, callback, log_every_n_steps=1, num_sanity_val_steps=1)
     train, val = loaders()
     trainer.fit(module, train, val)
 
@@ -100,17 +98,7 @@ def test_callback_every_n_epochs_and_attribute_selection(tmp_path):
     callback = FeatureLoggerCallback(
         images=torch.rand(1, 3, 16, 16), module="model", stages=["conv"], every=2
     )
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=tb,
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = make_trainer(tb, callback, num_sanity_val_steps=0)
     trainer.fit(module, *loaders())
     acc = read_events(tb.log_dir)
     assert [e.step for e in acc.Images("features/00_Conv2d/0")] == [1, 2]  # epoch 2, and the last
