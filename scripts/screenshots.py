@@ -1,0 +1,583 @@
+"""Documentation screenshots of tbfeat runs in the real TensorBoard, taken with headless
+Chromium; also the browser and server helpers of tests/test_tensorboard_e2e.py.
+
+    python scripts/screenshots.py                     # tbfeat demo (10 epochs), then docs/*.png
+    python scripts/screenshots.py --logdir runs/demo  # an existing demo run instead
+    scripts/install_browser.sh                        # once: Debian's chromium + chromedriver
+
+Writes docs/grid_epoch1.png and docs/grid_epoch<last>.png (the Images dashboard filtered to
+a few stages of bus.jpg, every card's step slider at the first or the last epoch),
+docs/histograms.png (activation histograms) and docs/scalars.png (statistics scalars).
+
+The browser is driven through chromedriver's W3C WebDriver HTTP API with urllib (about a
+hundred lines below, no Python dependency): the Debian packages ``chromium`` and
+``chromium-driver`` are the same build, and nothing here can download a browser or a
+driver. TensorBoard's dashboards are Polymer elements inside shadow roots, so the page is
+inspected and driven with small scripts that walk the shadow trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
+VIEWPORT = (1200, 800)
+MAX_PNG_BYTES = 400_000
+
+
+def browser_missing() -> str | None:
+    """Why the browser cannot run here, or ``None``."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+    if missing:
+        return f"{' and '.join(missing)} not installed (run scripts/install_browser.sh)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------- TensorBoard
+class TensorBoard:
+    """The real TensorBoard server on 127.0.0.1 and a free port, with every image step
+    kept (the setting ``tbfeat board`` uses); a context manager that always stops it."""
+
+    def __init__(self, logdir: str | Path, *, port: int | None = None, log: Path | None = None):
+        from tbfeat.cli import ALL_STEPS
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--samples_per_plugin",
+            f"images={ALL_STEPS}",
+        ]
+        self.own_log = log is None  # removed by stop()
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="tensorboard-", suffix=".log")
+            os.close(fd)
+            log = Path(name)
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> TensorBoard:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"TensorBoard exited with {self.proc.returncode}:\n{self.tail()}"
+                )
+            try:
+                self.get("/data/plugins_listing", timeout=2)
+                return self
+            except OSError:  # urllib's URLError included
+                if time.monotonic() > deadline:
+                    message = f"TensorBoard did not answer in {timeout:.0f}s:\n{self.tail()}"
+                    self.stop()
+                    raise TimeoutError(message) from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+        if self.own_log:
+            self.log.unlink(missing_ok=True)
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def get(self, path: str, timeout: float = 30, **params: Any) -> bytes:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        with urllib.request.urlopen(self.url + path + query, timeout=timeout) as response:
+            return response.read()
+
+    def json(self, path: str, **params: Any) -> Any:
+        return json.loads(self.get(path, **params))
+
+    def wait_for(self, check, timeout: float = 60, what: str = "data") -> Any:
+        """Poll ``check()`` until it returns something truthy (TensorBoard's data server
+        loads event files after it starts answering)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                value = check()
+            except (OSError, ValueError):  # a tag not loaded yet answers 404
+                value = None
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TensorBoard did not serve {what} in {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def __enter__(self) -> TensorBoard:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+# ------------------------------------------------------------------------- browser
+_DEEP = """
+const deepAll = (selector, root = document) => {
+  const found = [];
+  const walk = (node) => {
+    found.push(...node.querySelectorAll(selector));
+    for (const el of node.querySelectorAll('*')) if (el.shadowRoot) walk(el.shadowRoot);
+  };
+  walk(root);
+  return found;
+};
+// Cards under "Tags matching /filter/" (the search-results category of a dashboard).
+const searchResults = (selector) => deepAll('tf-category-paginated-view')
+  .filter((view) => view.category && view.category.metadata
+          && view.category.metadata.type === 0)
+  .flatMap((view) => [...view.querySelectorAll(selector)]);
+const shown = (el) => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0; };
+const imageCards = () => searchResults('tf-image-loader').map((el) => {
+  const root = el.shadowRoot;
+  const img = root.querySelector('#main-image-container img');
+  const slider = root.querySelector('paper-slider#steps');
+  const heading = root.querySelector('tf-card-heading');
+  return {
+    tag: el.tag, run: el.run,
+    steps: (el._steps || []).map((s) => s.step),
+    stepIndex: el._stepIndex,
+    step: el._stepValue,
+    heading: heading ? (heading.shadowRoot.querySelector('figcaption').innerText + ' '
+        + heading.innerText).replace(/\\s+/g, ' ').trim() : '',
+    slider: slider ? {max: slider.max, value: slider.value, shown: shown(slider)} : null,
+    image: img && img.complete && img.naturalWidth > 0 ?
+        {src: img.src, width: img.naturalWidth, height: img.naturalHeight, shown: shown(img),
+         rect: (({x, y, width, height}) => ({x, y, width, height}))(img.getBoundingClientRect())}
+        : null,
+    loading: !!el._isImageLoading,
+    shown: shown(el),
+  };
+});
+const imageSlider = (tag, run) => searchResults('tf-image-loader')
+  .filter((el) => el.tag === tag && el.run === run)
+  .map((el) => el.shadowRoot.querySelector('paper-slider#steps'))[0] || null;
+const setImageStep = (index) => {
+  const cards = searchResults('tf-image-loader');
+  for (const el of cards) {
+    const last = (el._steps || []).length - 1;
+    el._stepIndex = index < 0 ? last + 1 + index : Math.min(index, last);
+  }
+  return cards.length;
+};
+const histogramCards = () => searchResults('tf-histogram-loader').map((el) => ({
+  tag: el.tag, run: el.run, shown: shown(el), loaded: !!el.dataLoadedAtLeastOnce,
+  loading: !!el.dataLoading, paths: deepAll('path', el.shadowRoot).length,
+}));
+const scalarCards = () => searchResults('tf-scalar-card').map((el) => ({
+  tag: el.tag, shown: shown(el), lines: deepAll('path.line', el.shadowRoot).length,
+}));
+const uncheck = (label) => {
+  const box = deepAll('paper-checkbox').find((el) => el.textContent.includes(label));
+  if (box && box.checked) box.click();
+  return box ? !box.checked : null;
+};
+"""
+
+
+class WebDriverError(RuntimeError):
+    pass
+
+
+class Browser:
+    """Headless Chromium driven through chromedriver's W3C WebDriver HTTP API.
+
+    A fresh ``--user-data-dir`` in a temporary folder each time; ``close()`` ends the
+    session, chromedriver (which ends Chromium) and removes the profile."""
+
+    def __init__(self, viewport: tuple[int, int] = VIEWPORT):
+        reason = browser_missing()
+        if reason:
+            raise FileNotFoundError(reason)
+        self.tmp = Path(tempfile.mkdtemp(prefix="tbfeat-chromium-"))
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = self.tmp / "chromedriver.log"
+        self.driver = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={port}", f"--log-path={self.log}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        self.session: str | None = None
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if self._call("GET", "/status", timeout=2).get("ready"):
+                        break
+                except (OSError, WebDriverError):
+                    pass
+                if self.driver.poll() is not None or time.monotonic() > deadline:
+                    raise WebDriverError(f"chromedriver did not start: {self._log_tail()}")
+                time.sleep(0.1)
+            width, height = viewport
+            args = [*CHROMIUM_ARGS, f"--user-data-dir={self.tmp / 'profile'}"]
+            args.append(f"--window-size={width},{height}")
+            capabilities = {
+                "browserName": "chrome",
+                "pageLoadStrategy": "normal",
+                "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+            }
+            value = self._call(
+                "POST", "/session", {"capabilities": {"alwaysMatch": capabilities}}, timeout=60
+            )
+            self.session = value["sessionId"]
+            self.version = value["capabilities"].get("browserVersion", "?")
+            self.command("POST", "/timeouts", {"pageLoad": 60_000, "script": 60_000})
+            self.set_viewport(width, height)
+        except BaseException:
+            self.close()
+            raise
+
+    def _log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 90) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())["value"]
+        except urllib.error.HTTPError as e:
+            try:
+                value = json.loads(e.read())["value"]
+                message = f"{value.get('error')}: {value.get('message', '')[:1000]}"
+            except (ValueError, KeyError, AttributeError):
+                message = str(e)
+            raise WebDriverError(f"{method} {path}: {message}") from None
+
+    def command(self, method: str, path: str, body: Any = None) -> Any:
+        return self._call(method, f"/session/{self.session}{path}", body)
+
+    def get(self, url: str) -> None:
+        self.command("POST", "/url", {"url": url})
+
+    def execute(self, script: str, *args: Any) -> Any:
+        """Run ``script`` (a function body; ``deepAll(selector)`` finds elements through
+        shadow roots) and return its JSON result."""
+        return self.command("POST", "/execute/sync", {"script": _DEEP + script, "args": args})
+
+    def wait_for(self, script: str, *args: Any, timeout: float = 60, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.execute(script, *args)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"page never showed {what or script!r} in {timeout:.0f}s")
+            time.sleep(0.25)
+
+    def set_viewport(self, width: int, height: int) -> None:
+        """Resize the window so that the page itself gets ``width`` x ``height`` px."""
+        for _ in range(3):
+            inner = self.execute("return [window.innerWidth, window.innerHeight];")
+            if inner == [width, height]:
+                return
+            rect = self.command("GET", "/window/rect")
+            self.command(
+                "POST",
+                "/window/rect",
+                {
+                    "width": rect["width"] + width - inner[0],
+                    "height": rect["height"] + height - inner[1],
+                },
+            )
+
+    def send_keys(self, element: dict[str, str], text: str) -> None:
+        """Type ``text`` into an element returned by ``execute`` (W3C key codes: ``LEFT``)."""
+        (element_id,) = element.values()
+        self.command("POST", f"/element/{element_id}/value", {"text": text})
+
+    LEFT = "\ue012"
+    RIGHT = "\ue014"
+
+    def screenshot(self) -> bytes:
+        return base64.b64decode(self.command("GET", "/screenshot"))
+
+    def close(self) -> None:
+        try:
+            if self.session is not None:
+                self._call("DELETE", f"/session/{self.session}", timeout=30)
+        except (OSError, WebDriverError):
+            pass
+        finally:
+            self.session = None
+            _stop(self.driver)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------- dashboards
+def dashboard_url(
+    tensorboard: TensorBoard, plugin: str, tag_filter: str, runs: str = "", **hash_params: Any
+) -> str:
+    """A dashboard with its tag filter (a regex) and run filter (a regex) set through the
+    URL hash, where TensorBoard's dashboards keep them (``tagFilter``, ``regexInput``)."""
+    params = {**hash_params, "regexInput": runs, "tagFilter": tag_filter}
+    fragment = "&".join(
+        f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in params.items() if v != ""
+    )
+    return f"{tensorboard.url}/#{plugin}&{fragment}"
+
+
+def image_cards(browser: Browser) -> list[dict[str, Any]]:
+    """The image cards under "Tags matching /filter/": tag, run, steps, the slider, the
+    loaded image's natural size."""
+    return browser.execute("return imageCards();")
+
+
+def wait_for_image_cards(browser: Browser, expected: int, timeout: float = 60) -> list[dict]:
+    """Until ``expected`` image cards match the filter, each showing a loaded image."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cards = image_cards(browser)
+        done = [c for c in cards if c["shown"] and c["image"] and not c["loading"]]
+        if len(cards) >= expected and len(done) == len(cards):
+            return cards
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"image cards never loaded: {cards}")
+        time.sleep(0.25)
+
+
+def set_image_step(browser: Browser, index: int) -> None:
+    """Move every matching image card's step slider to ``index`` (negative: from the end)."""
+    browser.execute("return setImageStep(arguments[0]);", index)
+
+
+def save_png(png: bytes, path: Path, max_bytes: int = MAX_PNG_BYTES) -> Path:
+    """Save a screenshot, re-encoded smaller (optimized, then a 256-colour palette if
+    still over ``max_bytes``)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(io.BytesIO(png)) as im:
+        im = im.convert("RGB")
+        im.save(path, optimize=True)
+        if path.stat().st_size > max_bytes:
+            im.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+# ------------------------------------------------------------------------- docs
+def run_demo(directory: Path, epochs: int, train_images: int, imgsz: int) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "tbfeat",
+        "demo",
+        "--dir",
+        str(directory),
+        "--epochs",
+        str(epochs),
+        "--train-images",
+        str(train_images),
+        "--imgsz",
+        str(imgsz),
+    ]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _save(browser: Browser, path: Path) -> None:
+    save_png(browser.screenshot(), path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
+
+
+def take_screenshots(
+    logdir: Path, out: Path, stages: list[str], image: str, hist_stages: list[str], stats: str
+) -> None:
+    """The documentation screenshots of a ``tbfeat demo`` folder (runs ``sweep`` and
+    ``train``); the cards come from the sweep over the Ultralytics asset images."""
+    last_tag = f"features/{stages[-1]}/{image}"
+    steps = sorted(e.step for e in _accumulator(logdir / "sweep").Images(last_tag))
+    with TensorBoard(logdir) as tb, Browser() as browser:
+        print(f"TensorBoard at {tb.url}, Chromium {browser.version}", flush=True)
+
+        def served() -> bool:
+            images = tb.json("/data/plugin/images/images", run="sweep", tag=last_tag)
+            return [e["step"] for e in images] == steps
+
+        tb.wait_for(served, what=f"every step of {last_tag}")
+
+        grid = f"^features/({'|'.join(stages)})/{image}$"
+        browser.get(dashboard_url(tb, "images", grid, runs="^sweep$"))
+        wait_for_image_cards(browser, len(stages))
+        for index in (0, -1):
+            step = steps[index]
+            set_image_step(browser, index)
+            browser.wait_for(
+                "return imageCards().every((c) => c.step === arguments[0] && c.image"
+                " && c.image.src.includes('blob_key') && !c.loading);",
+                step,
+                what=f"every card at step {step}",
+            )
+            time.sleep(0.5)  # the new image paints
+            _save(browser, out / f"grid_epoch{step}.png")
+
+        hist = f"^activations/({'|'.join(hist_stages)})$"
+        browser.get(dashboard_url(tb, "histograms", hist, runs="^sweep$"))
+        browser.wait_for(
+            "const cards = histogramCards(); return cards.length === arguments[0]"
+            " && cards.every((c) => c.loaded && !c.loading && c.paths > 0);",
+            len(hist_stages),
+            what="histogram charts",
+        )
+        time.sleep(1.5)  # the chart's transitions
+        _save(browser, out / "histograms.png")
+
+        browser.get(dashboard_url(tb, "scalars", stats, runs="^sweep$", _smoothingWeight=0))
+        browser.wait_for("return uncheck('Ignore outliers');", what="the outlier checkbox")
+        browser.wait_for(
+            "const cards = scalarCards();"
+            " return cards.length > 0 && cards.every((c) => c.lines > 0);",
+            what="scalar charts",
+        )
+        time.sleep(1.5)
+        _save(browser, out / "scalars.png")
+
+        drift = f"^drift/({'|'.join(stages)})$"
+        browser.get(dashboard_url(tb, "scalars", drift, runs="^sweep$", _smoothingWeight=0))
+        browser.wait_for("return uncheck('Ignore outliers');", what="the outlier checkbox")
+        browser.wait_for(
+            "const cards = scalarCards();"
+            " return cards.length === arguments[0] && cards.every((c) => c.lines > 0);",
+            len(stages),
+            what="drift charts",
+        )
+        time.sleep(1.5)
+        _save(browser, out / "drift.png")
+
+        evolution = f"^evolution/({'|'.join(stages[::2])})$"
+        browser.get(dashboard_url(tb, "images", evolution, runs="^sweep$"))
+        wait_for_image_cards(browser, len(stages[::2]))
+        time.sleep(0.5)
+        _save(browser, out / "evolution.png")
+
+
+def _accumulator(path: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--logdir", type=Path, help="an existing `tbfeat demo --dir` folder")
+    parser.add_argument("--demo-dir", type=Path, help="where to run the demo (default: temporary)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train-images", type=int, default=128)
+    parser.add_argument("--imgsz", type=int, default=160)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["02_C2f", "04_C2f", "06_C2f", "09_SPPF", "15_C2f", "18_C2f"],
+        help="stage keys of the grid screenshots",
+    )
+    parser.add_argument("--image", default="bus", help="probe image of the grid screenshots")
+    parser.add_argument(
+        "--hist-stages", nargs="+", default=["02_C2f", "04_C2f", "06_C2f", "09_SPPF"]
+    )
+    parser.add_argument(
+        "--stats", default="^stats/(04_C2f|09_SPPF)/(mean|std)$", help="scalar tag regex"
+    )
+    args = parser.parse_args(argv)
+    reason = browser_missing()
+    if reason:
+        parser.error(reason)
+    sys.path.insert(0, str(ROOT))  # tbfeat.cli.ALL_STEPS from this checkout
+    tmp = None
+    try:
+        logdir = args.logdir
+        if logdir is None:
+            if args.demo_dir is None:
+                tmp = tempfile.mkdtemp(prefix="tbfeat-docs-")
+            logdir = args.demo_dir or Path(tmp)
+            run_demo(logdir, args.epochs, args.train_images, args.imgsz)
+        take_screenshots(logdir, args.out, args.stages, args.image, args.hist_stages, args.stats)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
