@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,32 @@ HISTORY_FILE = "tbfeat-history.pt"
 
 
 @torch.no_grad()
+def centred_gram(x: torch.Tensor) -> torch.Tensor:
+    """``Xc Xc^T`` (samples x samples, float32) of column-centred ``x``: what linear CKA
+    needs of one matrix. Cheap for few samples, however many channels."""
+    x = x if x.dtype == torch.float64 else x.float()
+    x = x - x.mean(0, keepdim=True)
+    return x @ x.T
+
+
+def cka_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
+    """Linear CKA from two :func:`centred_gram` results of the same samples."""
+    if kx.shape != ky.shape:
+        raise ValueError(f"grams of different samples: {tuple(kx.shape)} and {tuple(ky.shape)}")
+    kx, ky = kx.double(), ky.double()
+    norm = float(torch.sqrt((kx * kx).sum() * (ky * ky).sum()))
+    if norm == 0.0:  # a constant stage: nothing to compare
+        return 1.0 if torch.equal(kx, ky) else 0.0
+    return float((kx * ky).sum()) / norm
+
+
+@torch.no_grad()
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two ``(samples, features)`` matrices with the same rows.
+
+    Computed as ``<Kx, Ky> / (||Kx|| ||Ky||)`` with the centred Gram matrices
+    ``K = Xc Xc^T``, which equals the feature-space form ``||Yc^T Xc||_F^2 /
+    (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
 
     Example:
         >>> import torch
@@ -44,13 +69,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
             f"x and y must be (samples, features) with the same samples, got "
             f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
-    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    if float(norm) == 0.0:  # a constant stage: nothing to compare
-        return 1.0 if torch.equal(x, y) else 0.0
-    return float(cross / norm)
+    return cka_from_grams(centred_gram(x.double()), centred_gram(y.double()))
 
 
 def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
@@ -68,8 +87,9 @@ def sample_rows(x: torch.Tensor, per_image: int) -> torch.Tensor:
     """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at :func:`sample_positions`."""
     n, c, h, w = x.shape
     idx = sample_positions(h, w, per_image).to(x.device)
-    picked = x[:, :, idx // w, idx % w]  # (n, c, p): a gather, whatever the memory layout
-    return picked.permute(0, 2, 1).reshape(-1, c).to(torch.float16).cpu()
+    # (n, h*w, c) is a view for channels-last maps (what CPU convolutions return)
+    pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    return pixels.index_select(1, idx).reshape(-1, c).to(torch.float16).cpu()
 
 
 @torch.no_grad()
@@ -88,19 +108,32 @@ class StageHistory:
 
     shape: tuple[int, int] = (0, 0)
     names: tuple[str, ...] = ()
-    first: torch.Tensor | None = None
+    first: torch.Tensor | None = None  # sampled rows (float16), saved
     last: torch.Tensor | None = None
     last_step: int | None = None
     cells: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # in memory only
+
+    def gram(self, which: str) -> torch.Tensor | None:
+        rows = self.first if which == "first" else self.last
+        if rows is None:
+            return None
+        if which not in self.grams:
+            self.grams[which] = centred_gram(rows)
+        return self.grams[which]
 
 
 class History:
     """The per-stage histories of a run, saved in its logdir."""
 
+    SAVE_EVERY_S = 30.0
+    """Between saves while a run goes on; closing the logger always saves."""
+
     def __init__(self, path: Path | None, keep: int = 32) -> None:
         self.path = path
         self.keep = keep
         self.stages: dict[str, StageHistory] = {}
+        self._saved_at = 0.0
         if path is not None and path.is_file():
             self._load(path)
 
@@ -120,15 +153,16 @@ class History:
             h = self.stages[base] = StageHistory(shape=shape, names=names)
         out: dict[str, float] = {}
         if rows is not None:
+            gram = centred_gram(rows)
             if h.last is not None and h.last_step is not None and step > h.last_step:
                 if h.last.shape == rows.shape:
-                    out[""] = 1.0 - linear_cka(rows, h.last)
+                    out[""] = 1.0 - cka_from_grams(gram, h.gram("last"))
                 if h.first is not None and h.first.shape == rows.shape:
-                    out["_vs_first"] = 1.0 - linear_cka(rows, h.first)
+                    out["_vs_first"] = 1.0 - cka_from_grams(gram, h.gram("first"))
             if h.first is None:
-                h.first = rows
+                h.first, h.grams["first"] = rows, gram
             if h.last_step is None or step >= h.last_step:
-                h.last, h.last_step = rows, step
+                h.last, h.last_step, h.grams["last"] = rows, step, gram
         if cells:
             h.cells[step] = cells
             for old in sorted(h.cells)[: -self.keep]:
@@ -153,14 +187,30 @@ class History:
                     grid[i * (ch + 1) : i * (ch + 1) + ch, j * (cw + 1) : j * (cw + 1) + cw] = cell
         return grid
 
+    def due(self) -> bool:
+        """Whether the periodic save is due (a run that dies loses at most that much)."""
+        return time.monotonic() - self._saved_at >= self.SAVE_EVERY_S
+
     def save(self) -> None:
-        """Write the histories (tensors only) atomically."""
-        if self.path is None:
+        """Write the histories (tensors only) atomically: per stage its samples and one
+        ``(steps, images, h, w)`` uint8 block of strip cells."""
+        self._saved_at = time.monotonic()
+        if self.path is None or not self.stages:
             return
-        data: dict[str, Any] = {"version": 1, "stages": {}}
+        data: dict[str, Any] = {"version": 2, "stages": {}}
         for base, h in self.stages.items():
             steps = sorted(h.cells)
             names = list(dict.fromkeys(n for s in steps for n in h.cells[s]))
+            block = None
+            if steps:
+                ch, cw = next(iter(h.cells[steps[-1]].values())).shape
+                block = np.full((len(steps), len(names), ch, cw), SEPARATOR_INDEX, np.uint8)
+                for i, s in enumerate(steps):
+                    for j, n in enumerate(names):
+                        cell = h.cells[s].get(n)
+                        if cell is not None and cell.shape == (ch, cw):
+                            block[i, j] = cell
+                block = torch.from_numpy(block)
             data["stages"][base] = {
                 "shape": list(h.shape),
                 "names": list(h.names),
@@ -169,11 +219,7 @@ class History:
                 "last_step": h.last_step,
                 "cell_steps": steps,
                 "cell_names": names,
-                "cells": {
-                    f"{s}/{n}": torch.from_numpy(h.cells[s][n].copy())
-                    for s in steps
-                    for n in h.cells[s]
-                },
+                "cells": block,
             }
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save(data, tmp)
@@ -190,9 +236,12 @@ class History:
                     last=d["last"],
                     last_step=d["last_step"],
                 )
-                for key, cell in d["cells"].items():
-                    s, name = key.split("/", 1)
-                    h.cells.setdefault(int(s), {})[name] = cell.numpy()
+                block = d["cells"]
+                if block is not None:
+                    for i, s in enumerate(d["cell_steps"]):
+                        h.cells[int(s)] = {
+                            n: block[i, j].numpy() for j, n in enumerate(d["cell_names"])
+                        }
                 self.stages[base] = h
         except Exception as e:  # a damaged history starts over; the events are unaffected
             import warnings

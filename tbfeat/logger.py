@@ -131,6 +131,7 @@ class FeatureLogger:
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self._step_extra: dict[int, dict[str, dict[str, Any]]] = {}
+        self._probing = False
         self._history: History | None = None
         self.gate: Callable[[], bool] | None = None
         """Integrations set a predicate; hooks capture only while it returns True."""
@@ -225,6 +226,7 @@ class FeatureLogger:
             self._detach()
         finally:
             self.finish_step()
+            self._sink.call(self._save_history)  # after the last step, on the writer thread
             self._sink.close()
             self._closed = True
 
@@ -300,10 +302,12 @@ class FeatureLogger:
                 m.training = False
             self.install_hooks(stages, root=module)
             self._forward_id += 1
+            self._probing = True
             self._names = list(names)
             with torch.no_grad():
                 return self.adapter.forward(prepared, module)
         finally:
+            self._probing = False
             self.gate = gate
             for m in training:
                 m.training = True
@@ -415,8 +419,8 @@ class FeatureLogger:
                 names = [self._image_name(done + i) for i in range(k)]
                 if opts.grids:
                     tags = [f"features/{base}/{name}" for name in names]
-                if not (opts.drift or opts.evolution):
-                    names = None
+                if not (self._probing and (opts.drift or opts.evolution)):
+                    names = None  # drift compares the same probe images: log() only
             self._dispatch(_Capture(base, self._step, x, stats, tags, names))
         if not found:
             self._note(
@@ -569,15 +573,18 @@ class FeatureLogger:
                     warn=True,
                 )
         self._sink.submit(bundle)
-        if history is not None:
-            try:
-                history.save()
-            except OSError as e:
-                self._note(
-                    f"history:{type(e).__name__}",
-                    f"tbfeat: drift history not saved: {e}",
-                    warn=True,
-                )
+        if history is not None and history.due():
+            self._save_history()
+
+    def _save_history(self) -> None:
+        if self._history is None:
+            return
+        try:
+            self._history.save()
+        except OSError as e:
+            self._note(
+                f"history:{type(e).__name__}", f"tbfeat: drift history not saved: {e}", warn=True
+            )
 
     def flush(self) -> None:
         """End the current step and block until everything logged is on disk."""

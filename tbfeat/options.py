@@ -59,9 +59,9 @@ class LogOptions:
     hist_bins: int = 64
     drift: bool = True
     evolution: bool = True
-    drift_samples: int = 512
+    drift_samples: int = 256
     evolution_steps: int = 32
-    evolution_cell: int = 32
+    evolution_cell: int = 16
     every: int = 1
     imgsz: int | None = None
 

@@ -85,7 +85,7 @@ def test_history_resumes_across_loggers_and_is_bounded(tmp_path):
     acc = run_steps(tmp_path, [(3, 0.0), (4, 0.2), (5, 0.2)], evolution_steps=3)
     assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3, 4, 5]
     last = acc.Images("evolution/00_Conv2d")[-1]
-    assert last.step == 5 and last.width == 3 * 21 - 1  # 20 px cells; only the last 3 steps
+    assert last.step == 5 and last.width == 3 * 15 - 1  # 14 px cells; only the last 3 steps
     size = (tmp_path / HISTORY_FILE).stat().st_size
     assert size < 2_000_000
 
@@ -128,4 +128,4 @@ def test_a_sweep_extended_with_a_checkpoint_continues(tmp_path):
     sweep(tmp_path / "model_0.pth", tmp_path / "model_1.pth", tmp_path / "model_2.pth")
     acc = read_events(tmp_path / "sweep", derived=True)
     assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3]
-    assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (24 + 1) - 1
+    assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (12 + 1) - 1  # 24 px maps, 12 px cells
