@@ -85,23 +85,11 @@ class TensorBoard:
     kept (the setting ``tbfeat board`` uses); a context manager that always stops it."""
 
     def __init__(self, logdir: str | Path, *, port: int | None = None, log: Path | None = None):
-        from tbfeat.cli import ALL_STEPS
+        from tbfeat.cli import board_command
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(logdir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--samples_per_plugin",
-            f"images={ALL_STEPS}",
-        ]
+        self.command = board_command(logdir, self.port)
         self.own_log = log is None  # removed by stop()
         if log is None:
             fd, name = tempfile.mkstemp(prefix="tensorboard-", suffix=".log")

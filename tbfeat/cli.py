@@ -334,20 +334,17 @@ def _log_metrics(logger: Any, trainer: Any) -> None:
 
 
 # ------------------------------------------------------------------------- board
+def board_command(logdir: str | Path, port: int) -> list[str]:
+    """The TensorBoard command ``tbfeat board`` runs: localhost only, every image step kept."""
+    return [
+        sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--samples_per_plugin", f"images={ALL_STEPS}",
+    ]  # fmt: skip
+
+
 def run_board(logdir: Path, port: int) -> int:
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorboard.main",
-        "--logdir",
-        str(logdir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--samples_per_plugin",
-        f"images={ALL_STEPS}",
-    ]
+    cmd = board_command(logdir, port)
     print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
     sys.stderr.flush()
     # Become TensorBoard: signals (Ctrl-C, a terminate) reach it directly, no orphan left.

@@ -128,4 +128,5 @@ def test_a_sweep_extended_with_a_checkpoint_continues(tmp_path):
     sweep(tmp_path / "model_0.pth", tmp_path / "model_1.pth", tmp_path / "model_2.pth")
     acc = read_events(tmp_path / "sweep", derived=True)
     assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3]
-    assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (12 + 1) - 1  # 24 px maps, 12 px cells
+    # 24 px maps, 12 px cells
+    assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (12 + 1) - 1
