@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +80,18 @@ def to_tensors(
     return tensors, unique_names(names)
 
 
-def unique_names(names: list[str]) -> list[str]:
-    """Names made unique by suffixing repeats with ``_1``, ``_2``, ..."""
-    seen: dict[str, int] = {}
+def unique_names(names: Iterable[str], taken: Iterable[str] = ()) -> list[str]:
+    """``names`` made unique among themselves and ``taken``: a repeat gets the first free
+    ``_1``, ``_2``, ... suffix."""
+    used = set(taken)
     out = []
-    for name in names:
-        k = seen.get(name, 0)
-        seen[name] = k + 1
-        out.append(name if k == 0 else f"{name}_{k}")
+    for base in names:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        out.append(name)
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import adapt
 from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
-from .images import ImageLike
+from .images import ImageLike, unique_names
 from .options import LogOptions
 from .render import feature_tiles, select_channels
 from .stages import Stage, StageSpec, resolve_stages, sanitize
@@ -355,15 +355,7 @@ class FeatureLogger:
 
         Names are sanitized for tags; a name already used in this step gets ``_1``, ...
         """
-        used = set(self._names)
-        for name in names:
-            base = name = sanitize(name)
-            k = 0
-            while name in used:
-                k += 1
-                name = f"{base}_{k}"
-            used.add(name)
-            self._names.append(name)
+        self._names += unique_names((sanitize(n) for n in names), taken=self._names)
 
     def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
         if self.gate is not None and not self.gate():
@@ -503,7 +495,7 @@ class FeatureLogger:
                 extra["cells"][name] = cell
         extra["names"] += job.names
 
-    def _history_for(self) -> History | None:
+    def _history_for(self) -> History:
         """The run's drift/evolution history, loaded from (and saved to) its logdir."""
         logdir = self._sink.logdir
         if logdir is None:

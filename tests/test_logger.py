@@ -387,3 +387,14 @@ def test_bad_arguments_raise_clear_errors():
         logger.log(np.zeros((4, 4, 3), dtype=np.uint32), step=0)
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         logger.log("missing.jpg", step=0)
+
+
+def test_repeated_image_names_get_the_first_free_suffix():
+    from tbfeat.images import unique_names
+
+    assert unique_names(["bus", "bus", "bus_1", "a"]) == ["bus", "bus_1", "bus_1_1", "a"]
+    assert unique_names(["bus", "x"], taken=["bus", "bus_1"]) == ["bus_2", "x"]
+    logger = FeatureLogger(nn.Sequential(nn.Identity()))
+    logger.add_image_names(["a b", "a_b"])
+    logger.add_image_names(["a/b"])
+    assert logger._names == ["a_b", "a_b_1", "a_b_2"]

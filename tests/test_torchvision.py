@@ -20,30 +20,32 @@ SMALL = {"min_size": 128, "max_size": 160}  # keep the R50 detectors quick on a 
 
 # builder -> (builder kwargs, expected stage keys)
 RESNET_FPN = ["00_stem", "01_layer1", "02_layer2", "03_layer3", "04_layer4"]
+RCNN_KEYS = RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_3", "09_fpn_pool"]
+P6P7_KEYS = RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_p6", "09_fpn_p7"]
 DETECTORS = {
     "fasterrcnn_resnet50_fpn": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_3", "09_fpn_pool"],
+        RCNN_KEYS,
     ),
     "fasterrcnn_resnet50_fpn_v2": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_3", "09_fpn_pool"],
+        RCNN_KEYS,
     ),
     "maskrcnn_resnet50_fpn": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_3", "09_fpn_pool"],
+        RCNN_KEYS,
     ),
     "keypointrcnn_resnet50_fpn": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_3", "09_fpn_pool"],
+        RCNN_KEYS,
     ),
     "retinanet_resnet50_fpn": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_p6", "09_fpn_p7"],
+        P6P7_KEYS,
     ),
     "fcos_resnet50_fpn": (
         SMALL,
-        RESNET_FPN + ["05_fpn_0", "06_fpn_1", "07_fpn_2", "08_fpn_p6", "09_fpn_p7"],
+        P6P7_KEYS,
     ),
     "fasterrcnn_mobilenet_v3_large_fpn": (
         SMALL,
