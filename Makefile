@@ -9,16 +9,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --isolated --disable-pip-version-check
 TORCH_PAIR ?= torch==2.13.0 torchvision==0.28.0
+# The newest Ultralytics release, tested by `make test`; `make test-compat` tests another.
+ULTRALYTICS_PIN ?= ultralytics==8.4.190
 STAMP := $(VENV)/.tbfeat-installed
 
-.PHONY: setup test demo browser bench docs clean
+.PHONY: setup test test-compat demo browser bench docs clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_PAIR)
-	$(PIP) -e ".[ultralytics,lightning,dev]" $(TORCH_PAIR)
+	$(PIP) -e ".[ultralytics,lightning,dev]" $(TORCH_PAIR) $(ULTRALYTICS_PIN)
 	$(BIN)/python -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)"
 	touch $(STAMP)
 
@@ -31,6 +33,21 @@ test: $(STAMP) browser
 	$(BIN)/ruff check tbfeat tests scripts
 	$(BIN)/python -m pytest
 
+# The Ultralytics tests against another release, e.g. the oldest pyproject.toml allows:
+#   make test-compat ULTRALYTICS=8.3.0
+# That release goes into its own folder (.compat/), ahead of the pinned one on PYTHONPATH;
+# pandas is what releases before 8.4 need beyond the pinned one's requirements.
+ULTRALYTICS ?= 8.3.0
+COMPAT := .compat/ultralytics-$(ULTRALYTICS)
+test-compat: $(STAMP)
+	test -f $(COMPAT)/.installed || { \
+	  $(PIP) -q --no-deps --target $(COMPAT) "ultralytics==$(ULTRALYTICS)" \
+	    pandas python-dateutil pytz tzdata && touch $(COMPAT)/.installed; }
+	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/python -c \
+	  "import ultralytics; print('testing ultralytics', ultralytics.__version__)"
+	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/test_ultralytics.py tests/test_regressions.py
+
 demo: $(STAMP)
 	$(BIN)/tbfeat demo --dir runs/demo
 
@@ -41,4 +58,4 @@ docs: $(STAMP) browser
 	$(BIN)/python scripts/screenshots.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .compat

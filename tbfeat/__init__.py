@@ -6,19 +6,25 @@ Example:
     ...     model(images)
 """
 
+from .adapters import Probes, list_stages
 from .logger import FeatureLogger
 from .options import LogOptions
 from .render import colorize, feature_grid
-from .stages import Stage, list_stages
+from .stages import Stage
 from .stats import STAT_NAMES
+from .sweep import SweepError, SweepResult, sweep
 
 __all__ = [
     "STAT_NAMES",
     "FeatureLogger",
     "LogOptions",
+    "Probes",
     "Stage",
+    "SweepError",
+    "SweepResult",
     "colorize",
     "feature_grid",
     "list_stages",
+    "sweep",
 ]
 __version__ = "0.1.0"

@@ -2,23 +2,23 @@
 
 The core knows nothing about frameworks. :func:`adapt` hands framework objects to the
 integration module that understands them (imported only then), and wraps any other
-``nn.Module`` in the generic :class:`ModelAdapter`.
+``nn.Module`` in the generic :class:`ModelAdapter`. Adapters describe models; they hold
+no logger and no logging state.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .hooks import OutputCallback, StageHooks, eval_mode
 from .images import ImageLike, to_tensors
 from .stages import Stage, generic_stages
-
-if TYPE_CHECKING:
-    from .logger import FeatureLogger
 
 # (top-level package of the model's class, integration module). The integration module's
 # ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
@@ -28,22 +28,28 @@ INTEGRATIONS: list[tuple[str, str]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Probes:
+    """Probe inputs ready for :meth:`ModelAdapter.forward`, and one name per image."""
+
+    inputs: tuple[Any, ...]
+    names: tuple[str, ...]
+
+
 class ModelAdapter:
     """Generic adapter: any ``nn.Module``, its direct children as stages.
 
     Integrations subclass it to name better stages, prepare inputs the way their models
-    expect them, and attach framework callbacks while a logger is active.
+    expect them, and attach framework callbacks while a logger's ``with`` block lasts.
     """
 
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
-        self.logger: FeatureLogger | None = None
-        """The logger this adapter serves (set by :class:`~tbfeat.FeatureLogger`)."""
 
     def candidate_stages(self) -> list[Stage]:
-        """Everything :func:`tbfeat.list_stages` shows; indices in ``stages=`` refer to it."""
+        """Everything :func:`list_stages` shows; indices in ``stages=`` refer to it."""
         return generic_stages(self.module)
 
     def default_stages(self) -> list[Stage]:
@@ -64,38 +70,61 @@ class ModelAdapter:
         return torch.float32
 
     def prepare(
-        self, inputs: ImageLike | Sequence[ImageLike], names: Sequence[str] | None
-    ) -> tuple[Any, list[str]]:
+        self,
+        inputs: ImageLike | Sequence[ImageLike],
+        names: Sequence[str] | None = None,
+        *,
+        imgsz: int | None = None,
+    ) -> Probes:
         """Validate and convert probe inputs before any hook exists.
 
-        Returns what :meth:`forward` takes and one name per image, in the order the
-        images reach the hooks.
+        Args:
+            inputs: Images (see :func:`tbfeat.images.to_tensors`).
+            names: One name per image; default file stems or positions.
+            imgsz: The size integrations letterbox to; plain modules take images as given.
         """
         tensors, names = to_tensors(inputs, names)
         device, dtype = self.device(), self.dtype()
-        return [t.to(device=device, dtype=dtype) for t in tensors], names
+        return Probes(tuple(t.to(device=device, dtype=dtype) for t in tensors), tuple(names))
 
-    def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
-        """Run ``module`` (default the adapter's) on :meth:`prepare`'s result.
+    def forward(
+        self, inputs: Sequence[Any], module: nn.Module | None = None, stages: Sequence[Stage] = ()
+    ) -> Any:
+        """Run ``module`` (default the adapter's) on :meth:`prepare`'s inputs.
 
-        Eval mode and no_grad are already set. Images of one size run as one batch;
-        images of different sizes run one by one (the result is then a list of outputs).
+        Eval mode and no_grad are already set; ``stages`` are the stages hooked (a
+        detector runs its heads only when one lies there). Images of one size run as one
+        batch; images of different sizes run one by one (the result is then a list).
         """
         module = self.module if module is None else module
-        if len({tuple(t.shape) for t in prepared}) == 1:
-            return module(torch.stack(prepared))
-        return [module(t.unsqueeze(0)) for t in prepared]
+        if len({tuple(t.shape) for t in inputs}) == 1:
+            return module(torch.stack(list(inputs)))
+        return [module(t.unsqueeze(0)) for t in inputs]
 
-    def attach(self, logger: FeatureLogger) -> None:
-        """Called when a logger's ``with`` block starts: hook the logger's stages.
+    def run_probe(
+        self,
+        probes: Probes,
+        stages: Sequence[Stage],
+        on_output: OutputCallback,
+        *,
+        module: nn.Module | None = None,
+        **hook_kwargs: Any,
+    ) -> Any:
+        """The probe path: ``module`` (default the adapter's) in eval mode under
+        ``torch.no_grad()`` with ``stages`` hooked, run on ``probes``; hooks removed and
+        every module's mode restored afterwards, also when the forward raises."""
+        module = self.module if module is None else module
+        with eval_mode(module), StageHooks(stages, on_output, root=module, **hook_kwargs):
+            return self.forward(probes.inputs, module, stages)
 
-        Integrations override it to add framework callbacks instead.
+    def attach(self, logger: Any) -> Callable[[], None]:
+        """Called when a logger's ``with`` block starts; returns what undoes it.
+
+        The generic adapter captures every forward of its module for the block;
+        integrations add framework callbacks instead.
         """
-        logger.install_hooks(logger.stages, root=self.module)
-
-    def detach(self, logger: FeatureLogger) -> None:
-        """Undo :meth:`attach`; called on exit, also after an exception. Safe to call twice."""
-        logger.remove_hooks()
+        logger.begin(self.module)
+        return logger.end
 
 
 def adapt(model: object) -> ModelAdapter:
@@ -129,3 +158,19 @@ def unwrap(model: object) -> object:
             continue
         break
     return model
+
+
+def list_stages(model: object) -> list[Stage]:
+    """The stages a model offers for ``stages=``, with their index, name, type and tag key.
+
+    Integrations supply the list for Ultralytics and torchvision models; any other
+    ``nn.Module`` offers its direct children. Deeper modules can still be chosen by
+    their qualified name (``"layer1.0.conv1"``).
+
+    Example:
+        >>> import torchvision
+        >>> from tbfeat import list_stages
+        >>> [s.name for s in list_stages(torchvision.models.resnet18(weights=None))][:5]
+        ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
+    """
+    return adapt(model).candidate_stages()

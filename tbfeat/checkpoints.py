@@ -1,4 +1,5 @@
-"""Checkpoints: find them, tell Ultralytics from state dicts, load them, read their epoch.
+"""Checkpoints and models: find them, tell Ultralytics from state dicts, load them, read
+their epoch; build a model from a checkpoint, an Ultralytics yaml or a builder name.
 
 Ultralytics checkpoints pickle whole modules and load only with full unpickling (as
 Ultralytics itself loads them): such a file runs code when loaded and must come from a
@@ -121,3 +122,78 @@ def load_state_dict_model(path: Path, arch: str | None, **kwargs: Any) -> tuple[
     epoch = meta.get("epoch")
     step = int(epoch) + 1 if isinstance(epoch, int) and epoch >= 0 else None
     return model, step
+
+
+def read_epoch_step(path: Path, kind: str) -> int | None:
+    """The 1-based epoch a checkpoint stores (Ultralytics and torchvision store 0-based,
+    -1 once stripped), read with a memory-mapped load."""
+    import argparse
+
+    import torch
+
+    try:
+        if kind == "state_dict":
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        else:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        ) from None
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return int(epoch) + 1 if isinstance(epoch, int) and epoch >= 0 else None
+
+
+def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
+    """``min_size``/``max_size`` for torchvision detection builders when ``imgsz`` is set."""
+    if not arch or not imgsz:
+        return {}
+    import inspect
+
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        return {}
+    module = inspect.getmodule(builder)
+    if module is not None and module.__name__.startswith("torchvision.models.detection"):
+        return {"min_size": imgsz, "max_size": imgsz}
+    return {}
+
+
+def load_checkpoint_model(path: Path, kind: str, arch: str | None, imgsz: int | None) -> Any:
+    """The model a checkpoint file holds: Ultralytics' own, or ``arch`` with the state dict."""
+    if kind == "ultralytics":
+        return load_ultralytics(path)[0]
+    return load_state_dict_model(path, arch, **detector_size(arch, imgsz))[0]
+
+
+def load_model(path_or_name: str, arch: str | None = None, imgsz: int | None = None) -> Any:
+    """A model from a checkpoint file, an Ultralytics yaml or a torchvision builder name."""
+    path = Path(path_or_name)
+    if path.is_file() and path.suffix in SUFFIXES:
+        return load_checkpoint_model(path, kind_of(path), arch, imgsz)
+    if path_or_name.endswith((".yaml", ".yml")):
+        from ultralytics import RTDETR, YOLO
+
+        try:
+            cls = RTDETR if "rtdetr" in path.name else YOLO
+            return cls(path_or_name)
+        except Exception as e:
+            raise CheckpointError(f"cannot build {path_or_name!r}: {e}") from None
+    import torchvision
+
+    if path_or_name in torchvision.models.list_models():
+        from .integrations.torchvision import build
+
+        kwargs = {"weights_backbone": None, **detector_size(path_or_name, imgsz)}
+        return build(path_or_name, **kwargs)
+    if not path.exists() and path.suffix:
+        raise CheckpointError(f"checkpoint not found: {path_or_name!r}")
+    raise CheckpointError(
+        f"unknown model {path_or_name!r}: give a checkpoint file, an Ultralytics yaml "
+        "(yolov8n.yaml) or a torchvision builder name (fasterrcnn_resnet50_fpn)"
+    )

@@ -7,7 +7,6 @@ stage) print one line on stderr and exit with status 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,11 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ALL_STEPS = 100_000
 """``--samples_per_plugin images=`` value: TensorBoard keeps only 10 image steps per tag by
 default (tensorboard#1575), and ``images=0`` shows none (tensorboard#5550)."""
-MANIFEST = "tbfeat-sweep.json"
 
 
 class UsageError(Exception):
@@ -27,236 +24,48 @@ class UsageError(Exception):
 
 
 # ------------------------------------------------------------------------- helpers
-def collect_images(paths: list[str]) -> list[Path]:
-    """Image files as given; folders expand to the image files in them (sorted)."""
-    images: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(path)!r}")
-            images += found
-        elif path.is_file():
-            images.append(path)
-        else:
-            raise UsageError(f"image not found: {str(path)!r}")
-    from .images import load_image
-
-    for image in images:  # fail before any checkpoint is loaded
-        try:
-            load_image(image)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"{e}; pass readable image files") from None
-    return images
-
-
 def parse_stages(values: list[str] | None) -> list[int | str] | None:
     if not values:
         return None
     return [int(v) if v.lstrip("-").isdigit() else v for v in values]
 
 
-def load_model(path_or_name: str, arch: str | None, imgsz: int | None) -> tuple[Any, int | None]:
-    """A model from a checkpoint file, an Ultralytics yaml or a torchvision builder name,
-    and the checkpoint's 1-based epoch (``None`` when it stores none)."""
-    from .checkpoints import kind_of, load_state_dict_model, load_ultralytics
-
-    path = Path(path_or_name)
-    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
-        if kind_of(path) == "ultralytics":
-            return load_ultralytics(path)
-        return load_state_dict_model(path, arch, **detector_size(arch, imgsz))
-    if path_or_name.endswith((".yaml", ".yml")):
-        from ultralytics import RTDETR, YOLO
-
-        try:
-            cls = RTDETR if "rtdetr" in path.name else YOLO
-            return cls(path_or_name), None
-        except Exception as e:
-            raise UsageError(f"cannot build {path_or_name!r}: {e}") from None
-    import torchvision
-
-    if path_or_name in torchvision.models.list_models():
-        from .integrations.torchvision import build
-
-        kwargs = {"weights_backbone": None, **detector_size(path_or_name, imgsz)}
-        return build(path_or_name, **kwargs), None
-    if not path.exists() and path.suffix:
-        raise UsageError(f"checkpoint not found: {path_or_name!r}")
-    raise UsageError(
-        f"unknown model {path_or_name!r}: give a checkpoint file, an Ultralytics yaml "
-        "(yolov8n.yaml) or a torchvision builder name (fasterrcnn_resnet50_fpn)"
-    )
-
-
-def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
-    """``min_size``/``max_size`` for torchvision detection builders when ``--imgsz`` is set."""
-    if not arch or not imgsz:
-        return {}
-    import inspect
-
-    import torchvision
-
-    try:
-        builder = torchvision.models.get_model_builder(arch)
-    except ValueError:
-        return {}
-    module = inspect.getmodule(builder)
-    if module is not None and module.__name__.startswith("torchvision.models.detection"):
-        return {"min_size": imgsz, "max_size": imgsz}
-    return {}
-
-
 # ------------------------------------------------------------------------- sweep
-def read_epoch_step(path: Path, kind: str) -> int | None:
-    """The 1-based epoch a checkpoint stores (Ultralytics and torchvision store 0-based,
-    -1 once stripped), read with a memory-mapped load."""
-    import argparse as _argparse
-
-    import torch
-
-    try:
-        if kind == "state_dict":
-            with torch.serialization.safe_globals([_argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        else:
-            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:
-        raise UsageError(
-            f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        ) from None
-    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
-    return int(epoch) + 1 if isinstance(epoch, int) and epoch >= 0 else None
-
-
-def plan_sweep(paths: list[Path]) -> list[tuple[int, Path, str]]:
-    """``(step, path, kind)`` in step order: the stored epoch (1-based), else the number
-    in the file name, else the order given (after the others)."""
-    from .checkpoints import kind_of, step_from_name
-
-    planned: list[tuple[int | None, Path, str]] = []
-    for path in paths:
-        try:
-            kind = kind_of(path)
-            step = read_epoch_step(path, kind)
-        except (UsageError, ValueError):  # unreadable: it fails in its turn, after the others
-            kind, step = "unreadable", None
-        if step is None:
-            step = step_from_name(path)
-        planned.append((step, path, kind))
-    known = [s for s, _, _ in planned if s is not None]
-    next_step = max(known, default=0) + 1
-    result = []
-    for step, path, kind in planned:
-        if step is None:
-            step, next_step = next_step, next_step + 1
-        result.append((step, path, kind))
-    result.sort(key=lambda item: item[0])
-    seen: dict[int, Path] = {}
-    unique = []
-    for step, path, kind in result:
-        if step in seen:
-            print(
-                f"tbfeat: {path} is also step {step} (as {seen[step]}); logging the first",
-                file=sys.stderr,
-            )
-            continue
-        seen[step] = path
-        unique.append((step, path, kind))
-    return unique
-
-
-def read_manifest(logdir: Path) -> dict[str, Any]:
-    path = logdir / MANIFEST
-    if not path.is_file():
-        return {"version": 1, "steps": {}}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(
-            f"{str(path)!r} is unreadable; delete it or use --overwrite to start over"
-        ) from None
-
-
-def write_manifest(logdir: Path, manifest: dict[str, Any]) -> None:
-    tmp = logdir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, logdir / MANIFEST)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from .checkpoints import (
-        CheckpointError,
-        find_checkpoints,
-        kind_of,
-        load_state_dict_model,
-        load_ultralytics,
-    )
-    from .logger import FeatureLogger
-    from .options import LogOptions
+    from .sweep import collect_images, print_warning, sweep
 
     images = collect_images(args.images)
-    options = LogOptions(max_channels=args.max_channels, max_images=len(images), imgsz=args.imgsz)
-    stages = parse_stages(args.stages)
-    plan = plan_sweep(find_checkpoints(args.checkpoints))
-    logdir = Path(args.logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(logdir)
-    if args.overwrite:
-        for name in manifest.get("event_files", []):
-            (logdir / name).unlink(missing_ok=True)
-        manifest = {"version": 1, "steps": {}}
-    todo = [item for item in plan if str(item[0]) not in manifest["steps"]]
-    for step, path, _ in plan:
-        if str(step) in manifest["steps"]:
-            print(
-                f"tbfeat: step {step} ({path.name}) is already in {logdir}; skipped "
-                "(--overwrite to redo)",
-                file=sys.stderr,
-            )
-    if not todo:
-        print(f"nothing to do: every step is already in {logdir}")
-        return 0
-    before = set(logdir.glob("events.out.tfevents.*"))
-    writer = SummaryWriter(log_dir=str(logdir))  # opens this sweep's own event file
-    manifest.setdefault("event_files", [])
-    manifest["event_files"] += sorted(
-        p.name for p in set(logdir.glob("events.out.tfevents.*")) - before
-    )
-    bar = tqdm(total=len(todo) * len(images), unit="img", desc="sweep", file=sys.stderr)
+    bar = tqdm(unit="img", desc="sweep", file=sys.stderr)
+
+    def on_step(planned: Any) -> None:
+        bar.set_postfix_str(f"step {planned.step}: {planned.path.name}", refresh=False)
+        bar.update(len(images))
+
     try:
-        for step, path, kind in todo:
-            bar.set_postfix_str(f"step {step}: {path.name}")
-            if kind == "unreadable":
-                kind = kind_of(path)  # raises the reason
-                read_epoch_step(path, kind)
-            if kind == "ultralytics":
-                model, _ = load_ultralytics(path)
-            else:
-                model, _ = load_state_dict_model(
-                    path, args.arch, **detector_size(args.arch, args.imgsz)
-                )
-            logger = FeatureLogger(model, writer=writer, stages=stages, options=options)
-            try:
-                logger.log(list(images), step=step)
-            finally:
-                logger.close()  # waits until the step is on disk
-            manifest["steps"][str(step)] = {"checkpoint": str(path.resolve()), "time": time.time()}
-            write_manifest(logdir, manifest)
-            bar.update(len(images))
-    except (CheckpointError, UsageError) as e:
-        raise UsageError(f"{e} (steps logged before it are kept in {logdir})") from None
+        result = sweep(
+            args.checkpoints,
+            images=images,
+            logdir=args.logdir,
+            arch=args.arch,
+            stages=parse_stages(args.stages),
+            imgsz=args.imgsz,
+            overwrite=args.overwrite,
+            on_step=on_step,
+            warn=print_warning,
+            max_channels=args.max_channels,
+            max_images=len(images),
+        )
     finally:
         bar.close()
-        writer.close()
-        write_manifest(logdir, manifest)
-    print(f"logged steps {', '.join(str(s) for s, _, _ in todo)} to {logdir}")
-    print(f"open: tbfeat board {logdir}")
+    for step in result.skipped:
+        print_warning(f"step {step} is already in {result.logdir}; skipped (--overwrite to redo)")
+    if not result.logged:
+        print(f"nothing to do: every step is already in {result.logdir}")
+        return 0
+    print(f"logged steps {', '.join(map(str, result.logged))} to {result.logdir}")
+    print(f"open: tbfeat board {result.logdir}")
     return 0
 
 
@@ -268,6 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("the demo needs Ultralytics: pip install 'tbfeat[ultralytics]'") from None
     from .logger import FeatureLogger
+    from .sweep import sweep
     from .synthetic import make_shapes_dataset
 
     root = Path(args.dir).resolve()
@@ -295,18 +105,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"[demo] trained {args.epochs} epochs; feature maps of 4 validation images "
         f"logged every epoch into {train_dir}"
     )
-    probes = [str(Path(ASSETS) / "bus.jpg"), str(Path(ASSETS) / "zidane.jpg")]
-    sweep_args = argparse.Namespace(
-        checkpoints=[str(train_dir / "weights")],
-        images=probes,
-        logdir=str(root / "sweep"),
-        imgsz=args.imgsz,
-        arch=None,
-        stages=None,
-        max_channels=16,
-        overwrite=True,
+    probes = [Path(ASSETS) / "bus.jpg", Path(ASSETS) / "zidane.jpg"]
+    result = sweep(
+        [train_dir / "weights"], images=probes, logdir=root / "sweep", imgsz=args.imgsz,
+        overwrite=True, max_channels=16,
+    )  # fmt: skip
+    print(
+        f"[demo] swept checkpoints of epochs {', '.join(map(str, result.logged))} into "
+        f"{result.logdir}"
     )
-    cmd_sweep(sweep_args)
     elapsed = time.perf_counter() - t0
     print(
         f"[demo] done in {elapsed:.0f}s. Compare epochs in TensorBoard (Images tab, step slider):"
@@ -324,8 +131,7 @@ def _log_metrics(logger: Any, trainer: Any) -> None:
     if epoch > trainer.epochs:  # final_eval of best.pt reuses this callback
         return
     values = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.metrics}
-    for key, value in values.items():
-        logger.writer.add_scalar(key, float(value), epoch)
+    logger.add_scalars(values, step=epoch)
     print(
         f"[demo] epoch {epoch}/{trainer.epochs}: box_loss {values.get('train/box_loss', 0):.3f}"
         f", mAP50 {values.get('metrics/mAP50(B)', 0):.3f}",
@@ -362,54 +168,32 @@ def cmd_board(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- stages
 def cmd_stages(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
 
-    from .logger import FeatureLogger
+    from .adapters import adapt
+    from .checkpoints import load_model
+    from .stages import resolve_stages
 
-    model, _ = load_model(args.model, args.arch, args.imgsz)
-    logger = FeatureLogger(model, imgsz=args.imgsz, stages=parse_stages(args.stages))
-    adapter = logger.adapter
+    adapter = adapt(load_model(args.model, args.arch, args.imgsz))
     stages = adapter.candidate_stages()
     default = {(s.name, s.output) for s in adapter.default_stages()}
-    chosen = logger.stages if args.stages else None
+    chosen = None
+    if args.stages:
+        chosen = resolve_stages(adapter.module, stages, parse_stages(args.stages), default=None)
     shapes: dict[tuple[str, Any], str] = {}
 
-    def record(stage):
-        def hook(module, inputs, output):
-            if stage.output is not None:
-                output = output[stage.output]
-            shapes.setdefault((stage.name, stage.output), _shape(output))
+    def record(stage: Any, output: Any) -> None:
+        if stage.output is not None:
+            output = output[stage.output]
+        shapes.setdefault((stage.name, stage.output), _shape(output))
 
-        return hook
-
-    handles = [s.module.register_forward_hook(record(s)) for s in stages]
     size = args.imgsz or 640
-    probe = np.full((size, size, 3), 114, dtype=np.uint8)
-    training = [m for m in adapter.module.modules() if m.training]
-    try:
-        for m in training:
-            m.training = False
-        prepared, _ = adapter.prepare([probe], None)
-        with torch.no_grad():
-            adapter.forward(prepared)
-    finally:
-        for h in handles:
-            h.remove()
-        for m in training:
-            m.training = True
+    probes = adapter.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
+    adapter.run_probe(probes, stages, record)
     rows = [("", "index", "tag key", "name", "type", "output shape")]
     for s in stages:
         mark = "*" if (s.name, s.output) in default else ""
-        rows.append(
-            (
-                mark,
-                str(s.index),
-                s.key,
-                s.name + (f":{s.output}" if s.output else ""),
-                s.type,
-                shapes.get((s.name, s.output), "-"),
-            )
-        )
+        name = s.name + (f":{s.output}" if s.output else "")
+        rows.append((mark, str(s.index), s.key, name, s.type, shapes.get((s.name, s.output), "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

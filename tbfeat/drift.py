@@ -14,9 +14,10 @@ and picked up again when a run resumes or a sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,10 @@ def cka_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     """Linear CKA of two ``(samples, features)`` matrices with the same rows.
 
-    Computed as ``<Kx, Ky> / (||Kx|| ||Ky||)`` with the centred Gram matrices
-    ``K = Xc Xc^T``, which equals the feature-space form ``||Yc^T Xc||_F^2 /
-    (||Xc^T Xc||_F ||Yc^T Yc||_F)``.
+    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``,
+    computed in float64 from whichever products are smaller: the features x features
+    cross-covariances when there are more samples than features, else the samples x
+    samples Gram matrices (``<Kx, Ky> / (||Kx|| ||Ky||)``, the same number).
 
     Example:
         >>> import torch
@@ -69,7 +71,15 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
             f"x and y must be (samples, features) with the same samples, got "
             f"{tuple(x.shape)} and {tuple(y.shape)}"
         )
-    return cka_from_grams(centred_gram(x.double()), centred_gram(y.double()))
+    if x.shape[0] <= max(x.shape[1], y.shape[1]):
+        return cka_from_grams(centred_gram(x.double()), centred_gram(y.double()))
+    xc = x.double() - x.double().mean(0, keepdim=True)
+    yc = y.double() - y.double().mean(0, keepdim=True)
+    cross = float((yc.T @ xc).square().sum())
+    norm = float(torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
+    if norm == 0.0:  # a constant stage: nothing to compare
+        return 1.0 if torch.equal(xc, yc) else 0.0
+    return cross / norm
 
 
 def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
@@ -124,18 +134,36 @@ class StageHistory:
 
 
 class History:
-    """The per-stage histories of a run, saved in its logdir."""
+    """What a run remembers between steps and across processes, saved in its logdir.
 
-    SAVE_EVERY_S = 30.0
-    """Between saves while a run goes on; closing the logger always saves."""
+    The first and last step the run logged (a logger that starts at or below the last one
+    starts a new run) and, per stage, drift samples and evolution cells. Saved atomically
+    (a temporary file in the same folder, then a rename) at the end of every step.
+    """
 
     def __init__(self, path: Path | None, keep: int = 32) -> None:
         self.path = path
         self.keep = keep
         self.stages: dict[str, StageHistory] = {}
-        self._saved_at = 0.0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.dirty = False
+
+    @classmethod
+    def load(cls, path: Path | None, keep: int = 32) -> History:
+        """The history saved at ``path``, or an empty one (also for a damaged file)."""
+        history = cls(path, keep)
         if path is not None and path.is_file():
-            self._load(path)
+            history._load(path)
+        return history
+
+    def saw_step(self, step: int) -> None:
+        """Record that the run logged ``step``."""
+        if self.first_step is None or step < self.first_step:
+            self.first_step = step
+        if self.last_step is None or step > self.last_step:
+            self.last_step = step
+        self.dirty = True
 
     def update(
         self,
@@ -148,6 +176,7 @@ class History:
     ) -> dict[str, float]:
         """Record one step of a stage; return ``{"": drift, "_vs_first": drift}`` (empty
         on its first step, or when the probes or the map size changed)."""
+        self.dirty = True
         h = self.stages.get(base)
         if h is None or h.shape != shape or h.names != names:
             h = self.stages[base] = StageHistory(shape=shape, names=names)
@@ -187,62 +216,39 @@ class History:
                     grid[i * (ch + 1) : i * (ch + 1) + ch, j * (cw + 1) : j * (cw + 1) + cw] = cell
         return grid
 
-    def due(self) -> bool:
-        """Whether the periodic save is due (a run that dies loses at most that much)."""
-        return time.monotonic() - self._saved_at >= self.SAVE_EVERY_S
-
     def save(self) -> None:
-        """Write the histories (tensors only) atomically: per stage its samples and one
-        ``(steps, images, h, w)`` uint8 block of strip cells."""
-        self._saved_at = time.monotonic()
-        if self.path is None or not self.stages:
+        """Write the run's steps and the stages' histories (tensors only) atomically: a
+        temporary file of this process in the same folder, then a rename."""
+        if self.path is None or not self.dirty:
             return
-        data: dict[str, Any] = {"version": 2, "stages": {}}
-        for base, h in self.stages.items():
-            steps = sorted(h.cells)
-            names = list(dict.fromkeys(n for s in steps for n in h.cells[s]))
-            block = None
-            if steps:
-                ch, cw = next(iter(h.cells[steps[-1]].values())).shape
-                block = np.full((len(steps), len(names), ch, cw), SEPARATOR_INDEX, np.uint8)
-                for i, s in enumerate(steps):
-                    for j, n in enumerate(names):
-                        cell = h.cells[s].get(n)
-                        if cell is not None and cell.shape == (ch, cw):
-                            block[i, j] = cell
-                block = torch.from_numpy(block)
-            data["stages"][base] = {
-                "shape": list(h.shape),
-                "names": list(h.names),
-                "first": h.first,
-                "last": h.last,
-                "last_step": h.last_step,
-                "cell_steps": steps,
-                "cell_names": names,
-                "cells": block,
-            }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, self.path)
+        data: dict[str, Any] = {
+            "version": 3,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "stages": {base: _stage_record(h) for base, h in self.stages.items()},
+        }
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(data, f)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self.dirty = False
 
     def _load(self, path: Path) -> None:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
+            self.first_step = data.get("first_step")
+            self.last_step = data.get("last_step")
             for base, d in data["stages"].items():
-                h = StageHistory(
-                    shape=tuple(d["shape"]),
-                    names=tuple(d["names"]),
-                    first=d["first"],
-                    last=d["last"],
-                    last_step=d["last_step"],
-                )
-                block = d["cells"]
-                if block is not None:
-                    for i, s in enumerate(d["cell_steps"]):
-                        h.cells[int(s)] = {
-                            n: block[i, j].numpy() for j, n in enumerate(d["cell_names"])
-                        }
-                self.stages[base] = h
+                self.stages[base] = _stage_from_record(d)
+                if self.last_step is None and d["last_step"] is not None:  # version 2 files
+                    self.last_step = max(d["last_step"], *d["cell_steps"])
         except Exception as e:  # a damaged history starts over; the events are unaffected
             import warnings
 
@@ -251,4 +257,46 @@ class History:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self.stages = {}
+            self.stages, self.first_step, self.last_step = {}, None, None
+
+
+def _stage_record(h: StageHistory) -> dict[str, Any]:
+    """One stage's history as tensors and plain values: its samples and one
+    ``(steps, images, h, w)`` uint8 block of strip cells."""
+    steps = sorted(h.cells)
+    names = list(dict.fromkeys(n for s in steps for n in h.cells[s]))
+    block = None
+    if steps:
+        ch, cw = next(iter(h.cells[steps[-1]].values())).shape
+        block = np.full((len(steps), len(names), ch, cw), SEPARATOR_INDEX, np.uint8)
+        for i, s in enumerate(steps):
+            for j, n in enumerate(names):
+                cell = h.cells[s].get(n)
+                if cell is not None and cell.shape == (ch, cw):
+                    block[i, j] = cell
+        block = torch.from_numpy(block)
+    return {
+        "shape": list(h.shape),
+        "names": list(h.names),
+        "first": h.first,
+        "last": h.last,
+        "last_step": h.last_step,
+        "cell_steps": steps,
+        "cell_names": names,
+        "cells": block,
+    }
+
+
+def _stage_from_record(d: dict[str, Any]) -> StageHistory:
+    h = StageHistory(
+        shape=tuple(d["shape"]),
+        names=tuple(d["names"]),
+        first=d["first"],
+        last=d["last"],
+        last_step=d["last_step"],
+    )
+    block = d["cells"]
+    if block is not None:
+        for i, s in enumerate(d["cell_steps"]):
+            h.cells[int(s)] = {n: block[i, j].numpy() for j, n in enumerate(d["cell_names"])}
+    return h

@@ -1,46 +1,34 @@
-"""The FeatureLogger: forward hooks on a model's stages, written to TensorBoard at a step."""
+"""The FeatureLogger: a thin facade over hooks, a capture session, a recorder and a sink.
+
+How a capture travels (see the README's "How it works")::
+
+    forward thread                         worker thread
+    StageHooks -> CaptureSession --post--> Worker -> Recorder -> EventSink -> disk
+
+The facade owns the configuration (model, options, stages, logdir, probe images) and the
+lifetime of the parts; the forward side owns its per-step bookkeeping; the recorder owns
+everything accumulated between steps. Only configuration crosses a process boundary: a
+pickled logger recreates its thread, writer and hooks when first used.
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
-import threading
-import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from .adapters import adapt
-from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
-from .images import ImageLike, unique_names
+from .adapters import ModelAdapter, Probes, adapt
+from .capture import CaptureSession, Notes, Scalars, SetLogdir, capture_hooks_kwargs
+from .hooks import StageHooks
+from .images import ImageLike
 from .options import LogOptions
-from .render import feature_tiles, select_channels
-from .stages import Stage, StageSpec, resolve_stages, sanitize
-from .stats import RunningStats
-from .writer import EventSink, StepBundle
-
-log = logging.getLogger("tbfeat")
-
-MAX_INFLIGHT_BYTES = 256 * 2**20
-"""Activation bytes that may wait for the writer thread; beyond, captures run inline."""
-
-
-@dataclass
-class _Capture:
-    """One stage output to summarize and draw, for the writer thread or inline."""
-
-    base: str
-    step: int
-    x: Any
-    stats: RunningStats | None
-    tags: list[str] | None
-    names: list[str] | None = None  # image names, for drift and the evolution strip
+from .recorder import RUN_MODES, Recorder
+from .stages import Stage, StageSpec, resolve_stages
+from .worker import Worker
+from .writer import EventSink, check_logdir, check_writer, global_rank, writer_logdir
 
 
 class FeatureLogger:
@@ -63,15 +51,21 @@ class FeatureLogger:
         model: A ``torch.nn.Module`` (integrations add Ultralytics and torchvision objects).
         logdir: Directory of the event files; a ``SummaryWriter`` is created there on the
             first write and closed by :meth:`close`. ``None`` with no ``writer`` gives
-            ``SummaryWriter``'s default ``runs/<date>_<host>``.
+            ``SummaryWriter``'s default ``runs/<date>_<host>`` (or an integration's run
+            folder, such as an Ultralytics trainer's ``save_dir``).
         writer: A ``SummaryWriter`` to write to instead; it is flushed, never closed.
         stages: Which stages to log: ``None`` for the model's defaults, or indices, names,
             glob patterns (``"layer*"``) and type names; see :func:`tbfeat.list_stages`.
         step: The step (epoch, checkpoint) that forwards are logged at.
-        images: Probe images for training integrations (Ultralytics ``train()``, the
-            Lightning callback): paths, PIL images, arrays or tensors. Default: the first
-            ``max_images`` images of the validation set.
+        images: Probe images for :meth:`log` and training integrations (Ultralytics
+            ``train()``, the Lightning callback): paths, PIL images, arrays or tensors.
+            Default for Ultralytics training: the first ``max_images`` validation images.
         options: A :class:`LogOptions`; keyword arguments override its fields.
+        run: What the first step does to a logdir that already holds a run: ``"auto"``
+            continues it when the step lies beyond the last step recorded there and
+            otherwise starts a new run (TensorBoard then shows the old run's steps from
+            that step on no more); ``"new"`` always starts a new run, hiding all of the old
+            one; ``"append"`` never does.
         **kwargs: :class:`LogOptions` fields (``max_channels=16``, ``cmap="magma"``, ...).
 
     Example:
@@ -99,42 +93,44 @@ class FeatureLogger:
         step: int = 0,
         images: ImageLike | Sequence[ImageLike] | None = None,
         options: LogOptions | None = None,
+        run: str = "auto",
         **kwargs: Any,
     ) -> None:
         self.options = LogOptions.from_kwargs(options, **kwargs)
-        self.adapter = adapt(model)
-        self.adapter.logger = self
+        if run not in RUN_MODES:
+            raise ValueError(f"run must be one of {', '.join(map(repr, RUN_MODES))}, got {run!r}")
+        if writer is not None and logdir is not None:
+            raise ValueError("pass either logdir or writer, not both")
+        if writer is not None:
+            check_writer(writer)
         self.model = model
+        self.adapter = adapt(model)
         self.stage_spec = stages
-        # resolve now: an unknown stage fails here, not mid-training
-        self._resolved = (self.adapter.module, self.resolve(self.adapter.module))
-        self.step = step
-        if images is not None:
-            self.adapter.prepare(images, None)  # bad probe images fail here too
+        self._resolved: tuple[nn.Module, list[Stage]] | None = None
+        self.stages  # noqa: B018 - resolve now: an unknown stage fails here, not mid-training
+        self._step = _check_step(step)
+        if images is not None:  # bad probe images fail here too
+            self.adapter.prepare(images, imgsz=self.options.imgsz)
         self.images = images
-        self._sink = EventSink(logdir, writer)
-        self._installed: tuple[list[Stage], nn.Module | None] | None = None
-        # a logger dropped without close() still drains and closes what it created
-        self._finalizer = weakref.finalize(self, self._sink.close)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.run = run
+        self.logdir = os.fspath(logdir) if logdir is not None else None
+        self._writer = writer
+        self._auto_logdir = writer is None and logdir is None
+        if self.logdir is not None and self.enabled:
+            check_logdir(self.logdir)
+        self._start()
+
+    def _start(self) -> None:
+        """The parts that live in this process only (recreated after unpickling)."""
+        self._worker: Worker | None = None
+        self._recorder: Recorder | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._session: CaptureSession | None = None
+        self._hooks: StageHooks | None = None
+        self._detach: Callable[[], None] | None = None
         self._depth = 0
-        self._attached = False
-        self._names: list[str] = []
-        self._pending: dict[str, RunningStats] = {}
-        self._counts: dict[str, int] = {}
-        self._active_step: int | None = None
-        self._channels: dict[str, torch.Tensor] = {}
-        self._noted: set[str] = set()
         self._closed = False
-        self._forward_id = 0
-        self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
-        self._step_extra: dict[int, dict[str, dict[str, Any]]] = {}
-        self._probing = False
-        self._history: History | None = None
-        self.gate: Callable[[], bool] | None = None
-        """Integrations set a predicate; hooks capture only while it returns True."""
+        self._notes = Notes()
 
     # ----------------------------------------------------------------- properties
     @property
@@ -153,36 +149,33 @@ class FeatureLogger:
 
     @step.setter
     def step(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"step must be an int, got {value!r}")
-        if getattr(self, "_active_step", None) is not None and value != self._active_step:
-            self.finish_step()
-        self._step = value
+        self._step = _check_step(value)
+        if self._session is not None:
+            self._session.set_step(self._step)
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter`` events go to (created on first access if none was given)."""
-        return self._sink.writer
+        """The ``SummaryWriter`` events go to (opened now, at :attr:`step`, if not yet)."""
+        recorder = self._pipeline()
+        return self._worker.call(lambda: recorder.writer(self._step))
 
     @property
     def flushed_step(self) -> int | None:
         """The last step whose events are on disk (written and flushed by the writer thread)."""
-        return self._sink.flushed_step
+        return self._recorder.sink.flushed_step if self._recorder is not None else None
 
     @property
     def enabled(self) -> bool:
         """False on processes other than global rank 0: they hook and write nothing."""
-        return self._sink.enabled
+        return global_rank() == 0
 
     # ----------------------------------------------------------------- life cycle
     def __enter__(self) -> FeatureLogger:
-        if self._closed:
-            raise RuntimeError("this FeatureLogger is closed; create a new one")
+        self._check_open()
         self._depth += 1
         if self._depth == 1 and self.enabled:
-            self._attached = True
             try:
-                self.adapter.attach(self)
+                self._detach = self.adapter.attach(self)
             except BaseException:
                 self._exit()
                 raise
@@ -196,23 +189,30 @@ class FeatureLogger:
         if self._depth:
             return
         try:
-            self._detach()
+            self._undo_attach()
         finally:
             self.flush()
 
-    def _detach(self) -> None:
+    def _undo_attach(self) -> None:
         """Remove the integration's callbacks and every hook; also when detaching raises."""
+        detach, self._detach = self._detach, None
         try:
-            if self._attached:
-                self._attached = False
-                self.adapter.detach(self)
+            if detach is not None:
+                detach()
         finally:
-            self.remove_hooks()
+            self.end()
 
     def at(self, step: int) -> FeatureLogger:
         """Set the step and return the logger, for ``with logger.at(epoch): model(x)``."""
         self.step = step
         return self
+
+    def flush(self) -> None:
+        """End the current step and block until everything logged is on disk."""
+        if self._session is not None:
+            self._session.end_step()
+        if self._worker is not None:
+            self._worker.join()
 
     def close(self) -> None:
         """Remove hooks, write what is pending, close the writer if this logger created it.
@@ -223,18 +223,46 @@ class FeatureLogger:
             return
         self._depth = 0
         try:
-            self._detach()
+            self._undo_attach()
         finally:
-            self.finish_step()
-            self._sink.call(self._save_history)  # after the last step, on the writer thread
-            self._sink.close()
             self._closed = True
+            if self._finalizer is not None:
+                self._finalizer()
 
     def __repr__(self) -> str:
         return (
             f"FeatureLogger({type(self.adapter.module).__name__}, stages={len(self.stages)}, "
-            f"step={self.step}, logdir={self._sink.logdir!r})"
+            f"step={self.step}, logdir={self.logdir!r})"
         )
+
+    # ----------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Configuration only: no thread, writer or hook crosses a process boundary."""
+        logdir = self.logdir
+        if logdir is None and self._writer is not None:
+            logdir = writer_logdir(self._writer)
+        return {
+            "model": self.model,
+            "logdir": logdir,
+            "auto_logdir": self._auto_logdir,
+            "stages": self.stage_spec,
+            "step": self._step,
+            "images": self.images,
+            "options": self.options,
+            "run": self.run,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(
+            state["model"],
+            state["logdir"],
+            stages=state["stages"],
+            step=state["step"],
+            images=state["images"],
+            options=state["options"],
+            run=state["run"],
+        )
+        self._auto_logdir = state["auto_logdir"]
 
     # ----------------------------------------------------------------- probes
     def log(
@@ -254,7 +282,7 @@ class FeatureLogger:
             inputs: A ``(N, C, H, W)`` tensor, or one or a list of images: ``(C, H, W)``
                 tensors, paths, PIL images or ``(H, W, C)`` arrays. Images of different
                 sizes run one at a time. Default: the ``images=`` given at construction.
-            step: The step to log at; default the logger's current :attr:`step`.
+            step: The step to log at (it becomes :attr:`step`); default :attr:`step`.
             names: One name per image for the tags; default file stems or positions.
 
         Returns:
@@ -269,343 +297,191 @@ class FeatureLogger:
             ...     _ = logger.log(torch.rand(1, 3, 64, 64), step=1)
             ...     logger.close()
         """
-        if self._closed:
-            raise RuntimeError("this FeatureLogger is closed; create a new one")
+        self._check_open()
         if inputs is None:
             if self.images is None:
                 raise ValueError("log() needs inputs, or images= when the logger is created")
             inputs = self.images
+        probes = self.prepare(inputs, names=names)
         if step is not None:
             self.step = step
-        prepared, names = self.adapter.prepare(inputs, names)
+        return self.probe(probes)
+
+    def prepare(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: Any = None,
+        names: Sequence[str] | None = None,
+        imgsz: int | None = None,
+    ) -> Probes:
+        """Check and convert probe images for :meth:`probe`, before anything is hooked.
+
+        Args:
+            images: As for :meth:`log`.
+            model: The model they are for (default the logger's; an EMA copy, a checkpoint).
+            names: One name per image for the tags.
+            imgsz: Letterbox size for integrations that letterbox (default the option).
+        """
+        adapter = self._adapter_for(model)
+        return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz)
+
+    def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
+        """Run prepared probes through ``model`` with its stages hooked, and end the step.
+
+        This is the integration API for fixed probes: the EMA model at an epoch's end, a
+        checkpoint of a sweep. Eval mode and ``torch.no_grad()`` for the forward; every
+        module's train/eval mode is restored and the hooks are removed afterwards, also when
+        the forward raises. A capture begun with :meth:`begin` pauses meanwhile.
+
+        Args:
+            probes: What :meth:`prepare` returned.
+            model: The model to run (default the logger's): anything the logger accepts.
+            step: The step to log at (default :attr:`step`).
+
+        Returns:
+            The model's output, or ``None`` on processes other than rank 0.
+        """
+        self._check_open()
         if not self.enabled:
             return None
-        module = self.adapter.module
-        return self.run_probes(module, self.stages, prepared, names)
-
-    def run_probes(
-        self, module: nn.Module, stages: Sequence[Stage], prepared: Any, names: Sequence[str]
-    ) -> Any:
-        """Forward prepared probes through ``module`` with ``stages`` hooked, then end the step.
-
-        Eval mode and ``torch.no_grad()`` for the forward; every module's train/eval mode
-        is restored and the hooks removed afterwards, also when the forward raises.
-        Integrations call this with the model of the moment (an EMA copy, say).
-        """
-        self.finish_step()
-        training = [m for m in module.modules() if m.training]
-        installed = self._installed
-        self.remove_hooks()  # hooks of a surrounding block come back afterwards
-        gate, self.gate = self.gate, None
+        step = self._step if step is None else _check_step(step)
+        adapter = self._adapter_for(model)
+        stages = self.resolve(adapter.module)
+        outer = self._hooks
+        if self._session is not None:
+            self._session.end_step()
+        paused = outer.paused if outer is not None else False
+        session = CaptureSession(
+            self._post, self.options, step, track=True, names=probes.names, note=self._notes
+        )
         try:
-            for m in training:  # module.eval(), without touching modules already in eval
-                m.training = False
-            self.install_hooks(stages, root=module)
-            self._forward_id += 1
-            self._probing = True
-            self._names = list(names)
-            with torch.no_grad():
-                return self.adapter.forward(prepared, module)
+            if outer is not None:
+                outer.paused = True
+            kwargs = capture_hooks_kwargs(session, self._notes)
+            return adapter.run_probe(probes, stages, kwargs.pop("on_output"), **kwargs)
         finally:
-            self._probing = False
-            self.gate = gate
-            for m in training:
-                m.training = True
-            self.remove_hooks()
-            self.finish_step()
-            if installed is not None:
-                self.install_hooks(*installed)
+            session.end_step()
+            if outer is not None:
+                outer.paused = paused
 
-    # ----------------------------------------------------------------- hooks
+    # ----------------------------------------------------------------- captures
+    def begin(
+        self,
+        module: nn.Module | None = None,
+        *,
+        gate: Callable[[], bool] | None = None,
+        names: Iterable[str] = (),
+    ) -> CaptureSession | None:
+        """Capture the forwards of ``module`` at :attr:`step` until :meth:`end`.
+
+        The integration API for the user's own forwards (predict, validation). Any capture
+        begun before ends first.
+
+        Args:
+            module: The module that runs (default the logger's model): another copy of it
+                (a predictor's or validator's) is hooked by the same stage choice.
+            gate: A predicate; forwards are captured only while it returns True.
+            names: Names of the first images.
+
+        Returns:
+            The session, whose ``add_names(...)`` names further images; ``None`` on
+            processes other than rank 0.
+        """
+        self._check_open()
+        self.end()
+        if not self.enabled:
+            return None
+        module = self.adapter.module if module is None else module
+        stages = self.resolve(module)
+        session = CaptureSession(
+            self._post, self.options, self._step, names=names, note=self._notes
+        )
+        hooks = StageHooks(
+            stages, root=module, gate=gate, **capture_hooks_kwargs(session, self._notes)
+        )
+        hooks.install()
+        self._session, self._hooks = session, hooks
+        return session
+
+    def end(self) -> None:
+        """End the capture begun by :meth:`begin`: remove its hooks, end its step. Safe
+        to call twice."""
+        hooks, session = self._hooks, self._session
+        self._hooks = self._session = None
+        try:
+            if hooks is not None:
+                hooks.remove()
+        finally:
+            if session is not None:
+                session.end_step()
+
+    def use_logdir(self, logdir: str | os.PathLike) -> None:
+        """Write later steps into ``logdir`` when the logger was given neither ``logdir``
+        nor ``writer``: integrations pass the framework's own run folder (an Ultralytics
+        trainer's ``save_dir``). A no-op otherwise."""
+        logdir = os.fspath(logdir)
+        if not self._auto_logdir or logdir == self.logdir or not self.enabled:
+            return
+        check_logdir(logdir)
+        self.logdir = logdir
+        if self._session is not None:
+            self._session.end_step()
+        if self._worker is not None:
+            self._worker.post(SetLogdir(logdir))
+
+    def add_scalars(self, values: Mapping[str, float], step: int | None = None) -> None:
+        """Write ``{tag: value}`` scalars at ``step`` (default :attr:`step`) into this
+        logger's run, as one event: an integration's metrics beside the feature maps."""
+        self._check_open()
+        if not self.enabled or not values:
+            return
+        step = self._step if step is None else _check_step(step)
+        items = tuple((str(k), float(v)) for k, v in values.items())
+        self._pipeline()
+        self._worker.post(Scalars(step, items))
+
     def resolve(self, module: nn.Module) -> list[Stage]:
-        """This logger's ``stages=`` applied to ``module`` (integrations pass a fresh model)."""
-        adapter = self.adapter if module is self.adapter.module else adapt(module)
+        """This logger's ``stages=`` applied to ``module`` (a copy of the model, say)."""
+        adapter = self._adapter_for(module)
         return resolve_stages(
-            adapter.module,
-            adapter.candidate_stages(),
-            self.stage_spec,
-            adapter.default_stages(),
+            adapter.module, adapter.candidate_stages(), self.stage_spec, adapter.default_stages()
         )
 
-    def install_hooks(self, stages: Sequence[Stage], root: nn.Module | None = None) -> None:
-        """Register a forward hook on each stage's module; :meth:`remove_hooks` undoes it.
+    # ----------------------------------------------------------------- internals
+    def _adapter_for(self, model: Any) -> ModelAdapter:
+        if model is None or model is self.model or model is self.adapter.module:
+            return self.adapter
+        return adapt(model)
 
-        ``root`` is the module whose calls are "one forward": a stage module called again
-        within one forward (a head shared by FPN levels) logs those calls as ``call1``, ...
-        """
-        self._installed = (list(stages), root)
-        if root is not None:
-            self._handles.append(root.register_forward_pre_hook(self._new_forward))
-        for stage in stages:
-            hook = functools.partial(self._hook, stage)
-            self._handles.append(stage.module.register_forward_hook(hook))
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this FeatureLogger is closed; create a new one")
 
-    def _new_forward(self, module: nn.Module, args: Any) -> None:
-        self._forward_id += 1
+    def _pipeline(self) -> Recorder:
+        """The recorder and its worker thread, created on first use."""
+        if self._recorder is None:
+            sink = EventSink(self.logdir, self._writer)
+            self._recorder = Recorder(sink, self.options, self.run)
+            self._worker = Worker(self._recorder.handle)
+            # a logger dropped without close() still drains and closes what it created
+            self._finalizer = weakref.finalize(self, _shutdown, self._worker, self._recorder)
+        return self._recorder
 
-    def remove_hooks(self) -> None:
-        """Remove every hook this logger registered. Safe to call twice."""
-        handles, self._handles = self._handles, []
-        self._installed = None
-        for handle in handles:
-            handle.remove()
-
-    def add_image_names(self, names: Iterable[str]) -> None:
-        """Name the next images of the current step (integrations call this per batch).
-
-        Names are sanitized for tags; a name already used in this step gets ``_1``, ...
-        """
-        self._names += unique_names((sanitize(n) for n in names), taken=self._names)
-
-    def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
-        if self.gate is not None and not self.gate():
-            return
-        try:
-            with torch.no_grad():
-                self._capture(stage, output)
-        except Exception as e:  # a stage that fails to log must never break the forward
-            self._note(
-                f"error:{stage.key}:{type(e).__name__}",
-                f"tbfeat: stage {stage.key} ({stage.name}) was not logged: {type(e).__name__}: {e}",
-                warn=True,
-            )
-
-    def _capture(self, stage: Stage, output: Any) -> None:
-        if self._active_step is not None and self._active_step != self._step:
-            self.finish_step()
-        if self._active_step is None:
-            # a new step: let the writer finish the previous one first, so that at most one
-            # step's copies wait in memory (a no-op when steps are epochs apart)
-            self._sink.wait()
-        self._active_step = self._step
-        ident = (stage.name, stage.output)
-        forward, calls = self._calls.get(ident, (-1, -1))
-        calls = calls + 1 if forward == self._forward_id else 0
-        self._calls[ident] = (self._forward_id, calls)
-        if stage.output is not None:
-            output = output[stage.output]
-        opts = self.options
-        found = False
-        for suffix, t in _tensors(output, f"call{calls}" if calls else ""):
-            found = True
-            base = f"{stage.key}/{suffix}" if suffix else stage.key
-            if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:
-                self._note(
-                    f"skip:{base}",
-                    f"tbfeat: stage {base} gives a {t.dim()}-D {t.dtype} tensor; not logged",
-                )
-                continue
-            done = self._counts.get(base, 0)
-            k = min(t.shape[0], opts.max_images - done)
-            if k <= 0:
-                continue
-            self._counts[base] = done + k
-            x = t[:k].detach()
-            stats = None
-            if opts.stats or opts.histograms:
-                stats = self._pending.get(base)
-                if stats is None:
-                    stats = self._pending[base] = RunningStats(opts.hist_bins)
-            tags = names = None
-            if x.dim() == 4:
-                names = [self._image_name(done + i) for i in range(k)]
-                if opts.grids:
-                    tags = [f"features/{base}/{name}" for name in names]
-                if not (self._probing and (opts.drift or opts.evolution)):
-                    names = None  # drift compares the same probe images: log() only
-            self._dispatch(_Capture(base, self._step, x, stats, tags, names))
-        if not found:
-            self._note(
-                f"skip:{stage.key}",
-                f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
-            )
-
-    def _dispatch(self, job: _Capture) -> None:
-        """Process a capture on the writer thread, overlapping the rest of the forward, or
-        here when the copies waiting for that thread would exceed
-        :data:`MAX_INFLIGHT_BYTES`.
-
-        The writer thread works on a copy: a later layer may change the output in place
-        (``ReLU(inplace=True)`` after a ``BatchNorm``), and the copy costs one memory pass
-        against the several that statistics and tiles take.
-        """
-        x = job.x
-        nbytes = x.numel() * x.element_size()
-        with self._inflight_lock:
-            defer = self._inflight + nbytes <= MAX_INFLIGHT_BYTES
-            if defer:
-                self._inflight += nbytes
-        if not defer:
-            self._process(job, deferred=False)
-            return
-        job.x = x.clone()
-        self._sink.call(self._process, job, True)
-
-    def _process(self, job: _Capture, deferred: bool) -> None:
-        """Statistics and channel tiles of one capture (writer thread, or inline)."""
-        x = job.x
-        try:
-            with torch.no_grad():
-                if job.stats is not None:
-                    try:
-                        job.stats.update(x)
-                    except Exception as e:  # the grids may still work
-                        self._note(
-                            f"error:{job.base}:stats:{type(e).__name__}",
-                            f"tbfeat: statistics of stage {job.base} were not logged: "
-                            f"{type(e).__name__}: {e}",
-                            warn=True,
-                        )
-                if job.tags is not None:
-                    opts = self.options
-                    channels = self._channels.get(job.base)
-                    if channels is None or int(channels.max()) >= x.shape[1]:
-                        channels = select_channels(x, opts.max_channels, opts.channels).cpu()
-                        self._channels[job.base] = channels
-                    tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
-                    tiles = tiles.cpu().numpy()
-                    images = [(tag, t) for tag, t in zip(job.tags, tiles, strict=True) if t.size]
-                    self._sink.images(job.step, images, opts.cmap, opts.ncols)
-                if job.names is not None and x.numel():
-                    self._track(job)
-        except Exception as e:  # a stage that fails to log must never break anything
-            self._note(
-                f"error:{job.base}:{type(e).__name__}",
-                f"tbfeat: stage {job.base} was not logged: {type(e).__name__}: {e}",
-                warn=True,
-            )
-        finally:
-            if deferred:
-                with self._inflight_lock:
-                    self._inflight -= x.numel() * x.element_size()
-            job.x = None
-
-    def _track(self, job: _Capture) -> None:
-        """Keep this capture's drift samples and strip cells for its step."""
-        opts = self.options
-        x = job.x
-        extra = self._step_extra.setdefault(job.step, {}).setdefault(
-            job.base, {"rows": [], "cells": {}, "names": [], "shape": tuple(x.shape[-2:])}
-        )
-        if opts.drift:
-            per_image = max(1, opts.drift_samples // opts.max_images)
-            extra["rows"].append(sample_rows(x, per_image))
-        if opts.evolution:
-            for name, cell in zip(job.names, mean_map_cell(x, opts.evolution_cell), strict=True):
-                extra["cells"][name] = cell
-        extra["names"] += job.names
-
-    def _history_for(self) -> History:
-        """The run's drift/evolution history, loaded from (and saved to) its logdir."""
-        logdir = self._sink.logdir
-        if logdir is None:
-            writer = self._sink.writer
-            get = getattr(writer, "get_logdir", None)
-            logdir = get() if callable(get) else getattr(writer, "log_dir", None)
-        path = Path(logdir) / HISTORY_FILE if logdir else None
-        if self._history is None or self._history.path != path:
-            self._history = History(path, keep=self.options.evolution_steps)
-        return self._history
-
-    def _image_name(self, position: int) -> str:
-        return self._names[position] if position < len(self._names) else str(position)
-
-    def finish_step(self) -> None:
-        """End the current step: hand its grids and statistics to the writer thread.
-
-        The step is written and flushed in the background; :meth:`flush` waits for it.
-        """
-        pending, self._pending = self._pending, {}
-        captured = self._active_step is not None
-        step = self._active_step if captured else self._step
-        self._counts.clear()
-        self._names = []
-        self._active_step = None
-        if captured:
-            self._sink.call(self._write_step, step, pending)
-
-    def _write_step(self, step: int, pending: dict[str, RunningStats]) -> None:
-        """Summarize a finished step's statistics and write the step (writer thread)."""
-        opts = self.options
-        bundle = StepBundle(step=step, cmap=opts.cmap)
-        extras = self._step_extra.pop(step, {})
-        history = self._history_for() if extras else None
-        for base, extra in extras.items():
-            try:
-                rows = torch.cat(extra["rows"]) if extra["rows"] else None
-                drift = history.update(
-                    base, step, rows, extra["shape"], tuple(extra["names"]), extra["cells"]
-                )
-                for suffix, value in drift.items():
-                    bundle.scalars.append((f"drift/{base}{suffix}", value))
-                strip = history.strip(base) if opts.evolution else None
-                if strip is not None:
-                    bundle.images.append((f"evolution/{base}", strip))
-            except Exception as e:
-                self._note(
-                    f"error:{base}:drift:{type(e).__name__}",
-                    f"tbfeat: drift/evolution of stage {base} were not logged: "
-                    f"{type(e).__name__}: {e}",
-                    warn=True,
-                )
-        for base, stats in pending.items():
-            try:
-                summary = stats.summary()
-                if summary is None:
-                    continue
-                if opts.stats:
-                    for name, value in summary.scalars().items():
-                        bundle.scalars.append((f"stats/{base}/{name}", value))
-                if opts.histograms and summary.count > 0:
-                    bundle.histograms.append((f"activations/{base}", summary))
-            except Exception as e:
-                self._note(
-                    f"error:{base}:{type(e).__name__}",
-                    f"tbfeat: statistics of stage {base} were not logged: {type(e).__name__}: {e}",
-                    warn=True,
-                )
-        self._sink.submit(bundle)
-        if history is not None and history.due():
-            self._save_history()
-
-    def _save_history(self) -> None:
-        if self._history is None:
-            return
-        try:
-            self._history.save()
-        except OSError as e:
-            self._note(
-                f"history:{type(e).__name__}", f"tbfeat: drift history not saved: {e}", warn=True
-            )
-
-    def flush(self) -> None:
-        """End the current step and block until everything logged is on disk."""
-        self.finish_step()
-        self._sink.flush()
-
-    def _note(self, key: str, message: str, warn: bool = False) -> None:
-        if key in self._noted:
-            return
-        self._noted.add(key)
-        if warn:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        else:
-            log.info(message)
+    def _post(self, message: Any, nbytes: int = 0) -> bool:
+        self._pipeline()
+        return self._worker.post(message, nbytes)
 
 
-def _tensors(output: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a stage's output with a tag suffix each: ``""`` for a lone tensor,
-    the position or key for elements of tuples, lists and dicts (nested ones joined by
-    ``_``). Anything else yields nothing."""
-    if isinstance(output, torch.Tensor):
-        yield prefix, output
-    elif isinstance(output, dict):
-        for key, value in output.items():
-            yield from _tensors(value, _join(prefix, sanitize(str(key))))
-    elif isinstance(output, (list, tuple)):
-        for i, value in enumerate(output):
-            yield from _tensors(value, _join(prefix, str(i)))
+def _shutdown(worker: Worker, recorder: Recorder) -> None:
+    """Write what is pending, close the writer, stop the thread (once, from any thread)."""
+    try:
+        worker.call(recorder.close)
+    finally:
+        worker.stop()
 
 
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}_{key}" if prefix else key
+def _check_step(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"step must be an int, got {value!r}")
+    return value

@@ -1,8 +1,8 @@
 """Stages: which modules of a model are logged, and under which tag.
 
-A :class:`Stage` is a small frozen record that integrations fill in. :func:`list_stages`
-shows what a model offers; :func:`resolve_stages` turns a user's ``stages=`` into the list
-the logger hooks.
+A :class:`Stage` is a small frozen record that integrations fill in.
+:func:`tbfeat.list_stages` shows what a model offers; :func:`resolve_stages` turns a user's
+``stages=`` into the list the logger hooks. This module imports nothing else of tbfeat.
 """
 
 from __future__ import annotations
@@ -79,24 +79,6 @@ def generic_stages(model: nn.Module) -> list[Stage]:
     return stages
 
 
-def list_stages(model: object) -> list[Stage]:
-    """The stages a model offers for ``stages=``, with their index, name, type and tag key.
-
-    Integrations supply the list for Ultralytics and torchvision models; any other
-    ``nn.Module`` offers its direct children. Deeper modules can still be chosen by
-    their qualified name (``"layer1.0.conv1"``).
-
-    Example:
-        >>> import torchvision
-        >>> from tbfeat import list_stages
-        >>> [s.name for s in list_stages(torchvision.models.resnet18(weights=None))][:5]
-        ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
-    """
-    from .adapters import adapt
-
-    return adapt(model).candidate_stages()
-
-
 def resolve_stages(
     root: nn.Module,
     candidates: Sequence[Stage],
@@ -107,7 +89,7 @@ def resolve_stages(
 
     Args:
         root: The module the stage names are relative to.
-        candidates: What :func:`list_stages` shows (indices refer to this list).
+        candidates: What :func:`tbfeat.list_stages` shows (indices refer to this list).
         stages: ``None`` for ``default``; else one or a list of: an ``int`` index into
             ``candidates``; a stage name (``"layer1"``) or any qualified module name of
             ``root`` (``"layer1.0.conv1"``); a glob over names, matched segment by segment

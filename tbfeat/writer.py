@@ -1,41 +1,36 @@
 """Where events go: a TensorBoard ``SummaryWriter`` created lazily, or the user's own.
 
-Ownership follows Lightning's TensorBoardLogger: a writer this module creates is closed by
-:meth:`EventSink.close`; a writer passed in is flushed, never closed. Only the process of
-global rank 0 writes.
-
-Encoding and writing run off the forward path: the logger hands each finished step to
-:meth:`EventSink.submit` as one :class:`StepBundle`; a background thread encodes its grids
-as palette PNGs, writes the whole step as one event and flushes it. The queue is bounded
-(a full queue makes ``submit`` wait, so memory cannot grow), :meth:`EventSink.wait` blocks
-until everything submitted is on disk, and interpreter exit drains every open sink.
+Ownership follows Lightning's TensorBoardLogger: a writer the sink creates is closed by
+:meth:`EventSink.close`; a writer passed in is flushed, never closed. The sink only
+encodes and writes: it receives finished steps (:class:`StepBundle`) from the recorder,
+on the recorder's thread, and writes each as one event, then flushes. It holds no step
+state and starts no thread; :class:`~tbfeat.recorder.Recorder` is its only caller.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import queue
 import shutil
 import tempfile
-import threading
-import warnings
-import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import _crc
-from .render import layout
 
 FLUSH_SECS = 5
 MIN_FREE_BYTES = 16 * 2**20
+FILE_SUFFIX = ".tbfeat"
+"""Ends the names of the event files tbfeat creates, so that a new run can remove the old
+run's steps from tbfeat's own files and never touch another writer's."""
+WRITER_METHODS = ("add_scalar", "add_histogram_raw", "add_image", "flush")
 
 
-def check_logdir(logdir: str) -> None:
+def check_logdir(logdir: str | os.PathLike) -> None:
     """Fail early, with one clear message, on a logdir that cannot take event files."""
+    logdir = os.fspath(logdir)
     try:
         os.makedirs(logdir, exist_ok=True)
         with tempfile.TemporaryFile(dir=logdir):
@@ -53,6 +48,22 @@ def check_logdir(logdir: str) -> None:
         )
 
 
+def check_writer(writer: Any) -> None:
+    """A ``SummaryWriter``, or an object with the part of its API the sink uses."""
+    missing = [m for m in WRITER_METHODS if not callable(getattr(writer, m, None))]
+    if missing:
+        raise TypeError(
+            f"writer must be a SummaryWriter; {type(writer).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def writer_logdir(writer: Any) -> str | None:
+    """The folder a ``SummaryWriter`` (or a look-alike) writes to, if it says."""
+    get = getattr(writer, "get_logdir", None)
+    logdir = get() if callable(get) else getattr(writer, "log_dir", None)
+    return os.fspath(logdir) if logdir else None
+
+
 def global_rank() -> int:
     """This process's global rank: ``torch.distributed`` if initialized, else ``RANK`` etc."""
     import torch.distributed as dist
@@ -68,293 +79,169 @@ def global_rank() -> int:
 
 @dataclass
 class StepBundle:
-    """Everything logged at one step: grids (palette indices), scalars and histograms."""
+    """One finished step: encoded images (from :meth:`EventSink.encode_image`), scalars
+    and histograms (``(tag, StatsSummary)``), written as one event."""
 
     step: int
-    cmap: str = "viridis"
-    images: list[tuple[str, np.ndarray]] = field(default_factory=list)
-    """(tag, palette-index grid ``(H, W)`` or tiles ``(C, th, tw)``)."""
+    images: list[Any] = field(default_factory=list)
     scalars: list[tuple[str, float]] = field(default_factory=list)
     histograms: list[tuple[str, Any]] = field(default_factory=list)
-    ncols: int = 8
-    """Tiles per row for entries of ``images`` that are ``(C, th, tw)`` tiles."""
-    final: bool = True
-    """False for grids sent ahead while the step still runs; True ends the step."""
 
-
-@dataclass
-class _Task:
-    fn: Any
-    args: tuple[Any, ...]
-
-
-_OPEN_SINKS: weakref.WeakSet[EventSink] = weakref.WeakSet()
-
-
-@atexit.register
-def _drain_open_sinks() -> None:
-    for sink in list(_OPEN_SINKS):
-        sink.close()
+    def __bool__(self) -> bool:
+        return bool(self.images or self.scalars or self.histograms)
 
 
 class EventSink:
-    """Writes step bundles to a TensorBoard event file from a background thread.
+    """Encodes grids and writes finished steps to a TensorBoard event file.
 
     Args:
-        logdir: Directory for a writer created on first use (``SummaryWriter(logdir)``).
+        logdir: Directory for a writer created on first use (``SummaryWriter(logdir)``);
+            ``None`` with no ``writer`` gives ``SummaryWriter``'s default
+            ``runs/<date>_<host>``.
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (or any object with its
             ``add_scalar``/``add_histogram_raw``/``add_image``/``flush`` methods) to use
             instead; it is flushed, never closed.
-        max_pending: Queue entries (a stage's grids, or a finished step) that may wait for
-            the background thread before the caller blocks.
+
+    Example:
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from tbfeat.writer import EventSink, StepBundle
+        >>> sink = EventSink(tempfile.mkdtemp())
+        >>> image = sink.encode_image("features/00_Conv2d/0", np.zeros((4, 4), np.uint8))
+        >>> sink.write(StepBundle(step=1, images=[image], scalars=[("stats/x", 2.0)]))
+        >>> sink.flushed_step
+        1
+        >>> sink.close()
     """
 
-    def __init__(
-        self,
-        logdir: str | os.PathLike | None = None,
-        writer: Any = None,
-        max_pending: int = 64,
-    ) -> None:
+    def __init__(self, logdir: str | os.PathLike | None = None, writer: Any = None) -> None:
         if writer is not None and logdir is not None:
             raise ValueError("pass either logdir or writer, not both")
         if writer is not None:
-            missing = [
-                m
-                for m in ("add_scalar", "add_histogram_raw", "add_image", "flush")
-                if not callable(getattr(writer, m, None))
-            ]
-            if missing:
-                raise TypeError(
-                    f"writer must be a SummaryWriter; {type(writer).__name__} lacks "
-                    f"{', '.join(missing)}"
-                )
+            check_writer(writer)
         self.logdir = os.fspath(logdir) if logdir is not None else None
-        if self.logdir is not None and self.enabled:
-            check_logdir(self.logdir)
         self._writer = writer
         self._owns = writer is None
-        self._auto = writer is None and logdir is None
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[StepBundle | _Task | None] = queue.Queue(maxsize=max_pending)
-        self._thread: threading.Thread | None = None
-        self._worker_ident: int | None = None
-        self._warned: set[str] = set()
-        self._pending: dict[int, list[Any]] = {}
+        self._raw = writer is not None and callable(getattr(writer, "_get_file_writer", None))
         _crc.install()
         self.flushed_step: int | None = None
         """The last step whose event is written and flushed to disk."""
         self.steps_written = 0
-        """Steps whose events were written and flushed (read it after :meth:`wait`)."""
+        """Steps written and flushed by this sink."""
 
     @property
-    def enabled(self) -> bool:
-        """Only global rank 0 writes (read at each use: ranks may be set up later)."""
-        return global_rank() == 0
-
-    # ---------------------------------------------------------------- writer
-    @property
-    def writer(self) -> Any:
-        """The SummaryWriter, created on first use."""
-        with self._lock:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # flush_secs: TensorBoard's own writer also flushes on its own every few
-                # seconds (its default is two minutes)
-                self._writer = SummaryWriter(log_dir=self.logdir, flush_secs=FLUSH_SECS)
-            return self._writer
+    def owns_writer(self) -> bool:
+        """True when the sink creates (and closes) its writer."""
+        return self._owns
 
     @property
-    def created(self) -> bool:
+    def opened(self) -> bool:
         return self._writer is not None
 
-    def use_default_logdir(self, logdir: str | os.PathLike) -> None:
-        """Point a sink that was given neither ``logdir`` nor ``writer`` at ``logdir``.
+    def run_dir(self) -> Path | None:
+        """The folder events go to (known once a writer exists when no logdir was given)."""
+        if self.logdir is not None:
+            return Path(self.logdir)
+        folder = writer_logdir(self._writer) if self._writer is not None else None
+        return Path(folder) if folder else None
 
-        Integrations call this with the framework's own run folder (an Ultralytics
-        trainer's ``save_dir``). Pending steps are written first and a writer already
-        open elsewhere is closed.
-        """
-        if not self._auto:
-            return
+    def set_logdir(self, logdir: str | os.PathLike) -> None:
+        """Write later steps to ``logdir``; a writer this sink opened elsewhere is closed."""
         logdir = os.fspath(logdir)
-        if logdir == self.logdir:
+        if not self._owns or logdir == self.logdir:
             return
-        self.wait()
-        with self._lock:
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            self.logdir = logdir
+        self.close()
+        self.logdir = logdir
 
-    # ---------------------------------------------------------------- queue
-    def _ensure_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="tbfeat-writer", daemon=True)
-            self._thread.start()
-            _OPEN_SINKS.add(self)
+    def open(self) -> Any:
+        """The writer, created now if needed (a new event file ending in
+        :data:`FILE_SUFFIX`)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def images(
-        self, step: int, images: list[tuple[str, np.ndarray]], cmap: str, ncols: int = 8
-    ) -> None:
-        """Queue grids (or ``(C, th, tw)`` tiles to lay out ``ncols`` per row) of a step
-        that is still running; the thread encodes them at once, overlapping the rest of
-        the forward, and keeps them for the step's event."""
-        if not self.enabled or not images:
-            return
-        bundle = StepBundle(step=step, cmap=cmap, images=images, ncols=ncols, final=False)
-        if threading.get_ident() == self._worker_ident:  # already on the writer thread
-            self.write(bundle)
-            return
-        self._ensure_thread()
-        self._queue.put(bundle)
+            # flush_secs: TensorBoard's writer also flushes by itself every few seconds
+            self._writer = SummaryWriter(
+                log_dir=self.logdir, flush_secs=FLUSH_SECS, filename_suffix=FILE_SUFFIX
+            )
+            self._raw = True
+        return self._writer
 
-    def call(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` on the writer thread, in order with everything queued."""
-        if not self.enabled:
-            return
-        if threading.get_ident() == self._worker_ident:
-            fn(*args)
-            return
-        self._ensure_thread()
-        self._queue.put(_Task(fn, args))
+    def drop_steps(self, first: int | None) -> int:
+        """Remove the steps from ``first`` on (all with ``None``) from the event files
+        tbfeat wrote in this sink's folder before, so that a new run replaces them; other
+        writers' files stay as they are. Returns how many files changed."""
+        folder = self.run_dir()
+        if folder is None or not self._owns or not folder.is_dir():
+            return 0
+        own = writer_file(self._writer) if self._writer is not None else None
+        changed = 0
+        for path in sorted(folder.glob(f"events.out.tfevents.*{FILE_SUFFIX}")):
+            if own is None or path.resolve() != own:
+                changed += trim_event_file(path, first)
+        return changed
 
-    def submit(self, bundle: StepBundle) -> None:
-        """Queue a finished step; the background thread writes it as one event and flushes."""
-        if not self.enabled:
-            return
-        if threading.get_ident() == self._worker_ident:
-            self.write(bundle)
-            return
-        self._ensure_thread()
-        self._queue.put(bundle)
-
-    def wait(self) -> None:
-        """Block until every submitted step is written and flushed."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.join()
-
-    def _run(self) -> None:
-        self._worker_ident = threading.get_ident()
-        # yield the CPU to the training/inference threads; use what they leave idle
-        # (Linux; elsewhere, or when not permitted, the thread keeps normal priority)
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        while True:
-            bundle = self._queue.get()
-            try:
-                if bundle is None:
-                    return
-                if isinstance(bundle, _Task):
-                    bundle.fn(*bundle.args)
-                else:
-                    self.write(bundle)
-            except Exception as e:  # never let a write kill the thread or the training
-                what = f"step {bundle.step}" if isinstance(bundle, StepBundle) else "a task"
-                self._warn(f"write:{type(e).__name__}", f"{what}: {type(e).__name__}: {e}")
-            finally:
-                bundle = None  # hold nothing (a task holds its logger) while waiting
-                self._queue.task_done()
-
-    def write(self, bundle: StepBundle) -> None:
-        """Encode a bundle's grids; for a final bundle, write the step as one event and
-        flush (background thread)."""
-        pending = self._pending.setdefault(bundle.step, [])
-        raw = getattr(self.writer, "_get_file_writer", None) is not None
-        for tag, indices in bundle.images:
-            try:
-                if indices.ndim == 3:
-                    indices = layout(indices, bundle.ncols)
-                pending.append(
-                    self._image_value(tag, indices, bundle.cmap)
-                    if raw
-                    else (tag, indices, bundle.cmap)
-                )
-            except Exception as e:
-                self._warn(f"image:{tag}", f"image {tag} was not written: {type(e).__name__}: {e}")
-        if not bundle.final:
-            return
-        images = self._pending.pop(bundle.step)
-        if not (images or bundle.scalars or bundle.histograms):
-            return
-        writer, step = self.writer, bundle.step
-        if not raw:  # a writer without torch's raw access: its public API
+    # ---------------------------------------------------------------- encoding
+    def encode_image(self, tag: str, grid: np.ndarray, cmap: str = "viridis") -> Any:
+        """A palette-index grid as what :meth:`write` takes: an encoded PNG summary value
+        for a ``SummaryWriter``, the RGB array for a writer with only the public API."""
+        if not self._raw and self._writer is not None:
             from .render import colorize
 
-            for tag, indices, cmap in images:
-                writer.add_image(tag, colorize(indices, cmap), global_step=step, dataformats="HWC")
+            return (tag, colorize(grid, cmap))
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from .render import encode_png
+
+        height, width = grid.shape
+        png = encode_png(grid, cmap)
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        return Summary.Value(tag=tag, image=image)
+
+    # ---------------------------------------------------------------- writing
+    def write(self, bundle: StepBundle) -> None:
+        """Write a finished step as one event and flush."""
+        if not bundle:
+            return
+        writer, step = self.open(), bundle.step
+        if not self._raw:  # a writer without torch's raw access: its public API
+            for tag, rgb in bundle.images:
+                writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
             for tag, value in bundle.scalars:
                 writer.add_scalar(tag, value, global_step=step)
             for tag, stats in bundle.histograms:
-                writer.add_histogram_raw(tag, global_step=step, **_histogram_args(stats))
+                writer.add_histogram_raw(tag, global_step=step, **histogram_args(stats))
         else:
             from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-            values = list(images)
+            values = list(bundle.images)
             for tag, value in bundle.scalars:
                 values.append(Summary.Value(tag=tag, simple_value=float(value)))
             for tag, stats in bundle.histograms:
-                args = _histogram_args(stats)
+                a = histogram_args(stats)
                 histo = HistogramProto(
-                    min=args["min"],
-                    max=args["max"],
-                    num=args["num"],
-                    sum=args["sum"],
-                    sum_squares=args["sum_squares"],
-                    bucket_limit=args["bucket_limits"],
-                    bucket=args["bucket_counts"],
-                )
+                    min=a["min"], max=a["max"], num=a["num"], sum=a["sum"],
+                    sum_squares=a["sum_squares"], bucket_limit=a["bucket_limits"],
+                    bucket=a["bucket_counts"],
+                )  # fmt: skip
                 values.append(Summary.Value(tag=tag, histo=histo))
             writer._get_file_writer().add_summary(Summary(value=values), step)
         writer.flush()
         self.steps_written += 1
         self.flushed_step = step
 
-    @staticmethod
-    def _image_value(tag: str, indices: np.ndarray, cmap: str) -> Any:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        from .render import encode_png
-
-        height, width = indices.shape
-        png = encode_png(indices, cmap)
-        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-        return Summary.Value(tag=tag, image=image)
-
-    def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"tbfeat: {message}", RuntimeWarning, stacklevel=2)
-
-    # ---------------------------------------------------------------- end
-    def flush(self) -> None:
-        """Write everything submitted and flush the writer."""
-        self.wait()
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
-        """Drain the queue, stop the thread; close the writer if this sink created it.
-
-        Safe to call twice.
-        """
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._queue.put(None)
-            thread.join()
-        self._thread = None
-        _OPEN_SINKS.discard(self)
-        with self._lock:
-            if self._writer is None:
-                return
-            if self._owns:
-                self._writer.close()
-                self._writer = None
-            else:
-                self._writer.flush()
+        """Close the writer if this sink created it, else flush it. Safe to call twice."""
+        writer = self._writer
+        if writer is None:
+            return
+        if self._owns:
+            self._writer = None
+            writer.close()
+        else:
+            writer.flush()
 
 
-def _histogram_args(stats: Any) -> dict[str, Any]:
+def histogram_args(stats: Any) -> dict[str, Any]:
     """``add_histogram_raw`` arguments from a :class:`~tbfeat.stats.StatsSummary`.
 
     TensorBoard stores right bucket edges only; the first left edge is ``min``.
@@ -368,3 +255,39 @@ def _histogram_args(stats: Any) -> dict[str, Any]:
         "bucket_limits": np.asarray(stats.hist_edges[1:], dtype=np.float64).tolist(),
         "bucket_counts": np.asarray(stats.hist_counts, dtype=np.float64).tolist(),
     }
+
+
+def writer_file(writer: Any) -> Path | None:
+    """The event file a ``SummaryWriter`` writes, if it has one open."""
+    file_writer = getattr(writer, "file_writer", None)
+    name = getattr(getattr(file_writer, "event_writer", None), "_file_name", None)
+    return Path(name).resolve() if name else None
+
+
+def trim_event_file(path: Path, first: int | None) -> int:
+    """Drop the summaries at steps ``>= first`` (all with ``None``) from an event file:
+    delete it when nothing else is left, else rewrite it atomically. Returns 1 if changed."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def dropped(event: Any) -> bool:
+        return first is None or (not event.HasField("file_version") and event.step >= first)
+
+    events = list(EventFileLoader(str(path)).Load())
+    keep = [e for e in events if not dropped(e)]
+    if len(keep) == len(events):
+        return 0
+    if not any(e.HasField("summary") for e in keep):
+        path.unlink(missing_ok=True)
+        return 1
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            records = RecordWriter(f)
+            for event in keep:
+                records.write(event.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return 1

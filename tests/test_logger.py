@@ -271,23 +271,29 @@ def test_image_names_come_from_files(tmp_path):
 
 
 def test_strongest_channels_stay_fixed_after_the_first_step(tmp_path):
+    from tbfeat import colorize, feature_grid
+
     weights = torch.tensor([0.0, 5.0, 1.0, 3.0])
     scale = nn.Conv2d(1, 4, 1, bias=False)
     model = nn.Sequential(scale)
-    logger = FeatureLogger(model, logdir=tmp_path, max_channels=2, channels="strongest")
+    logger = FeatureLogger(
+        model, logdir=tmp_path, max_channels=2, channels="strongest", normalize="stage"
+    )
     x = torch.rand(1, 1, 4, 4) + 1
     with torch.no_grad():
         scale.weight.copy_(weights.view(4, 1, 1, 1))
+        first_out = model(x)
     logger.log(x, step=0)
-    logger.flush()  # channels are chosen where the capture is processed: the writer thread
-    first = logger._channels["00_Conv2d"].tolist()
     with torch.no_grad():
         scale.weight.copy_(torch.tensor([9.0, 0.0, 8.0, 0.0]).view(4, 1, 1, 1))
     logger.log(x, step=1)
     logger.close()
-    assert first == [1, 3] and logger._channels["00_Conv2d"].tolist() == [1, 3]
-    # at step 1 the shown channels (1, 3) are zero everywhere: the grid is flat
-    rgb = decode(read_events(tmp_path).Images("features/00_Conv2d/0")[1])
+    step0, step1 = read_events(tmp_path).Images("features/00_Conv2d/0")
+    # step 0 shows channels 1 and 3 (the strongest), in that order
+    expect = colorize(feature_grid(first_out, [1, 3], normalize="stage")[0])
+    np.testing.assert_array_equal(decode(step0), expect)
+    # at step 1 the same channels (1, 3) are shown, now zero everywhere: the grid is flat
+    rgb = decode(step1)
     assert len(np.unique(rgb[:, :4].reshape(-1, 3), axis=0)) == 1
 
 
@@ -303,7 +309,7 @@ def test_a_writer_passed_in_is_flushed_not_closed_and_own_writer_is_closed(tmp_p
     assert "after/close" in acc.Tags()["scalars"] and "features/00_Conv2d/0" in acc.Tags()["images"]
 
     own = FeatureLogger(model, logdir=tmp_path / "own", stages=[0])
-    assert not own._sink.created  # created lazily
+    assert not list((tmp_path / "own").glob("events.out.tfevents.*"))  # created lazily
     own.log(torch.rand(1, 3, 8, 8), step=1)
     sw = own.writer
     own.close()
@@ -338,7 +344,7 @@ def test_only_rank_zero_hooks_and_writes(tmp_path, monkeypatch):
 
 
 def test_a_failing_stage_warns_once_and_never_breaks_the_forward(tmp_path, monkeypatch):
-    import tbfeat.logger as core
+    import tbfeat.recorder as core
 
     def broken(*args, **kwargs):
         raise RuntimeError("render failed")
@@ -389,12 +395,20 @@ def test_bad_arguments_raise_clear_errors():
         logger.log("missing.jpg", step=0)
 
 
-def test_repeated_image_names_get_the_first_free_suffix():
+def test_repeated_image_names_get_the_first_free_suffix(tmp_path):
     from tbfeat.images import unique_names
 
     assert unique_names(["bus", "bus", "bus_1", "a"]) == ["bus", "bus_1", "bus_1_1", "a"]
     assert unique_names(["bus", "x"], taken=["bus", "bus_1"]) == ["bus_2", "x"]
-    logger = FeatureLogger(nn.Sequential(nn.Identity()))
-    logger.add_image_names(["a b", "a_b"])
-    logger.add_image_names(["a/b"])
-    assert logger._names == ["a_b", "a_b_1", "a_b_2"]
+    model = nn.Sequential(nn.Identity())
+    logger = FeatureLogger(model, logdir=tmp_path)
+    session = logger.begin()  # the integration API: name images as batches arrive
+    session.add_names(["a b", "a_b"])
+    session.add_names(["a/b"])
+    assert session.names == ["a_b", "a_b_1", "a_b_2"]
+    model(torch.rand(3, 1, 2, 2))
+    logger.end()
+    logger.close()
+    assert read_events(tmp_path).Tags()["images"] == [
+        f"features/00_Identity/{n}" for n in ("a_b", "a_b_1", "a_b_2")
+    ]

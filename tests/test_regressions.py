@@ -80,13 +80,14 @@ def test_log_after_train_uses_the_trained_model(tmp_path, shapes):
     logger = FeatureLogger(yolo, logdir=tmp_path / "a", stages=[9], imgsz=64)
     with logger:
         yolo.train(**train_args(tmp_path, shapes))
-    logger._sink = type(logger._sink)(tmp_path / "b")
     logger.log(BUS, step=7)
     logger.close()
     fresh = FeatureLogger(yolo, logdir=tmp_path / "c", stages=[9], imgsz=64)
     fresh.log(BUS, step=7)
     fresh.close()
-    a = read_events(tmp_path / "b").Scalars("stats/09_SPPF/mean")[0].value
+    means = read_events(tmp_path / "a").Scalars("stats/09_SPPF/mean")
+    assert [e.step for e in means] == [1, 7]  # the epoch's probe, then log()
+    a = means[-1].value
     b = read_events(tmp_path / "c").Scalars("stats/09_SPPF/mean")[0].value
     assert a == pytest.approx(b, rel=1e-6)
 
@@ -134,14 +135,18 @@ def test_loggers_dropped_without_close_do_not_pile_up_threads(tmp_path):
 
 def test_close_inside_a_block_removes_the_callbacks(tmp_path):
     yolo = YOLO("yolov8n.yaml")
-    with FeatureLogger(yolo, logdir=tmp_path) as logger:
-        logger.close()
-        left = sum(
-            getattr(f, "__self__", None) is logger.adapter
+
+    def ours(logger):
+        return sum(
+            getattr(getattr(f, "__self__", None), "logger", None) is logger
             for fns in yolo.callbacks.values()
             for f in fns
         )
-        assert left == 0
+
+    with FeatureLogger(yolo, logdir=tmp_path) as logger:
+        assert ours(logger) == 11 and "predict" in vars(yolo)
+        logger.close()
+        assert ours(logger) == 0 and "predict" not in vars(yolo)
 
 
 def test_deep_stages_number_like_their_nearest_listed_ancestor():

@@ -33,7 +33,7 @@ def test_log_returns_before_writing_and_flush_waits_for_the_disk(tmp_path):
     for step in range(6):  # more steps than the queue holds: submit waits, nothing is dropped
         logger.log(torch.rand(2, 3, 16, 16), step=step)
     logger.flush()
-    assert logger._sink.steps_written == 6
+    assert logger.flushed_step == 5
     acc = read_events(tmp_path)
     assert [e.step for e in acc.Images("features/00_Conv2d/1")] == list(range(6))
     assert [e.step for e in acc.Scalars("stats/00_Conv2d/max")] == list(range(6))
@@ -43,7 +43,9 @@ def test_log_returns_before_writing_and_flush_waits_for_the_disk(tmp_path):
 def test_one_event_per_step_holds_all_of_its_values(tmp_path):
     sink = EventSink(tmp_path)
     grid = np.zeros((3, 5), np.uint8)
-    sink.submit(StepBundle(step=4, images=[("a/0", grid), ("b/0", grid)], scalars=[("s", 2.5)]))
+    images = [sink.encode_image(tag, grid) for tag in ("a/0", "b/0")]
+    sink.write(StepBundle(step=4, images=images, scalars=[("s", 2.5)]))
+    assert sink.flushed_step == 4 and sink.steps_written == 1
     sink.close()
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 

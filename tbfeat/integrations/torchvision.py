@@ -23,6 +23,7 @@ import argparse
 import difflib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
+from ..hooks import eval_mode
 from ..stages import CONTAINERS, Stage, sanitize
 
 _EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
@@ -130,24 +132,19 @@ class DetectionAdapter(ModelAdapter):
         """Fallback for unfamiliar backbones: one small forward to read the output keys."""
         size = int(getattr(self.module.transform, "min_size", (320,))[0])
         param = next(self.module.parameters())
-        with torch.no_grad():
-            training = self.module.backbone.training
-            self.module.backbone.eval()
-            try:
-                out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
-            finally:
-                self.module.backbone.train(training)
+        with eval_mode(self.module.backbone):
+            out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
         return [str(k) for k in out] if isinstance(out, dict) else [str(i) for i in range(len(out))]
 
-    def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
+    def forward(
+        self, inputs: Sequence[Any], module: nn.Module | None = None, stages: Sequence[Stage] = ()
+    ) -> Any:
         """``transform`` then ``backbone``; the whole model if a chosen stage is elsewhere."""
         model = self.module if module is None else module
-        logger = self.logger
-        stages = logger.stages if logger is not None else []
         backbone_modules = {id(m) for m in model.backbone.modules()}
         if any(id(s.module) not in backbone_modules for s in stages):
-            return model(list(prepared))
-        images, _ = model.transform(list(prepared))
+            return model(list(inputs))
+        images, _ = model.transform(list(inputs))
         return model.backbone(images.tensors)
 
 

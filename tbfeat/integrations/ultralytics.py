@@ -3,7 +3,7 @@
 ``FeatureLogger(yolo)`` with an ``ultralytics.YOLO`` (or ``RTDETR``) object gets
 :class:`UltralyticsAdapter`: the stages are the layers of ``yolo.model.model`` (tag
 ``<m.i>_<short m.type>``, head skipped by default), and inside a ``with`` block the
-callbacks below log
+callbacks of :class:`UltralyticsCallbacks` log
 
 - ``predict()``: every predicted image (up to ``max_images`` per call), never the warm-up;
 - ``val()``: the first ``max_images`` validation images;
@@ -11,62 +11,36 @@ callbacks below log
   at the end of every ``every``-th epoch, at step = the 1-based epoch of ``results.csv``,
   into the trainer's own ``save_dir``.
 
-Hooks live only around our own capture, so none is on a model while a checkpoint is
-saved (``save_model`` pickles the EMA model). Callbacks are removed when the block exits.
+The callbacks use the logger's public API only (``begin``/``end`` around the user's
+forwards, ``prepare``/``probe`` for the epoch's probes, ``use_logdir``). Every attribute
+of Ultralytics objects read here is in the compatibility section below.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter
+from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
 from ..stages import Stage, sanitize
 
-if TYPE_CHECKING:
-    from ..logger import FeatureLogger
 
-
-def adapt(obj: object) -> ModelAdapter | None:
-    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``."""
+# ==================================================================== compatibility
+# Everything tbfeat reads of Ultralytics objects, tested on 8.3.0 and the newest release.
+def _classes() -> tuple[type, type]:
     from ultralytics.engine.model import Model
     from ultralytics.nn.tasks import BaseModel
 
-    if isinstance(obj, Model):
-        if not isinstance(obj.model, nn.Module):
-            raise TypeError(
-                f"only PyTorch Ultralytics models can be logged, got model={obj.model!r}"
-            )
-        return UltralyticsAdapter(obj.model, wrapper=obj)
-    if isinstance(obj, BaseModel):
-        return UltralyticsAdapter(obj)
-    return None
-
-
-def yolo_stages(model: nn.Module) -> list[Stage]:
-    """One stage per layer of ``model.model``, indexed by ``m.i`` and labelled by ``m.type``."""
-    layers = getattr(model, "model", None)
-    if not isinstance(layers, nn.Sequential):
-        raise TypeError(f"{type(model).__name__} has no Ultralytics layer list (model.model)")
-    stages = []
-    for pos, m in enumerate(layers):
-        index = getattr(m, "i", pos)
-        type_name = str(getattr(m, "type", type(m).__name__)).rsplit(".", 1)[-1]
-        stages.append(Stage(index, f"model.{pos}", type_name, m, sanitize(type_name)))
-    return stages
-
-
-def is_head(module: nn.Module, layers: nn.Sequential) -> bool:
-    """A head is the last layer, or a module class from ``ultralytics.nn.modules.head``."""
-    return module is layers[-1] or type(module).__module__.endswith("nn.modules.head")
+    return Model, BaseModel
 
 
 def torch_model(model: Any) -> nn.Module:
@@ -84,6 +58,141 @@ def torch_model(model: Any) -> nn.Module:
         else:
             model = getattr(model, "model", None)
     raise TypeError("no PyTorch Ultralytics model found (exported formats cannot be hooked)")
+
+
+def layer_key(m: nn.Module, position: int) -> tuple[int, str]:
+    """A layer's index ``m.i`` and short type name ``m.type`` (set by ``parse_model``)."""
+    index = getattr(m, "i", position)
+    return index, str(getattr(m, "type", type(m).__name__)).rsplit(".", 1)[-1]
+
+
+def model_imgsz(wrapper: Any, module: nn.Module) -> int | list | None:
+    overrides = getattr(wrapper, "overrides", None) or {}
+    return overrides.get("imgsz") or getattr(getattr(module, "args", None), "imgsz", None)
+
+
+def save_dir(owner: Any) -> str | None:
+    folder = getattr(owner, "save_dir", None)
+    return os.fspath(folder) if folder else None
+
+
+def batch_paths(predictor: Any) -> list[Any]:
+    """The source paths of the predictor's current batch (``batch[0]``)."""
+    batch = getattr(predictor, "batch", None)
+    return list(batch[0]) if batch else []
+
+
+def done_warmup(owner: Any) -> bool:
+    return bool(getattr(owner, "done_warmup", True))
+
+
+def val_files(validator: Any) -> list[str]:
+    dataset = getattr(getattr(validator, "dataloader", None), "dataset", None)
+    return list(getattr(dataset, "im_files", None) or [])
+
+
+def in_training(validator: Any, trainer: Any) -> bool:
+    """Validation run by a training: each epoch's, and ``final_eval`` (which calls the
+    trainer's validator without a trainer)."""
+    return bool(getattr(validator, "training", False)) or (
+        trainer is not None and validator is getattr(trainer, "validator", None)
+    )
+
+
+def epoch_of(trainer: Any) -> tuple[int, int]:
+    """The 1-based epoch just finished (as in ``results.csv``) and the number of epochs."""
+    return int(trainer.epoch) + 1, int(trainer.epochs)
+
+
+def probe_model(trainer: Any) -> nn.Module:
+    """The model an epoch's probes run through: the EMA when there is one."""
+    ema = getattr(getattr(trainer, "ema", None), "ema", None)
+    return torch_model(ema if ema is not None else trainer.model)
+
+
+def train_imgsz(trainer: Any) -> int:
+    size = trainer.args.imgsz
+    return int(max(size) if isinstance(size, (list, tuple)) else size)
+
+
+def train_probe_files(trainer: Any, n: int) -> list[str]:
+    """The first ``n`` validation images of a training (detection or classification)."""
+    dataset = getattr(getattr(trainer, "test_loader", None), "dataset", None)
+    files = list(getattr(dataset, "im_files", None) or [])
+    if not files:
+        files = [s[0] for s in getattr(dataset, "samples", None) or []]
+    return files[:n]
+
+
+def ran_ddp(trainer: Any) -> bool:
+    return bool(getattr(trainer, "ddp", False))
+
+
+def predict_source_names(source: Any) -> list[str | None] | None:
+    """File stems of a list source, which some releases lose (``autocast_list`` drops
+    the images' ``filename``)."""
+    if not isinstance(source, (list, tuple)):
+        return None
+    return [Path(s).stem if isinstance(s, (str, os.PathLike)) else None for s in source]
+
+
+class _ModelFinder:
+    """Finds the model a standalone ``val()`` runs (a copy, only a local of the
+    validator): a global forward pre-hook, removed when found, matches the first
+    Ultralytics model whose forward starts in a validation batch on this thread."""
+
+    def __init__(self, gate: Callable[[], bool], found: Callable[[nn.Module], None]) -> None:
+        self._gate, self._found = gate, found
+        self._thread = threading.get_ident()
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        if (
+            self._handle is None
+            or threading.get_ident() != self._thread
+            or not isinstance(module, _classes()[1])
+            or not self._gate()
+        ):
+            return
+        self.remove()
+        self._found(module)
+
+    def remove(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.remove()
+
+
+# ==================================================================== adapter
+def adapt(obj: object) -> ModelAdapter | None:
+    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``."""
+    model_cls, base_cls = _classes()
+    if isinstance(obj, model_cls):
+        if not isinstance(obj.model, nn.Module):
+            raise TypeError(
+                f"only PyTorch Ultralytics models can be logged, got model={obj.model!r}"
+            )
+        return UltralyticsAdapter(obj.model, wrapper=obj)
+    if isinstance(obj, base_cls):
+        return UltralyticsAdapter(obj)
+    return None
+
+
+def yolo_stages(model: nn.Module) -> list[Stage]:
+    """One stage per layer of ``model.model``, indexed by ``m.i`` and labelled by ``m.type``."""
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential):
+        raise TypeError(f"{type(model).__name__} has no Ultralytics layer list (model.model)")
+    stages = []
+    for pos, m in enumerate(layers):
+        index, type_name = layer_key(m, pos)
+        stages.append(Stage(index, f"model.{pos}", type_name, m, sanitize(type_name)))
+    return stages
+
+
+def is_head(module: nn.Module, layers: nn.Sequential) -> bool:
+    """A head is the last layer, or a module class from ``ultralytics.nn.modules.head``."""
+    return module is layers[-1] or type(module).__module__.endswith("nn.modules.head")
 
 
 def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Tensor, str | None]:
@@ -134,29 +243,12 @@ def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Ten
     return torch.from_numpy(rgb).float().div_(255.0), name
 
 
-def _validator_model(validator: Any) -> nn.Module | None:
-    """The model a standalone validation runs: a deep copy that ``BaseValidator.__call__``
-    keeps only as its local ``model`` (an ``AutoBackend``), found in the calling frames."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_locals.get("self") is validator:
-            model = frame.f_locals.get("model")
-            if isinstance(model, nn.Module):
-                return model
-        frame = frame.f_back
-    return None
-
-
 class UltralyticsAdapter(ModelAdapter):
-    """Stages and callbacks for an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
+    """Stages and probes of an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
 
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
         self.wrapper = wrapper
         super().__init__(module)
-        self._registered: list[tuple[str, Any]] = []
-        self._probes: tuple[int, list[torch.Tensor], list[str]] | None = None
-        self._in_batch = False
-        self._owner: Any = None
 
     @property
     def module(self) -> nn.Module:
@@ -168,7 +260,6 @@ class UltralyticsAdapter(ModelAdapter):
     def module(self, value: nn.Module) -> None:
         self._module = value
 
-    # -------------------------------------------------------------- stages
     def candidate_stages(self) -> list[Stage]:
         return yolo_stages(self.module)
 
@@ -176,77 +267,84 @@ class UltralyticsAdapter(ModelAdapter):
         layers = self.module.model
         return [s for s in self.candidate_stages() if not is_head(s.module, layers)]
 
-    # -------------------------------------------------------------- probes
     def imgsz(self, default: int = 640) -> int:
-        logger = self.logger
-        if logger is not None and logger.options.imgsz is not None:
-            return logger.options.imgsz
-        overrides = getattr(self.wrapper, "overrides", None) or {}
-        size = overrides.get("imgsz") or getattr(getattr(self.module, "args", None), "imgsz", None)
+        size = model_imgsz(self.wrapper, self.module)
         if isinstance(size, (list, tuple)):
             size = max(size)
         return int(size) if size else default
 
-    def stride(self, module: nn.Module | None = None) -> int:
-        stride = getattr(module if module is not None else self.module, "stride", None)
-        return int(stride.max()) if isinstance(stride, torch.Tensor) else 32
-
     def prepare(
         self,
         inputs: ImageLike | Sequence[ImageLike],
-        names: Sequence[str] | None,
+        names: Sequence[str] | None = None,
+        *,
         imgsz: int | None = None,
-        module: nn.Module | None = None,
-    ) -> tuple[Any, list[str]]:
-        """Letterbox probe images to ``imgsz`` like Ultralytics' validation does."""
+    ) -> Probes:
+        """Letterbox probe images to ``imgsz`` (default the model's training size) like
+        Ultralytics' validation does."""
         items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
             items = list(inputs.unbind(0))
         if not items:
             raise ValueError("inputs is empty; pass at least one image")
+        stride = getattr(self.module, "stride", None)
+        stride = int(stride.max()) if isinstance(stride, torch.Tensor) else 32
         size = imgsz or self.imgsz()
-        stride = self.stride(module)
         boxed = [letterbox(item, size, stride) for item in items]
-        tensors = [t for t, _ in boxed]
         if names is None:
             names = [n if n is not None else str(i) for i, (_, n) in enumerate(boxed)]
-        if len(names) != len(tensors):
-            raise ValueError(f"got {len(names)} names for {len(tensors)} images")
-        return tensors, unique_names([sanitize(n) for n in names])
+        if len(names) != len(boxed):
+            raise ValueError(f"got {len(names)} names for {len(boxed)} images")
+        device, dtype = self.device(), self.dtype()
+        tensors = tuple(t.to(device=device, dtype=dtype) for t, _ in boxed)
+        return Probes(tensors, tuple(unique_names([sanitize(n) for n in names])))
 
-    def forward(self, prepared: Any, module: nn.Module | None = None) -> Any:
-        module = self.module if module is None else module
-        param = next(module.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        return super().forward([t.to(device=device, dtype=dtype) for t in prepared], module)
-
-    # -------------------------------------------------------------- life cycle
-    def attach(self, logger: FeatureLogger) -> None:
-        """Add our callbacks to the ``YOLO`` object (shared by its trainer, predictor and
-        validator); a bare model gets hooks for the block instead."""
+    def attach(self, logger: Any) -> Callable[[], None]:
+        """Add :class:`UltralyticsCallbacks` to the ``YOLO`` object (shared by its trainer,
+        predictor and validator); a bare model is captured for the block instead."""
         if self.wrapper is None:
-            super().attach(logger)
-            return
-        self._trainer_before = getattr(self.wrapper, "trainer", None)
-        for event, fn in self.callbacks().items():
-            self.wrapper.add_callback(event, fn)
-            self._registered.append((event, fn))
+            return super().attach(logger)
+        return UltralyticsCallbacks(logger).attach(self.wrapper)
 
-    def detach(self, logger: FeatureLogger) -> None:
-        for event, fn in self._registered:
-            fns = self.wrapper.callbacks.get(event, [])
-            if fn in fns:
-                fns.remove(fn)
-        self._registered = []
+
+# ==================================================================== callbacks
+class UltralyticsCallbacks:
+    """tbfeat's Ultralytics callbacks for one logger, as ``callbacks()`` returns them.
+
+    Small and picklable (Ultralytics' multi-GPU launch pickles the trainer's callbacks):
+    a pickled copy carries the logger's configuration and none of the capture in progress.
+
+    Example:
+        ::
+
+            callbacks = UltralyticsCallbacks(logger)
+            for event, fn in callbacks.callbacks().items():
+                yolo.add_callback(event, fn)
+    """
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+        self._reset()
+
+    def _reset(self) -> None:
+        self._owner: Any = None
+        self._session: Any = None
         self._in_batch = False
-        logger.gate = None
-        logger.remove_hooks()
-        self._warn_if_ddp_ran()
-        self._probes = None
+        self._position = 0
+        self._source_names: list[str | None] | None = None
+        self._finder: _ModelFinder | None = None
+        self._trainer: Any = None
+        self._probes: tuple[int, int, Probes] | None = None
 
-    def callbacks(self) -> dict[str, Any]:
-        """Ultralytics events and this adapter's handlers for them."""
+    def __getstate__(self) -> dict[str, Any]:
+        return {"logger": self.logger}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.logger = state["logger"]
+        self._reset()
+
+    def callbacks(self) -> dict[str, Callable[[Any], None]]:
+        """Ultralytics events and the handlers for them."""
         return {
             "on_predict_start": self.on_predict_start,
             "on_predict_batch_start": self.on_predict_batch_start,
@@ -258,44 +356,75 @@ class UltralyticsAdapter(ModelAdapter):
             "on_val_end": self.on_end,
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_train_epoch_end": self.on_train_epoch_end,
+            "on_train_end": self.on_train_end,
         }
 
-    # -------------------------------------------------------------- predict / val
-    def _start(self, owner: Any, model: Any) -> None:
-        logger = self.logger
-        logger.finish_step()
-        logger.remove_hooks()
-        logger._sink.use_default_logdir(owner.save_dir)
-        module = torch_model(model)
-        logger.install_hooks(logger.resolve(module), root=module)
-        self._owner = owner
-        self._in_batch = False
-        logger.gate = self._gate
+    def attach(self, wrapper: Any) -> Callable[[], None]:
+        """Register on ``wrapper`` (a ``YOLO`` object); returns what removes them again."""
+        added = list(self.callbacks().items())
+        trainer_before = getattr(wrapper, "trainer", None)
+        for event, fn in added:
+            wrapper.add_callback(event, fn)
+        wrapper.predict = self._predict_wrapper(type(wrapper).predict.__get__(wrapper))
 
+        def detach() -> None:
+            for event, fn in added:
+                fns = wrapper.callbacks.get(event, [])
+                if fn in fns:
+                    fns.remove(fn)
+            wrapper.__dict__.pop("predict", None)
+            self._end_capture()
+            self._warn_if_ddp_ran(wrapper, trainer_before)
+
+        return detach
+
+    def _predict_wrapper(self, predict: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(source: Any = None, *args: Any, **kwargs: Any) -> Any:
+            self._source_names = predict_source_names(source)
+            return predict(source, *args, **kwargs)
+
+        return wrapped
+
+    # ---------------------------------------------------------------- predict / val
     def _gate(self) -> bool:
         # warm-up forwards run inside the first batch before done_warmup is set
-        return self._in_batch and getattr(self._owner, "done_warmup", True)
+        return self._in_batch and done_warmup(self._owner)
+
+    def _begin(self, owner: Any, module: nn.Module, names: Sequence[str] = ()) -> None:
+        self._session = self.logger.begin(module, gate=self._gate, names=names)
+        self._owner = owner
 
     def on_predict_start(self, predictor: Any) -> None:
-        self._start(predictor, predictor.model)
+        self._end_capture()
+        self.logger.use_logdir(save_dir(predictor))
+        self._position = 0
+        self._begin(predictor, torch_model(predictor.model))
 
     def on_predict_batch_start(self, predictor: Any) -> None:
-        paths = predictor.batch[0] if predictor.batch else []
-        start = len(self.logger._names)
-        self.logger.add_image_names(
-            Path(p).stem if isinstance(p, str) and Path(p).is_file() else str(start + i)
-            for i, p in enumerate(paths)
-        )
+        if self._owner is not predictor:
+            return
+        names = []
+        hints = self._source_names or []
+        for p in batch_paths(predictor):
+            i, self._position = self._position, self._position + 1
+            if i < len(hints) and hints[i]:
+                names.append(hints[i])
+            elif isinstance(p, str) and Path(p).is_file():
+                names.append(Path(p).stem)
+            else:
+                names.append(str(i))
+        if self._session is not None:
+            self._session.add_names(names)
         self._in_batch = True
 
     def on_val_start(self, validator: Any) -> None:
-        trainer = getattr(self.wrapper, "trainer", None)
-        if getattr(validator, "training", False) or validator is getattr(trainer, "validator", 0):
-            return  # validation inside train(), final_eval too: the epoch-end probe covers it
-        self._start(validator, _validator_model(validator) or self.wrapper.model)
-        dataset = getattr(validator.dataloader, "dataset", None)
-        files = list(getattr(dataset, "im_files", None) or [])
-        self.logger.add_image_names(Path(f).stem for f in files[: self.logger.options.max_images])
+        if in_training(validator, self._trainer):
+            return  # the epoch-end probe covers training; final_eval too
+        self._end_capture()
+        self.logger.use_logdir(save_dir(validator))
+        names = [Path(f).stem for f in val_files(validator)[: self.logger.options.max_images]]
+        self._owner = validator
+        self._finder = _ModelFinder(self._gate, lambda m: self._begin(validator, m, names))
 
     def on_val_batch_start(self, validator: Any) -> None:
         if self._owner is validator:
@@ -305,62 +434,59 @@ class UltralyticsAdapter(ModelAdapter):
         self._in_batch = False
 
     def on_end(self, owner: Any) -> None:
-        if self._owner is owner:
-            self._end_capture()
+        if self._owner is not owner:
+            return
+        if self._finder is not None and self._session is None:
+            warnings.warn(
+                "tbfeat: found no PyTorch Ultralytics model in this val() run; nothing was "
+                "logged (exported formats cannot be hooked)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._end_capture()
 
     def _end_capture(self) -> None:
-        logger = self.logger
-        logger.gate = None
-        logger.remove_hooks()
-        logger.finish_step()
-        self._owner = None
+        if self._finder is not None:
+            self._finder.remove()
+        if self._session is not None:
+            self.logger.end()
+        self._owner = self._session = self._finder = None
         self._in_batch = False
+        self._source_names = None
 
-    # -------------------------------------------------------------- train
+    # ---------------------------------------------------------------- train
     def on_pretrain_routine_start(self, trainer: Any) -> None:
         self._end_capture()  # a predict stopped half-way (stream=True, break) ends here
-        self.logger._sink.use_default_logdir(trainer.save_dir)
+        self.logger.use_logdir(save_dir(trainer))
+        self._trainer = trainer
         self._probes = None
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         logger = self.logger
-        epoch = trainer.epoch + 1  # 1-based, as in results.csv
-        every = logger.options.every
-        if epoch % every and epoch < trainer.epochs:
+        epoch, epochs = epoch_of(trainer)
+        if epoch % logger.options.every and epoch < epochs:
             return
-        ema = getattr(getattr(trainer, "ema", None), "ema", None)
-        model = ema if ema is not None else trainer.model
-        model = torch_model(model)
-        imgsz = logger.options.imgsz or int(trainer.args.imgsz)
-        if self._probes is None or self._probes[0] != imgsz:
-            images = logger.images if logger.images is not None else self._val_images(trainer)
-            tensors, names = self.prepare(images, None, imgsz=imgsz, module=model)
-            self._probes = (imgsz, tensors, names)
-        _, tensors, names = self._probes
+        model = probe_model(trainer)
+        imgsz = logger.options.imgsz or train_imgsz(trainer)
+        if self._probes is None or self._probes[:2] != (id(model), imgsz):
+            images = logger.images
+            if images is None:
+                images = train_probe_files(trainer, logger.options.max_images)
+                if not images:
+                    raise ValueError(
+                        "no probe images: pass images=[...] to FeatureLogger (the trainer's "
+                        "validation set lists none)"
+                    )
+            self._probes = (id(model), imgsz, logger.prepare(images, model=model, imgsz=imgsz))
         logger.step = epoch
-        logger.run_probes(model, logger.resolve(model), tensors, names)
+        logger.probe(self._probes[2], model=model, step=epoch)
 
-    def _val_images(self, trainer: Any) -> list[str]:
-        n = self.logger.options.max_images
-        loader = getattr(trainer, "test_loader", None)
-        dataset = getattr(loader, "dataset", None)
-        files = list(getattr(dataset, "im_files", None) or [])
-        if not files:
-            samples = getattr(dataset, "samples", None) or []  # classification datasets
-            files = [s[0] for s in samples]
-        if not files:
-            raise ValueError(
-                "no probe images: pass images=[...] to FeatureLogger (the trainer's "
-                "validation set lists none)"
-            )
-        return files[:n]
+    def on_train_end(self, trainer: Any) -> None:
+        self._trainer = None
 
-    def _warn_if_ddp_ran(self) -> None:
-        trainer = getattr(self.wrapper, "trainer", None)
-        new = trainer is not getattr(self, "_trainer_before", None)
-        if new and trainer is not None and getattr(trainer, "ddp", False):
-            import warnings
-
+    def _warn_if_ddp_ran(self, wrapper: Any, trainer_before: Any) -> None:
+        trainer = getattr(wrapper, "trainer", None)
+        if trainer is not None and trainer is not trainer_before and ran_ddp(trainer):
             warnings.warn(
                 "tbfeat: this train() ran in Ultralytics' DDP subprocess, which drops "
                 "callbacks added in Python, so no feature maps were logged; log the saved "

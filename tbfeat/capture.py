@@ -1,0 +1,252 @@
+"""The forward side of logging: stage outputs become immutable messages for the recorder.
+
+A :class:`CaptureSession` owns the bookkeeping of one capture on the thread that runs the
+forward: the step, the image names, how many images each stage has logged in the step and
+which call of a shared module this is. For each stage output it posts one frozen
+:class:`Capture` (a private copy of the tensor, the tag base, the image names) and, when
+the step ends, one :class:`EndStep`. Nothing here touches the recorder's state: messages
+go one way, to the thread that summarizes and writes them (:mod:`tbfeat.recorder`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .images import unique_names
+from .options import LogOptions
+from .stages import Stage, sanitize
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One stage output of one step: what the recorder summarizes and draws."""
+
+    step: int
+    base: str
+    """``<NN>_<label>[/<output>]``: the part of the tags that names the stage output."""
+    x: torch.Tensor
+    """A private copy of the output's first images, detached."""
+    names: tuple[str, ...] = ()
+    """One name per image for 4-D outputs (the tags' last part); empty otherwise."""
+    track: bool = False
+    """Keep drift samples and evolution cells: the same probe images come back each step."""
+
+
+@dataclass(frozen=True)
+class EndStep:
+    """Everything captured at ``step`` so far is complete: summarize and write it."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """Scalars to write at ``step`` as one event (an integration's metrics)."""
+
+    step: int
+    values: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class SetLogdir:
+    """Write later steps into ``logdir`` (a framework's run folder)."""
+
+    logdir: str
+
+
+Post = Callable[[Any, int], bool]
+"""``post(message, nbytes)``: hand a message to the recorder; False if it was dropped."""
+
+
+class Notes:
+    """Messages said once per key: ``warnings.warn`` for problems, the log for the rest."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+
+    def __call__(self, key: str, message: str, warn: bool = False) -> None:
+        if key in self._said:
+            return
+        self._said.add(key)
+        if warn:
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        else:
+            import logging
+
+            logging.getLogger("tbfeat").info(message)
+
+
+class CaptureSession:
+    """Bookkeeping of one capture, on the forward thread; posts messages, keeps no tensor.
+
+    Args:
+        post: Where messages go (:meth:`tbfeat.worker.Worker.post`).
+        options: What to capture (``max_images``).
+        step: The step captures are logged at.
+        track: Probe images: keep drift samples and evolution cells.
+        names: Names of the first images of the step.
+        note: Where to say what is skipped.
+
+    Example:
+        >>> import torch
+        >>> from tbfeat.capture import CaptureSession
+        >>> from tbfeat.options import LogOptions
+        >>> from tbfeat.stages import generic_stages
+        >>> sent = []
+        >>> session = CaptureSession(lambda m, n: sent.append(m) or True, LogOptions(), step=3)
+        >>> stage = generic_stages(torch.nn.Sequential(torch.nn.ReLU()))[0]
+        >>> session.on_output(stage, torch.zeros(1, 2, 4, 4))
+        >>> session.end_step()
+        True
+        >>> [(type(m).__name__, m.step) for m in sent]
+        [('Capture', 3), ('EndStep', 3)]
+    """
+
+    def __init__(
+        self,
+        post: Post,
+        options: LogOptions,
+        step: int,
+        *,
+        track: bool = False,
+        names: Iterable[str] = (),
+        note: Notes | None = None,
+    ) -> None:
+        self._post = post
+        self.options = options
+        self.step = step
+        self.track = track
+        self._note = note if note is not None else Notes()
+        self._names: list[str] = []
+        self._counts: dict[str, int] = {}
+        self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
+        self._forward_id = 0
+        self._captured = False
+        self._lock = threading.Lock()  # one model may run on several threads
+        self.add_names(names)
+
+    @property
+    def names(self) -> list[str]:
+        """The image names of the current step so far."""
+        return list(self._names)
+
+    def add_names(self, names: Iterable[str]) -> None:
+        """Name the next images of the step (sanitized; a repeat gets ``_1``, ``_2``...)."""
+        with self._lock:
+            self._names += unique_names((sanitize(n) for n in names), taken=self._names)
+
+    def on_forward(self) -> None:
+        """A new forward of the hooked model begins (for calls of shared modules)."""
+        with self._lock:
+            self._forward_id += 1
+
+    def set_step(self, step: int) -> None:
+        """Log later captures at ``step``; a different step ends the current one."""
+        if step != self.step:
+            self.end_step()
+        self.step = step
+
+    def end_step(self) -> bool:
+        """Post :class:`EndStep` if anything was captured; reset the step's bookkeeping."""
+        with self._lock:
+            captured, self._captured = self._captured, False
+            self._names, self._counts = [], {}
+        if captured:
+            self._post(EndStep(self.step), 0)
+        return captured
+
+    def on_output(self, stage: Stage, output: Any) -> None:
+        """Post one :class:`Capture` per tensor of a stage's output."""
+        with self._lock:
+            ident = (stage.name, stage.output)
+            forward, calls = self._calls.get(ident, (-1, -1))
+            calls = calls + 1 if forward == self._forward_id else 0
+            self._calls[ident] = (self._forward_id, calls)
+            if stage.output is not None:
+                output = output[stage.output]
+            found = False
+            for suffix, t in stage_tensors(output, f"call{calls}" if calls else ""):
+                found = True
+                self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t)
+        if not found:
+            self._note(
+                f"skip:{stage.key}",
+                f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
+            )
+
+    def _capture(self, base: str, t: torch.Tensor) -> None:
+        if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:
+            self._note(
+                f"skip:{base}",
+                f"tbfeat: stage {base} gives a {t.dim()}-D {t.dtype} tensor; not logged",
+            )
+            return
+        done = self._counts.get(base, 0)
+        k = min(t.shape[0], self.options.max_images - done)
+        if k <= 0:
+            return
+        with torch.no_grad():
+            # a copy: a later layer may change the output in place (ReLU(inplace=True))
+            x = t[:k].detach().clone()
+        names = tuple(self._image_name(done + i) for i in range(k)) if x.dim() == 4 else ()
+        message = Capture(self.step, base, x, names, self.track and x.dim() == 4)
+        if self._post(message, x.numel() * x.element_size()):
+            self._counts[base] = done + k
+            self._captured = True
+        else:
+            self._note(
+                f"dropped:{base}",
+                f"tbfeat: stage {base} was not logged at step {self.step}: the writer thread "
+                "did not make room in time",
+                warn=True,
+            )
+
+    def _image_name(self, position: int) -> str:
+        return self._names[position] if position < len(self._names) else str(position)
+
+
+def stage_tensors(output: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a stage's output with a tag suffix each: ``""`` for a lone tensor,
+    the position or key for elements of tuples, lists and dicts (nested ones joined by
+    ``_``). Anything else yields nothing."""
+    if isinstance(output, torch.Tensor):
+        yield prefix, output
+    elif isinstance(output, dict):
+        for key, value in output.items():
+            yield from stage_tensors(value, _join(prefix, sanitize(str(key))))
+    elif isinstance(output, (list, tuple)):
+        for i, value in enumerate(output):
+            yield from stage_tensors(value, _join(prefix, str(i)))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}" if prefix else key
+
+
+def capture_hooks_kwargs(session: CaptureSession, note: Notes) -> dict[str, Any]:
+    """The :class:`~tbfeat.hooks.StageHooks` callbacks that feed ``session``."""
+
+    def on_error(stage: Stage, e: Exception) -> None:
+        note(
+            f"error:{stage.key}:{type(e).__name__}",
+            f"tbfeat: stage {stage.key} ({stage.name}) was not logged: {type(e).__name__}: {e}",
+            warn=True,
+        )
+
+    return {"on_output": session.on_output, "on_forward": session.on_forward, "on_error": on_error}
+
+
+def image_names(names: Sequence[str] | None, count: int) -> list[str]:
+    """``names`` checked against ``count`` images, or positions ``0..count-1``."""
+    if names is None:
+        return [str(i) for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"got {len(names)} names for {count} images")
+    return list(names)

@@ -1,0 +1,215 @@
+"""The recorder: the one owner of what a logger accumulates between steps.
+
+It runs on the worker thread only (:class:`~tbfeat.worker.Worker` calls
+:meth:`Recorder.handle` with each message, in order) and owns the statistics of the
+steps in progress, the grids encoded so far, the chosen channels, the drift samples and
+the run's :class:`~tbfeat.drift.History`. Finished steps go to the
+:class:`~tbfeat.writer.EventSink` as one bundle each; the history is saved after each.
+
+A run starts on the first write to a logdir: it continues the run recorded there when
+its first step lies beyond the last one recorded, and otherwise starts a new run: the
+old run's steps from that step on are removed from tbfeat's own event files (see
+:meth:`~tbfeat.writer.EventSink.drop_steps`), so TensorBoard shows each step once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .capture import Capture, EndStep, Notes, Scalars, SetLogdir
+from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
+from .options import LogOptions
+from .render import feature_tiles, layout, select_channels
+from .stats import RunningStats
+from .writer import EventSink, StepBundle
+
+RUN_MODES = ("auto", "new", "append")
+
+
+@dataclass
+class _Track:
+    """Drift samples and evolution cells of one stage output at one step."""
+
+    shape: tuple[int, int]
+    rows: list[torch.Tensor] = field(default_factory=list)
+    cells: dict[str, Any] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Step:
+    """What a step in progress has accumulated."""
+
+    stats: dict[str, RunningStats] = field(default_factory=dict)
+    images: list[Any] = field(default_factory=list)
+    tracks: dict[str, _Track] = field(default_factory=dict)
+
+
+class Recorder:
+    """Summarizes captures and writes finished steps; call :meth:`handle` from one thread.
+
+    Args:
+        sink: Where finished steps go.
+        options: What to summarize and draw.
+        run: ``"auto"`` (continue the logdir's run when the first step lies beyond its
+            last step, else start a new one), ``"new"`` (always a new run, hiding the whole
+            old one) or ``"append"`` (never start a new run).
+    """
+
+    def __init__(self, sink: EventSink, options: LogOptions, run: str = "auto") -> None:
+        self.sink = sink
+        self.options = options
+        self.run = run
+        self._steps: dict[int, _Step] = {}
+        self._channels: dict[str, torch.Tensor] = {}
+        self._history: History | None = None
+        self._note = Notes()
+
+    def handle(self, message: Any) -> None:
+        """Handle one message from the forward side (worker thread)."""
+        if isinstance(message, Capture):
+            self._capture(message)
+        elif isinstance(message, EndStep):
+            self._end_step(message.step)
+        elif isinstance(message, Scalars):
+            self._write(StepBundle(message.step, scalars=list(message.values)))
+        elif isinstance(message, SetLogdir):
+            self._set_logdir(message.logdir)
+        else:
+            raise TypeError(f"unknown message {type(message).__name__}")
+
+    def writer(self, step: int) -> Any:
+        """The sink's writer, opening the run at ``step`` if it is not open yet."""
+        self._open(step)
+        return self.sink.open()
+
+    def close(self) -> None:
+        """Write the steps still open, save the history, close the sink's own writer."""
+        for step in sorted(self._steps):
+            self._end_step(step)
+        self._save_history()
+        self.sink.close()
+
+    # ------------------------------------------------------------------ captures
+    def _capture(self, c: Capture) -> None:
+        state = self._steps.setdefault(c.step, _Step())
+        opts = self.options
+        x = c.x
+        if opts.stats or opts.histograms:
+            stats = state.stats.setdefault(c.base, RunningStats(opts.hist_bins))
+            self._guard(f"statistics of stage {c.base}", stats.update, x)
+        if opts.grids and x.dim() == 4:
+            self._guard(f"stage {c.base}", self._grids, c, state)
+        if c.track and x.numel():
+            self._guard(f"drift/evolution of stage {c.base}", self._track, c, state)
+
+    def _grids(self, c: Capture, state: _Step) -> None:
+        opts, x = self.options, c.x
+        channels = self._channels.get(c.base)
+        if channels is None or int(channels.max()) >= x.shape[1]:
+            channels = select_channels(x, opts.max_channels, opts.channels).cpu()
+            self._channels[c.base] = channels
+        tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
+        for name, t in zip(c.names, tiles.cpu().numpy(), strict=True):
+            if t.size:
+                tag = f"features/{c.base}/{name}"
+                state.images.append(self.sink.encode_image(tag, layout(t, opts.ncols), opts.cmap))
+
+    def _track(self, c: Capture, state: _Step) -> None:
+        opts, x = self.options, c.x
+        track = state.tracks.setdefault(c.base, _Track(shape=tuple(x.shape[-2:])))
+        if opts.drift:
+            per_image = max(1, opts.drift_samples // opts.max_images)
+            track.rows.append(sample_rows(x, per_image))
+        if opts.evolution:
+            for name, cell in zip(c.names, mean_map_cell(x, opts.evolution_cell), strict=True):
+                track.cells[name] = cell
+        track.names += c.names
+
+    # ------------------------------------------------------------------ steps
+    def _end_step(self, step: int) -> None:
+        state = self._steps.pop(step, None)
+        if state is None:
+            return
+        bundle = StepBundle(step, images=state.images)
+        history = self._open(step)
+        for base, track in state.tracks.items():
+            self._guard(
+                f"drift/evolution of stage {base}", self._drift, history, base, step, track, bundle
+            )
+        for base, stats in state.stats.items():
+            self._guard(f"statistics of stage {base}", self._summarize, base, stats, bundle)
+        self._write(bundle)
+
+    def _drift(self, history: History, base: str, step: int, t: _Track, bundle: StepBundle) -> None:
+        rows = torch.cat(t.rows) if t.rows else None
+        drift = history.update(base, step, rows, t.shape, tuple(t.names), t.cells)
+        for suffix, value in drift.items():
+            bundle.scalars.append((f"drift/{base}{suffix}", value))
+        strip = history.strip(base) if self.options.evolution else None
+        if strip is not None:
+            bundle.images.append(
+                self.sink.encode_image(f"evolution/{base}", strip, self.options.cmap)
+            )
+
+    def _summarize(self, base: str, stats: RunningStats, bundle: StepBundle) -> None:
+        summary = stats.summary()
+        if summary is None:
+            return
+        if self.options.stats:
+            bundle.scalars += [(f"stats/{base}/{k}", v) for k, v in summary.scalars().items()]
+        if self.options.histograms and summary.count > 0:
+            bundle.histograms.append((f"activations/{base}", summary))
+
+    def _write(self, bundle: StepBundle) -> None:
+        if not bundle:
+            return
+        history = self._open(bundle.step)
+        self.sink.write(bundle)
+        history.saw_step(bundle.step)
+        self._save_history()
+
+    # ------------------------------------------------------------------ the run
+    def _open(self, step: int) -> History:
+        """The run's history, opening the run (and the writer) on the first write."""
+        if self._history is not None:
+            return self._history
+        if self.sink.run_dir() is None and self.sink.owns_writer:  # a new default folder
+            self.sink.open()
+        folder = self.sink.run_dir()
+        path = folder / HISTORY_FILE if folder is not None else None
+        history = History.load(path, keep=self.options.evolution_steps)
+        last = history.last_step
+        if self.run == "new" or (self.run == "auto" and last is not None and step <= last):
+            # a new run: the old run's steps from here on (all, for "new") go
+            self.sink.drop_steps(None if self.run == "new" else step)
+            history = History(path, keep=self.options.evolution_steps)
+        self.sink.open()
+        self._history = history
+        return history
+
+    def _set_logdir(self, logdir: str) -> None:
+        for step in sorted(self._steps):  # what was captured belongs to the old folder
+            self._end_step(step)
+        self._save_history()
+        self.sink.set_logdir(logdir)
+        if self.sink.logdir == logdir:
+            self._history = None
+
+    def _save_history(self) -> None:
+        if self._history is not None:
+            self._guard("the drift history", self._history.save)
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> None:
+        """Run one part of the work; a failure is said once and skips only that part."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._note(
+                f"error:{what}:{type(e).__name__}",
+                f"tbfeat: {what} was not logged: {type(e).__name__}: {e}",
+                warn=True,
+            )
