@@ -13,9 +13,10 @@ low end to its high end, :data:`NONFINITE_INDEX` marks NaN/Inf pixels and
 from __future__ import annotations
 
 import functools
-import io
 import math
-from collections.abc import Sequence
+import struct
+import zlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -257,13 +258,43 @@ def colorize(indices: np.ndarray | torch.Tensor, cmap: str = "viridis") -> np.nd
 
 
 def encode_png(indices: np.ndarray, cmap: str = "viridis", compress_level: int = 1) -> bytes:
-    """Encode a 2-D uint8 index grid as an 8-bit palette PNG with the colormap as palette."""
-    from PIL import Image
+    """Encode a 2-D uint8 index grid as an 8-bit palette PNG with the colormap as palette.
 
+    The PNG is assembled here (``IHDR``, ``PLTE``, one ``IDAT``, ``IEND``; no row
+    filters) and deflated by ISA-L (the ``isal`` package) when it is installed, about 7x
+    faster than zlib at the same size, else by zlib. The bytes decode to the same pixels
+    either way.
+    """
     if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8 or indices.ndim != 2:
         raise TypeError("indices must be a 2-D uint8 numpy array from feature_grid")
-    image = Image.fromarray(np.ascontiguousarray(indices))  # 2-D uint8: mode "L"
-    image.putpalette(palette(cmap).tobytes())
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    height, width = indices.shape
+    rows = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 (None) per row
+    rows[:, 1:] = indices
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"PLTE", palette(cmap).tobytes()),
+            _png_chunk(b"IDAT", _deflate()(rows.tobytes(), compress_level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+@functools.lru_cache(maxsize=1)
+def _deflate() -> Callable[[bytes, int], bytes]:
+    """``compress(data, level)`` into a zlib stream: ISA-L's when available."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.compress
+    return lambda data, level: isal_zlib.compress(data, min(max(level, 0), 3))

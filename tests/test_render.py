@@ -144,3 +144,23 @@ def test_strongest_channels_are_ranked_by_mean():
         x[:, c] = v
     assert select_channels(x, 3, "strongest").tolist() == [1, 3, 4]
     assert select_channels(x, 3, "first").tolist() == [0, 1, 2]
+
+
+def test_png_from_isal_and_from_zlib_decode_to_the_same_pixels(monkeypatch):
+    import zlib
+
+    import tbfeat.render as render
+
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 256, (37, 129), dtype=np.uint8)
+    grid[:, 40:90] = 7  # runs, as in separators and flat tiles
+    fast = encode_png(grid, "viridis")
+    monkeypatch.setattr(render, "_deflate", lambda: zlib.compress)
+    slow = encode_png(grid, "viridis")
+    for png in (fast, slow):
+        with Image.open(io.BytesIO(png)) as im:
+            im.verify()  # chunk CRCs and structure
+        with Image.open(io.BytesIO(png)) as im:
+            assert im.mode == "P" and im.size == (129, 37)
+            np.testing.assert_array_equal(np.asarray(im), grid)
+            np.testing.assert_array_equal(np.asarray(im.convert("RGB")), colorize(grid))
