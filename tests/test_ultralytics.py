@@ -230,3 +230,33 @@ def test_log_letterboxes_probes_at_imgsz_through_the_model(tmp_path):
         (event,) = acc.Images(f"features/00_Conv/{name}")
         # 16 channels of 48x48 (stride 2 on a 96x96 letterbox): 8 per row, 2 rows
         assert (event.step, event.width, event.height) == (5, 8 * 49 - 1, 2 * 49 - 1)
+
+
+def test_a_resumed_training_continues_its_history(tmp_path, shapes):
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(trainer):
+        if trainer.epoch == 1:  # epoch 2 (1-based) is saved in last.pt, then the run dies
+            raise Stop
+
+    yolo = YOLO("yolov8n.yaml")
+    yolo.add_callback("on_fit_epoch_end", stop_after_epoch_2)
+    args = dict(
+        data=str(shapes), epochs=3, imgsz=64, batch=4, workers=0, device="cpu", plots=False,
+        project=str(tmp_path), name="r", amp=False, verbose=False, seed=0,
+    )  # fmt: skip
+    with pytest.raises(Stop), FeatureLogger(yolo, stages=[0, 9], max_images=2):
+        yolo.train(**args)
+    save_dir = Path(yolo.trainer.save_dir)
+    resumed = YOLO(save_dir / "weights" / "last.pt")
+    with FeatureLogger(resumed, stages=[0, 9], max_images=2):
+        resumed.train(resume=True)
+    assert Path(resumed.trainer.save_dir) == save_dir
+    acc = read_events(save_dir, derived=True)
+    assert [e.step for e in acc.Scalars("stats/09_SPPF/mean")] == [1, 2, 3]
+    # drift at epoch 3 against epoch 2 from the saved history, and a 3-column strip
+    assert [e.step for e in acc.Scalars("drift/09_SPPF")] == [2, 3]
+    strips = acc.Images("evolution/00_Conv")
+    assert [e.step for e in strips] == [1, 2, 3]
+    assert strips[-1].width == 3 * strips[0].width + 2  # 3 columns, 1 px apart
