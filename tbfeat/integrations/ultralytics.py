@@ -436,6 +436,7 @@ class UltralyticsCallbacks:
     def on_end(self, owner: Any) -> None:
         if self._owner is not owner:
             return
+        self._source_names = None  # the next predict records its own
         if self._finder is not None and self._session is None:
             warnings.warn(
                 "tbfeat: found no PyTorch Ultralytics model in this val() run; nothing was "
@@ -452,7 +453,6 @@ class UltralyticsCallbacks:
             self.logger.end()
         self._owner = self._session = self._finder = None
         self._in_batch = False
-        self._source_names = None
 
     # ---------------------------------------------------------------- train
     def on_pretrain_routine_start(self, trainer: Any) -> None:
