@@ -93,6 +93,9 @@ class CaptureSession:
         track: Probe images: keep drift samples and evolution cells.
         names: Names of the first images of the step.
         note: Where to say what is skipped.
+        drain: Called before the first capture of each step: waits until the steps
+            before are written, so that at most one step's copies wait in memory (a
+            no-op when steps are epochs apart).
 
     Example:
         >>> import torch
@@ -118,8 +121,10 @@ class CaptureSession:
         track: bool = False,
         names: Iterable[str] = (),
         note: Notes | None = None,
+        drain: Callable[[], Any] | None = None,
     ) -> None:
         self._post = post
+        self._drain = drain
         self.options = options
         self.step = step
         self.track = track
@@ -192,6 +197,8 @@ class CaptureSession:
         k = min(t.shape[0], self.options.max_images - done)
         if k <= 0:
             return
+        if not self._captured and self._drain is not None:
+            self._drain()
         with torch.no_grad():
             # a copy: a later layer may change the output in place (ReLU(inplace=True))
             x = t[:k].detach().clone()

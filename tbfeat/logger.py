@@ -27,7 +27,7 @@ from .images import ImageLike
 from .options import LogOptions
 from .recorder import RUN_MODES, Recorder
 from .stages import Stage, StageSpec, resolve_stages
-from .worker import Worker
+from .worker import WAIT_S, Worker
 from .writer import EventSink, check_logdir, check_writer, global_rank, writer_logdir
 
 
@@ -211,8 +211,13 @@ class FeatureLogger:
         """End the current step and block until everything logged is on disk."""
         if self._session is not None:
             self._session.end_step()
-        if self._worker is not None:
-            self._worker.join()
+        if self._worker is not None and not self._worker.join():
+            self._notes(
+                "flush-timeout",
+                "tbfeat: the writer thread did not finish writing within "
+                f"{WAIT_S:.0f} s; flush() returned without waiting longer",
+                warn=True,
+            )
 
     def close(self) -> None:
         """Remove hooks, write what is pending, close the writer if this logger created it.
@@ -353,7 +358,13 @@ class FeatureLogger:
             self._session.end_step()
         paused = outer.paused if outer is not None else False
         session = CaptureSession(
-            self._post, self.options, step, track=True, names=probes.names, note=self._notes
+            self._post,
+            self.options,
+            step,
+            track=True,
+            names=probes.names,
+            note=self._notes,
+            drain=self._drain,
         )
         try:
             if outer is not None:
@@ -395,7 +406,7 @@ class FeatureLogger:
         module = self.adapter.module if module is None else module
         stages = self.resolve(module)
         session = CaptureSession(
-            self._post, self.options, self._step, names=names, note=self._notes
+            self._post, self.options, self._step, names=names, note=self._notes, drain=self._drain
         )
         hooks = StageHooks(
             stages, root=module, gate=gate, **capture_hooks_kwargs(session, self._notes)
@@ -468,17 +479,23 @@ class FeatureLogger:
             self._finalizer = weakref.finalize(self, _shutdown, self._worker, self._recorder)
         return self._recorder
 
+    def _drain(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+
     def _post(self, message: Any, nbytes: int = 0) -> bool:
         self._pipeline()
         return self._worker.post(message, nbytes)
 
 
 def _shutdown(worker: Worker, recorder: Recorder) -> None:
-    """Write what is pending, close the writer, stop the thread (once, from any thread)."""
-    try:
-        worker.call(recorder.close)
-    finally:
-        worker.stop()
+    """Write what is pending, stop the thread, close the writer (once, from any thread).
+
+    Once the worker thread has ended, the recorder has no other user: closing it here
+    keeps the one-owner rule and starts no thread (also at interpreter exit).
+    """
+    if worker.stop():
+        recorder.close()
 
 
 def _check_step(value: Any) -> int:

@@ -230,16 +230,19 @@ def quantize(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """
     lo = x.amin(dim=dims, keepdim=True)
     hi = x.amax(dim=dims, keepdim=True)
-    all_finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())  # NaN propagates
-    if not all_finite:
-        finite = torch.isfinite(x)
-        inf = torch.tensor(float("inf"), device=x.device)
-        lo = torch.where(finite, x, inf).amin(dim=dims, keepdim=True)
-        hi = torch.where(finite, x, -inf).amax(dim=dims, keepdim=True)
-        lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
-        hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
-    if not bool(torch.isfinite(hi - lo).all()):  # range beyond float32 (|x| near 3e38)
-        x, lo, hi = x.double(), lo.double(), hi.double()
+    all_finite = True
+    # one check for the common case: NaN/Inf propagate into min/max and so into hi - lo
+    if not bool(torch.isfinite(hi - lo).all()):
+        all_finite = bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+        if not all_finite:
+            finite = torch.isfinite(x)
+            inf = torch.tensor(float("inf"), device=x.device)
+            lo = torch.where(finite, x, inf).amin(dim=dims, keepdim=True)
+            hi = torch.where(finite, x, -inf).amax(dim=dims, keepdim=True)
+            lo = torch.where(torch.isfinite(lo), lo, torch.zeros_like(lo))
+            hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+        if not bool(torch.isfinite(hi - lo).all()):  # range beyond float32 (|x| near 3e38)
+            x, lo, hi = x.double(), lo.double(), hi.double()
     eps = torch.maximum(lo.abs(), hi.abs()) * _REL_EPS
     span = torch.maximum(hi - lo, eps).clamp_min(torch.finfo(torch.float32).tiny)
     v = ((x - lo) / span).clamp_(0.0, 1.0).mul_(LEVELS - 1).round_()  # x itself is untouched

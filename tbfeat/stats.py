@@ -123,11 +123,14 @@ class RunningStats:
                 centred = flat.double() - mean
                 m2 = float(torch.dot(centred, centred))
         zero = torch.zeros((), dtype=torch.float64, device=flat.device)
-        zeros = zero if (lo_f > 0 or hi_f < 0) else n - torch.count_nonzero(flat)
+        nonzero = None if (lo_f > 0 or hi_f < 0) else torch.count_nonzero(flat)
+        zeros = zero if nonzero is None else n - nonzero
         if lo_f >= 0:
             negatives = zero
         elif hi_f < 0:
             negatives = zero + n
+        elif n < 2**24:  # sign sums are exact in float32: positives - negatives
+            negatives = (nonzero - torch.sign(flat).sum()) / 2
         else:
             negatives = torch.count_nonzero(flat.lt(0))
         step = max(1, n // HIST_SAMPLE)

@@ -341,3 +341,29 @@ def test_the_cka_of_many_samples_is_computed_in_feature_space():
     xc, yc = (x - x.mean(0)).numpy(), (y - y.mean(0)).numpy()
     want = np.sum((yc.T @ xc) ** 2) / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
     assert linear_cka(x, y) == pytest.approx(want, rel=1e-9)
+
+
+def test_log_never_runs_more_than_one_step_ahead_of_the_writer(tmp_path, monkeypatch):
+    """At most one step's copies wait in memory: the first capture of a step waits until
+    the steps before it are written, however slow the writer."""
+    import tbfeat.stats
+
+    real = tbfeat.stats.RunningStats.update
+
+    def slow(self, x):
+        time.sleep(0.02)
+        return real(self, x)
+
+    monkeypatch.setattr(tbfeat.stats.RunningStats, "update", slow)
+    model = nn.Sequential(nn.Identity(), nn.Identity(), nn.Identity())
+    logger = FeatureLogger(model, logdir=tmp_path, grids=False)
+    behind = []
+    for step in range(8):
+        logger.log(torch.rand(1, 3, 8, 8), step=step)
+        flushed = logger.flushed_step
+        behind.append(step - (-1 if flushed is None else flushed))
+    logger.close()
+    assert max(behind) == 1  # the step just posted; everything before it is on disk
+    assert [e.step for e in read_events(tmp_path).Scalars("stats/00_Identity/mean")] == list(
+        range(8)
+    )
