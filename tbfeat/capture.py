@@ -11,7 +11,7 @@ go one way, to the thread that summarizes and writes them (:mod:`tbfeat.recorder
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,12 +248,3 @@ def capture_hooks_kwargs(session: CaptureSession, note: Notes) -> dict[str, Any]
         )
 
     return {"on_output": session.on_output, "on_forward": session.on_forward, "on_error": on_error}
-
-
-def image_names(names: Sequence[str] | None, count: int) -> list[str]:
-    """``names`` checked against ``count`` images, or positions ``0..count-1``."""
-    if names is None:
-        return [str(i) for i in range(count)]
-    if len(names) != count:
-        raise ValueError(f"got {len(names)} names for {count} images")
-    return list(names)

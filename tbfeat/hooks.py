@@ -70,10 +70,6 @@ class StageHooks:
         self.paused = False
         """While True, the hooks stay registered but pass nothing on."""
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
     def install(self) -> StageHooks:
         """Register the hooks (again, after :meth:`remove`); a no-op when installed."""
         if self._handles:

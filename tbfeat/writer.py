@@ -134,10 +134,6 @@ class EventSink:
         """True when the sink creates (and closes) its writer."""
         return self._owns
 
-    @property
-    def opened(self) -> bool:
-        return self._writer is not None
-
     def run_dir(self) -> Path | None:
         """The folder events go to (known once a writer exists when no logdir was given)."""
         if self.logdir is not None:
