@@ -386,6 +386,11 @@ class UltralyticsCallbacks:
         return wrapped
 
     # ---------------------------------------------------------------- predict / val
+    def _use_logdir(self, owner: Any) -> None:
+        folder = save_dir(owner)
+        if folder:  # the run folder of the predictor, validator or trainer
+            self.logger.use_logdir(folder)
+
     def _gate(self) -> bool:
         # warm-up forwards run inside the first batch before done_warmup is set
         return self._in_batch and done_warmup(self._owner)
@@ -396,7 +401,7 @@ class UltralyticsCallbacks:
 
     def on_predict_start(self, predictor: Any) -> None:
         self._end_capture()
-        self.logger.use_logdir(save_dir(predictor))
+        self._use_logdir(predictor)
         self._position = 0
         self._begin(predictor, torch_model(predictor.model))
 
@@ -421,7 +426,7 @@ class UltralyticsCallbacks:
         if in_training(validator, self._trainer):
             return  # the epoch-end probe covers training; final_eval too
         self._end_capture()
-        self.logger.use_logdir(save_dir(validator))
+        self._use_logdir(validator)
         names = [Path(f).stem for f in val_files(validator)[: self.logger.options.max_images]]
         self._owner = validator
         self._finder = _ModelFinder(self._gate, lambda m: self._begin(validator, m, names))
@@ -457,7 +462,7 @@ class UltralyticsCallbacks:
     # ---------------------------------------------------------------- train
     def on_pretrain_routine_start(self, trainer: Any) -> None:
         self._end_capture()  # a predict stopped half-way (stream=True, break) ends here
-        self.logger.use_logdir(save_dir(trainer))
+        self._use_logdir(trainer)
         self._trainer = trainer
         self._probes = None
 
