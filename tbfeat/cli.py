@@ -34,19 +34,18 @@ def parse_stages(values: list[str] | None) -> list[int | str] | None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .sweep import collect_images, print_warning, sweep
+    from .sweep import print_warning, sweep
 
-    images = collect_images(args.images)
     bar = tqdm(unit="img", desc="sweep", file=sys.stderr)
 
-    def on_step(planned: Any) -> None:
+    def on_step(planned: Any, images: int) -> None:
         bar.set_postfix_str(f"step {planned.step}: {planned.path.name}", refresh=False)
-        bar.update(len(images))
+        bar.update(images)
 
     try:
         result = sweep(
             args.checkpoints,
-            images=images,
+            images=args.images,
             logdir=args.logdir,
             arch=args.arch,
             stages=parse_stages(args.stages),
@@ -55,7 +54,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             on_step=on_step,
             warn=print_warning,
             max_channels=args.max_channels,
-            max_images=len(images),
         )
     finally:
         bar.close()

@@ -369,8 +369,8 @@ class FeatureLogger:
         try:
             if outer is not None:
                 outer.paused = True
-            kwargs = capture_hooks_kwargs(session, self._notes)
-            return adapter.run_probe(probes, stages, kwargs.pop("on_output"), **kwargs)
+            hooks = capture_hooks_kwargs(session, self._notes)
+            return adapter.run_probe(probes, stages, **hooks)
         finally:
             session.end_step()
             if outer is not None:

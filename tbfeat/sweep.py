@@ -166,7 +166,7 @@ def sweep(
     stages: StageSpec | Iterable[StageSpec] | None = None,
     imgsz: int | None = None,
     overwrite: bool = False,
-    on_step: Callable[[PlannedStep], None] | None = None,
+    on_step: Callable[[PlannedStep, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **options: Any,
 ) -> SweepResult:
@@ -181,7 +181,7 @@ def sweep(
         stages: As for :class:`~tbfeat.FeatureLogger`.
         imgsz: Letterbox size (Ultralytics) or ``min_size``/``max_size`` (torchvision).
         overwrite: Start the run over instead of skipping logged steps.
-        on_step: Called after each step is logged.
+        on_step: Called after each step is logged, with the number of images.
         warn: Called with a message for each checkpoint left out.
         **options: :class:`~tbfeat.LogOptions` fields; ``max_images`` defaults to the
             number of images.
@@ -213,7 +213,8 @@ def sweep(
     logger = None
     try:
         for p in todo:
-            model = load_checkpoint_model(p.path, kind_of(p.path), arch, imgsz)
+            kind = kind_of(p.path) if p.kind == "unreadable" else p.kind  # raises the reason
+            model = load_checkpoint_model(p.path, kind, arch, imgsz)
             if logger is None:
                 run = "new" if overwrite else "auto"
                 logger = FeatureLogger(model, folder, stages=stages, run=run, **options)
@@ -228,7 +229,7 @@ def sweep(
             write_manifest(folder, manifest)
             result.logged.append(p.step)
             if on_step is not None:
-                on_step(p)
+                on_step(p, len(image_files))
     except CheckpointError as e:
         kept_now = sorted(kept + result.logged)
         where = f"steps {', '.join(map(str, kept_now))} are kept" if kept_now else "no step is kept"
