@@ -82,9 +82,10 @@ class Recorder:
             raise TypeError(f"unknown message {type(message).__name__}")
 
     def writer(self, step: int) -> Any:
-        """The sink's writer, opening the run at ``step`` if it is not open yet."""
+        """A ``SummaryWriter`` into the run's folder, opening the run at ``step`` if it
+        is not open yet."""
         self._open(step)
-        return self.sink.open()
+        return self.sink.summary_writer()
 
     def close(self) -> None:
         """Write the steps still open, save the history, close the sink's own writer."""
@@ -168,8 +169,8 @@ class Recorder:
         if not bundle:
             return
         history = self._open(bundle.step)
-        self.sink.write(bundle)
-        history.saw_step(bundle.step)
+        if self.sink.write(bundle):  # a step the storage refused is not part of the run
+            history.saw_step(bundle.step)
         self._save_history()
 
     # ------------------------------------------------------------------ the run
@@ -177,8 +178,6 @@ class Recorder:
         """The run's history, opening the run (and the writer) on the first write."""
         if self._history is not None:
             return self._history
-        if self.sink.run_dir() is None and self.sink.owns_writer:  # a new default folder
-            self.sink.open()
         folder = self.sink.run_dir()
         path = folder / HISTORY_FILE if folder is not None else None
         history = History.load(path, keep=self.options.evolution_steps)
@@ -187,7 +186,6 @@ class Recorder:
             # a new run: the old run's steps from here on (all, for "new") go
             self.sink.drop_steps(None if self.run == "new" else step)
             history = History(path, keep=self.options.evolution_steps)
-        self.sink.open()
         self._history = history
         return history
 
@@ -200,7 +198,9 @@ class Recorder:
             self._history = None
 
     def _save_history(self) -> None:
-        if self._history is not None:
+        # while the storage refuses steps the sink has said so once; the history, kept in
+        # memory, is saved with the next step that lands
+        if self._history is not None and not self.sink.failing:
             self._guard("the drift history", self._history.save)
 
     def _guard(self, what: str, fn: Any, *args: Any) -> None:

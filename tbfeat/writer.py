@@ -1,18 +1,33 @@
-"""Where events go: a TensorBoard ``SummaryWriter`` created lazily, or the user's own.
+"""Where events go: tbfeat's own event files, or the user's ``SummaryWriter``.
 
-Ownership follows Lightning's TensorBoardLogger: a writer the sink creates is closed by
-:meth:`EventSink.close`; a writer passed in is flushed, never closed. The sink only
-encodes and writes: it receives finished steps (:class:`StepBundle`) from the recorder,
-on the recorder's thread, and writes each as one event, then flushes. It holds no step
-state and starts no thread; :class:`~tbfeat.recorder.Recorder` is its only caller.
+Ownership follows Lightning's TensorBoardLogger: files the sink creates are closed by
+:meth:`EventSink.close`; a writer passed in is flushed, never closed. The sink receives
+finished steps (:class:`StepBundle`) from the recorder, on the recorder's thread, and
+writes each as one event, then flushes. It holds no step state and starts no thread.
+
+Storage faults stay here. tbfeat writes its own files synchronously
+(:class:`EventFile`), so a failed write is seen at once and cut back to the last whole
+record: a step lands whole or not at all, and :attr:`EventSink.flushed_step` only counts
+steps on disk. A step that cannot be written is dropped with one warning per outage;
+the next step tries again in a fresh event file (the folder is recreated if it was
+removed), and a file that could not even take its header is removed again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import itertools
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +35,12 @@ import numpy as np
 
 from . import _crc
 
-FLUSH_SECS = 5
 MIN_FREE_BYTES = 16 * 2**20
 FILE_SUFFIX = ".tbfeat"
 """Ends the names of the event files tbfeat creates, so that a new run can remove the old
 run's steps from tbfeat's own files and never touch another writer's."""
 WRITER_METHODS = ("add_scalar", "add_histogram_raw", "add_image", "flush")
+_FILE_IDS = itertools.count()
 
 
 def check_logdir(logdir: str | os.PathLike) -> None:
@@ -90,12 +105,89 @@ class StepBundle:
     def __bool__(self) -> bool:
         return bool(self.images or self.scalars or self.histograms)
 
+    def summary(self) -> Any:
+        """The step as one TensorBoard ``Summary`` (images already encoded)."""
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+        values = list(self.images)
+        for tag, value in self.scalars:
+            values.append(Summary.Value(tag=tag, simple_value=float(value)))
+        for tag, stats in self.histograms:
+            a = histogram_args(stats)
+            histo = HistogramProto(
+                min=a["min"], max=a["max"], num=a["num"], sum=a["sum"],
+                sum_squares=a["sum_squares"], bucket_limit=a["bucket_limits"],
+                bucket=a["bucket_counts"],
+            )  # fmt: skip
+            values.append(Summary.Value(tag=tag, histo=histo))
+        return Summary(value=values)
+
+
+class EventFile:
+    """One event file of tbfeat's own, appended to synchronously by a single caller.
+
+    The name follows TensorBoard's (``events.out.tfevents.<time>.<host>.<pid>.<n>``) and
+    ends in :data:`FILE_SUFFIX`. Each :meth:`append` writes whole records or, on an error,
+    cuts the file back to where it was, so a reader never meets half a step.
+
+    Raises:
+        OSError: the folder cannot be created or the file cannot take its first record
+            (it is removed again: no empty file is left per attempt).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        os.makedirs(folder, exist_ok=True)
+        name = "events.out.tfevents.%010d.%s.%s.%s%s" % (  # noqa: UP031 - TensorBoard's
+            time.time(), socket.gethostname(), os.getpid(), next(_FILE_IDS), FILE_SUFFIX
+        )  # fmt: skip
+        self.path = Path(folder) / name
+        self._file: io.FileIO | None = io.FileIO(self.path, "xb")
+        try:
+            from tensorboard.compat.proto import event_pb2
+
+            header = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+            header.source_metadata.writer = "tbfeat"
+            self.append(header.SerializeToString())
+        except BaseException:
+            self.close()
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def append(self, event: bytes) -> None:
+        """Append one serialized ``Event`` as a TFRecord; all of it or nothing."""
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        if self._file is None:
+            raise ValueError(f"event file {str(self.path)!r} is closed")
+        buffer = io.BytesIO()
+        RecordWriter(buffer).write(event)
+        record = memoryview(buffer.getbuffer())
+        fd, start = self._file.fileno(), self._file.tell()
+        try:
+            while record:
+                record = record[os.write(fd, record) :]
+            if os.fstat(fd).st_nlink == 0:  # the folder or the file was removed
+                raise FileNotFoundError(errno.ENOENT, "the event file was removed", str(self.path))
+        except BaseException:
+            record = None  # type: ignore[assignment]
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+            raise
+
+    def close(self) -> None:
+        """Close the file; safe to call twice, never raises."""
+        f, self._file = self._file, None
+        if f is not None:
+            with contextlib.suppress(OSError):
+                f.close()
+
 
 class EventSink:
-    """Encodes grids and writes finished steps to a TensorBoard event file.
+    """Encodes grids and writes finished steps to TensorBoard event files.
 
     Args:
-        logdir: Directory for a writer created on first use (``SummaryWriter(logdir)``);
+        logdir: Directory of tbfeat's own event files (created on the first write);
             ``None`` with no ``writer`` gives ``SummaryWriter``'s default
             ``runs/<date>_<host>``.
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (or any object with its
@@ -109,6 +201,7 @@ class EventSink:
         >>> sink = EventSink(tempfile.mkdtemp())
         >>> image = sink.encode_image("features/00_Conv2d/0", np.zeros((4, 4), np.uint8))
         >>> sink.write(StepBundle(step=1, images=[image], scalars=[("stats/x", 2.0)]))
+        True
         >>> sink.flushed_step
         1
         >>> sink.close()
@@ -120,67 +213,78 @@ class EventSink:
         if writer is not None:
             check_writer(writer)
         self.logdir = os.fspath(logdir) if logdir is not None else None
-        self._writer = writer
-        self._owns = writer is None
-        self._raw = writer is not None and callable(getattr(writer, "_get_file_writer", None))
+        self._given = writer
+        self._raw = writer is None or callable(getattr(writer, "_get_file_writer", None))
+        self._file: EventFile | None = None
+        self._summary_writer: Any = None  # one made for the user (``FeatureLogger.writer``)
+        self._failing = False
         _crc.install()
         self.flushed_step: int | None = None
         """The last step whose event is written and flushed to disk."""
         self.steps_written = 0
         """Steps written and flushed by this sink."""
+        self.steps_dropped = 0
+        """Steps that could not be written (a storage error)."""
 
     @property
     def owns_writer(self) -> bool:
-        """True when the sink creates (and closes) its writer."""
-        return self._owns
+        """True when the sink writes its own event files (no ``writer`` was given)."""
+        return self._given is None
+
+    @property
+    def failing(self) -> bool:
+        """True while the last step could not be written (a storage fault)."""
+        return self._failing
 
     def run_dir(self) -> Path | None:
-        """The folder events go to (known once a writer exists when no logdir was given)."""
-        if self.logdir is not None:
-            return Path(self.logdir)
-        folder = writer_logdir(self._writer) if self._writer is not None else None
-        return Path(folder) if folder else None
+        """The folder events go to: the logdir, ``runs/<date>_<host>`` (chosen on first
+        use) without one, or the given writer's folder if it says."""
+        if self._given is not None:
+            folder = writer_logdir(self._given)
+            return Path(folder) if folder else None
+        if self.logdir is None:
+            stamp = datetime.now().strftime("%b%d_%H-%M-%S")
+            self.logdir = os.path.join("runs", f"{stamp}_{socket.gethostname()}")
+        return Path(self.logdir)
 
     def set_logdir(self, logdir: str | os.PathLike) -> None:
-        """Write later steps to ``logdir``; a writer this sink opened elsewhere is closed."""
+        """Write later steps to ``logdir``; files this sink opened elsewhere are closed."""
         logdir = os.fspath(logdir)
-        if not self._owns or logdir == self.logdir:
+        if self._given is not None or logdir == self.logdir:
             return
         self.close()
         self.logdir = logdir
 
-    def open(self) -> Any:
-        """The writer, created now if needed (a new event file ending in
-        :data:`FILE_SUFFIX`)."""
-        if self._writer is None:
+    def summary_writer(self) -> Any:
+        """A ``SummaryWriter`` for the user's own events in the run folder (its own file,
+        closed by :meth:`close`), or the writer given."""
+        if self._given is not None:
+            return self._given
+        if self._summary_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            # flush_secs: TensorBoard's writer also flushes by itself every few seconds
-            self._writer = SummaryWriter(
-                log_dir=self.logdir, flush_secs=FLUSH_SECS, filename_suffix=FILE_SUFFIX
-            )
-            self._raw = True
-        return self._writer
+            self._summary_writer = SummaryWriter(log_dir=str(self.run_dir()))
+        return self._summary_writer
 
     def drop_steps(self, first: int | None) -> int:
         """Remove the steps from ``first`` on (all with ``None``) from the event files
         tbfeat wrote in this sink's folder before, so that a new run replaces them; other
         writers' files stay as they are. Returns how many files changed."""
         folder = self.run_dir()
-        if folder is None or not self._owns or not folder.is_dir():
+        if folder is None or self._given is not None or not folder.is_dir():
             return 0
-        own = writer_file(self._writer) if self._writer is not None else None
+        own = self._file.path.resolve() if self._file is not None else None
         changed = 0
         for path in sorted(folder.glob(f"events.out.tfevents.*{FILE_SUFFIX}")):
-            if own is None or path.resolve() != own:
+            if path.resolve() != own:
                 changed += trim_event_file(path, first)
         return changed
 
     # ---------------------------------------------------------------- encoding
     def encode_image(self, tag: str, grid: np.ndarray, cmap: str = "viridis") -> Any:
-        """A palette-index grid as what :meth:`write` takes: an encoded PNG summary value
-        for a ``SummaryWriter``, the RGB array for a writer with only the public API."""
-        if not self._raw and self._writer is not None:
+        """A palette-index grid as what :meth:`write` takes: an encoded PNG summary value,
+        or the RGB array for a given writer with only the public API."""
+        if not self._raw:
             from .render import colorize
 
             return (tag, colorize(grid, cmap))
@@ -194,47 +298,111 @@ class EventSink:
         return Summary.Value(tag=tag, image=image)
 
     # ---------------------------------------------------------------- writing
-    def write(self, bundle: StepBundle) -> None:
-        """Write a finished step as one event and flush."""
+    def write(self, bundle: StepBundle) -> bool:
+        """Write a finished step as one event and flush it; never raises for storage.
+
+        Returns:
+            True when the step is on disk; False when it was dropped (said once per
+            outage as a warning naming the folder and the error).
+        """
         if not bundle:
-            return
-        writer, step = self.open(), bundle.step
-        if not self._raw:  # a writer without torch's raw access: its public API
+            return True
+        try:
+            if self._given is not None:
+                self._write_given(bundle)
+            else:
+                self._write_own(bundle)
+        except Exception as e:  # a storage fault: the training goes on, the step is lost
+            self._failed(bundle.step, e)
+            return False
+        if self._failing:
+            self._failing = False
+            logging.getLogger("tbfeat").info(
+                "tbfeat: writing to %s works again; logging resumed at step %d",
+                self._where(),
+                bundle.step,
+            )
+        self.steps_written += 1
+        self.flushed_step = bundle.step
+        return True
+
+    def _write_own(self, bundle: StepBundle) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=time.time(), step=bundle.step, summary=bundle.summary())
+        data = event.SerializeToString()
+        fresh = self._file is None
+        try:
+            self._event_file().append(data)
+        except OSError:
+            self._drop_file()
+            if fresh:
+                raise
+            self._event_file().append(data)  # once more, in a new file (a removed folder)
+
+    def _event_file(self) -> EventFile:
+        if self._file is None:
+            self._file = EventFile(self.run_dir())
+        return self._file
+
+    def _write_given(self, bundle: StepBundle) -> None:
+        writer, step = self._given, bundle.step
+        if self._raw:
+            writer._get_file_writer().add_summary(bundle.summary(), step)
+        else:  # a writer without torch's raw access: its public API
             for tag, rgb in bundle.images:
                 writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
             for tag, value in bundle.scalars:
                 writer.add_scalar(tag, value, global_step=step)
             for tag, stats in bundle.histograms:
                 writer.add_histogram_raw(tag, global_step=step, **histogram_args(stats))
-        else:
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-            values = list(bundle.images)
-            for tag, value in bundle.scalars:
-                values.append(Summary.Value(tag=tag, simple_value=float(value)))
-            for tag, stats in bundle.histograms:
-                a = histogram_args(stats)
-                histo = HistogramProto(
-                    min=a["min"], max=a["max"], num=a["num"], sum=a["sum"],
-                    sum_squares=a["sum_squares"], bucket_limit=a["bucket_limits"],
-                    bucket=a["bucket_counts"],
-                )  # fmt: skip
-                values.append(Summary.Value(tag=tag, histo=histo))
-            writer._get_file_writer().add_summary(Summary(value=values), step)
         writer.flush()
-        self.steps_written += 1
-        self.flushed_step = step
+
+    def _failed(self, step: int, error: Exception) -> None:
+        # TensorBoard's writer raises the one stored error again on every call: without
+        # this, its traceback would grow a frame (holding that step's images) per step
+        error.__traceback__ = None
+        self._drop_file()
+        self.steps_dropped += 1
+        if not self._failing:
+            self._failing = True
+            retry = "" if self._given is not None else ", in a new event file"
+            _warn(
+                f"cannot write step {step} to {self._where()} ({type(error).__name__}: "
+                f"{error}); steps are dropped until it can be written again{retry}"
+            )
+
+    def _drop_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+
+    def _where(self) -> str:
+        folder = self.run_dir()
+        return f"logdir {str(folder)!r}" if folder is not None else "the writer"
 
     def close(self) -> None:
-        """Close the writer if this sink created it, else flush it. Safe to call twice."""
-        writer = self._writer
-        if writer is None:
-            return
-        if self._owns:
-            self._writer = None
-            writer.close()
-        else:
-            writer.flush()
+        """Close the files this sink created, flush a given writer. Safe to call twice;
+        never raises (a storage error is warned about)."""
+        self._drop_file()
+        writer, self._summary_writer = self._summary_writer, None
+        for fn in (writer.close if writer is not None else None, self._flush_given):
+            if fn is None:
+                continue
+            try:
+                fn()
+            except Exception as e:
+                e.__traceback__ = None
+                if not self._failing:  # else said already: the same fault
+                    _warn(f"closing the writer of {self._where()} failed: {type(e).__name__}: {e}")
+
+    def _flush_given(self) -> None:
+        if self._given is not None:
+            self._given.flush()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"tbfeat: {message}", RuntimeWarning, stacklevel=3)
 
 
 def histogram_args(stats: Any) -> dict[str, Any]:
@@ -251,13 +419,6 @@ def histogram_args(stats: Any) -> dict[str, Any]:
         "bucket_limits": np.asarray(stats.hist_edges[1:], dtype=np.float64).tolist(),
         "bucket_counts": np.asarray(stats.hist_counts, dtype=np.float64).tolist(),
     }
-
-
-def writer_file(writer: Any) -> Path | None:
-    """The event file a ``SummaryWriter`` writes, if it has one open."""
-    file_writer = getattr(writer, "file_writer", None)
-    name = getattr(getattr(file_writer, "event_writer", None), "_file_name", None)
-    return Path(name).resolve() if name else None
 
 
 def trim_event_file(path: Path, first: int | None) -> int:
