@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hooks import OutputCallback, StageHooks, eval_mode
+from .hooks import OutputCallback, StageHooks, probing
 from .images import ImageLike, to_tensors
 from .stages import Stage, generic_stages
 
@@ -112,9 +112,14 @@ class ModelAdapter:
     ) -> Any:
         """The probe path: ``module`` (default the adapter's) in eval mode under
         ``torch.no_grad()`` with ``stages`` hooked, run on ``probes``; hooks removed and
-        every module's mode restored afterwards, also when the forward raises."""
+        every module's mode restored afterwards, also when the forward raises.
+
+        Probes of one model wait for each other (see :func:`tbfeat.hooks.probing`), and
+        only this probe's hooks record its forward: hooks other loggers hold on the model
+        (a ``with`` block) do not."""
         module = self.module if module is None else module
-        with eval_mode(module), StageHooks(stages, on_output, root=module, **hook_kwargs):
+        hooks = StageHooks(stages, on_output, root=module, exclusive=True, **hook_kwargs)
+        with probing(module, hooks), hooks:
             return self.forward(probes.inputs, module, stages)
 
     def attach(self, logger: Any) -> Callable[[], None]:

@@ -5,13 +5,18 @@ it keeps every handle it registers and removes them all on exit, also when the f
 raises; removing twice is safe. It knows nothing about logging: each stage output goes to
 a callback, which never sees an exception escape into the model's forward.
 :func:`eval_mode` is the one helper that puts a model in eval mode for a probe and gives
-every module back the mode it had.
+every module back the mode it had; :func:`probing` wraps it for a probe: it holds the
+model's probe lock, so two threads never switch one model's modes at once, and marks the
+forwards in the block as the probe's own, so no other hooks on the model record them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +27,11 @@ from .stages import Stage
 
 OutputCallback = Callable[[Stage, Any], None]
 """``(stage, output)``: called with each hooked stage's forward output."""
+
+_PROBE: contextvars.ContextVar[object | None] = contextvars.ContextVar("tbfeat_probe", default=None)
+"""The probe running on this thread: the hooks that own its forwards (or a bare token)."""
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 class StageHooks:
@@ -37,6 +47,9 @@ class StageHooks:
         on_error: Called as ``on_error(stage, exception)`` when ``on_output`` raises.
         gate: A predicate; while it returns False the hooks pass nothing on (an
             integration's warm-up forwards, say).
+        exclusive: Pass on only the forwards of this hooks' own :func:`probing` block
+            (probe hooks). Hooks that are not exclusive pass on every forward except
+            those of another probe.
 
     Example:
         >>> import torch
@@ -59,16 +72,16 @@ class StageHooks:
         on_forward: Callable[[], None] | None = None,
         on_error: Callable[[Stage, Exception], None] | None = None,
         gate: Callable[[], bool] | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.stages = list(stages)
+        self.exclusive = exclusive
         self.root = root
         self._on_output = on_output
         self._on_forward = on_forward
         self._on_error = on_error
         self._gate = gate
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.paused = False
-        """While True, the hooks stay registered but pass nothing on."""
 
     def install(self) -> StageHooks:
         """Register the hooks (again, after :meth:`remove`); a no-op when installed."""
@@ -98,8 +111,9 @@ class StageHooks:
         self.remove()
 
     def _open(self) -> bool:
-        if self.paused:
-            return False
+        probe = _PROBE.get()
+        if probe is not self and (probe is not None or self.exclusive):
+            return False  # another probe's forward, or (for probe hooks) not our probe's
         try:
             return self._gate is None or bool(self._gate())
         except Exception:  # a broken gate closes the hooks; it never breaks the forward
@@ -136,3 +150,38 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in training:
             m.training = True
+
+
+def probe_lock(module: nn.Module) -> threading.RLock:
+    """The lock every probe of ``module`` holds (one per model, for every logger)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def probing(
+    module: nn.Module, hooks: StageHooks | None = None, *, owner: nn.Module | None = None
+) -> Iterator[nn.Module]:
+    """A probe of ``module``: :func:`eval_mode` under the probe lock of ``owner`` (default
+    ``module``; the whole model when probing a part of it), with the block's forwards
+    marked as the probe's own: only ``hooks`` (if given) see them.
+
+    Example:
+        >>> import torch
+        >>> from tbfeat.hooks import probing
+        >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(2)).train()
+        >>> with probing(model):
+        ...     _ = model(torch.ones(3, 2))
+        >>> model.training, model[0].num_batches_tracked.item()
+        (True, 0)
+    """
+    with probe_lock(module if owner is None else owner):
+        token = _PROBE.set(hooks if hooks is not None else object())
+        try:
+            with eval_mode(module):
+                yield module
+        finally:
+            _PROBE.reset(token)

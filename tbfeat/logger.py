@@ -337,7 +337,9 @@ class FeatureLogger:
         This is the integration API for fixed probes: the EMA model at an epoch's end, a
         checkpoint of a sweep. Eval mode and ``torch.no_grad()`` for the forward; every
         module's train/eval mode is restored and the hooks are removed afterwards, also when
-        the forward raises. A capture begun with :meth:`begin` pauses meanwhile.
+        the forward raises. Probes of one model, by any logger on any thread, run one at a
+        time; a probe's forward is recorded by this probe only, not by captures begun with
+        :meth:`begin` (this logger's or another's ``with`` block).
 
         Args:
             probes: What :meth:`prepare` returned.
@@ -353,10 +355,8 @@ class FeatureLogger:
         step = self._step if step is None else _check_step(step)
         adapter = self._adapter_for(model)
         stages = self.resolve(adapter.module)
-        outer = self._hooks
         if self._session is not None:
             self._session.end_step()
-        paused = outer.paused if outer is not None else False
         session = CaptureSession(
             self._post,
             self.options,
@@ -367,14 +367,10 @@ class FeatureLogger:
             drain=self._drain,
         )
         try:
-            if outer is not None:
-                outer.paused = True
             hooks = capture_hooks_kwargs(session, self._notes)
             return adapter.run_probe(probes, stages, **hooks)
         finally:
             session.end_step()
-            if outer is not None:
-                outer.paused = paused
 
     # ----------------------------------------------------------------- captures
     def begin(

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..hooks import eval_mode
+from ..hooks import probing
 from ..stages import CONTAINERS, Stage, sanitize
 
 _EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
@@ -132,7 +132,7 @@ class DetectionAdapter(ModelAdapter):
         """Fallback for unfamiliar backbones: one small forward to read the output keys."""
         size = int(getattr(self.module.transform, "min_size", (320,))[0])
         param = next(self.module.parameters())
-        with eval_mode(self.module.backbone):
+        with probing(self.module.backbone, owner=self.module):
             out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
         return [str(k) for k in out] if isinstance(out, dict) else [str(i) for i in range(len(out))]
 
