@@ -2,6 +2,8 @@
 
 Errors the user can fix (a missing file, a corrupt checkpoint, an unknown architecture or
 stage) print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
+So does a checkpoint that needs globals off tbfeat's allow-list, before any of it runs:
+``--trust-checkpoints`` (``sweep``, ``stages``) loads such files with full unpickling.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             stages=parse_stages(args.stages),
             imgsz=args.imgsz,
             overwrite=args.overwrite,
+            trust=args.trust_checkpoints,
             on_step=on_step,
             warn=print_warning,
             max_channels=args.max_channels,
@@ -171,7 +174,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .stages import resolve_stages
 
-    adapter = adapt(load_model(args.model, args.arch, args.imgsz))
+    adapter = adapt(load_model(args.model, args.arch, args.imgsz, trust=args.trust_checkpoints))
     stages = adapter.candidate_stages()
     default = {(s.name, s.output) for s in adapter.default_stages()}
     chosen = None
@@ -214,6 +217,17 @@ def _shape(output: Any) -> str:
 
 
 # ------------------------------------------------------------------------- main
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoints``: the opt-in to load checkpoints off the allow-list."""
+    parser.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help="also load checkpoints that need globals outside tbfeat's allow-list, with "
+        "full unpickling (Ultralytics' YOLO(path), torch.load(weights_only=False)): such a "
+        "file can run code, so only for files you trust",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tbfeat", description="See what a vision model sees, stage by stage, in TensorBoard."
@@ -249,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the sweep's run over instead of skipping logged steps",
     )
+    add_trust_flag(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="train YOLOv8n on synthetic shapes and compare epochs")
@@ -274,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="torchvision builder for a state-dict checkpoint")
     p.add_argument("--imgsz", type=int, default=None, help="probe input size (default 640)")
     p.add_argument("--stages", nargs="+", default=None, help="show what these select")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_stages)
     return parser
 

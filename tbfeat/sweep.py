@@ -7,6 +7,11 @@ logdir) says are logged, and logs the rest in step order through one
 extended with later checkpoints continues the run; one given an earlier checkpoint than
 those logged logs again from there (a new run from that step); ``overwrite=True`` starts
 the whole run over.
+
+The manifest also records, per checkpoint file read (resolved path, size, ``mtime_ns``),
+its kind and stored epoch, so a file unchanged since is planned without opening it: a
+sweep with nothing to do loads no checkpoint. Every checkpoint to log is checked against
+the allow-list (:mod:`tbfeat.checkpoints`) before the first one loads.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 from .checkpoints import (
     CheckpointError,
+    UnsafeCheckpointError,
+    check_checkpoint,
     find_checkpoints,
     kind_of,
     load_checkpoint_model,
@@ -81,18 +88,58 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return images
 
 
+def _file_key(path: Path) -> tuple[str, dict[str, int]]:
+    """A file's manifest key (its resolved path) and what identifies its version."""
+    st = path.stat()
+    return str(path.resolve()), {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def checkpoint_facts(
+    path: Path, known: dict[str, Any] | None = None, *, trust: bool = False
+) -> tuple[str, int | None]:
+    """A checkpoint's kind and stored step: from ``known`` (the manifest's record, updated
+    in place) while the file's size and ``mtime_ns`` are unchanged, else read from it.
+
+    Raises:
+        UnsafeCheckpointError: without ``trust``, a file that needs globals off the
+            allow-list (nothing of it is run).
+        CheckpointError: an unreadable file.
+    """
+    key, stamp = _file_key(path)
+    entry = (known or {}).get(key)
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
+        kind, step = entry.get("kind"), entry.get("epoch_step")
+        if kind in ("ultralytics", "state_dict") and (step is None or isinstance(step, int)):
+            return kind, step
+    kind = kind_of(path, trust=trust)
+    step = read_epoch_step(path, trust=trust)
+    if known is not None:
+        known[key] = {**stamp, "kind": kind, "epoch_step": step}
+    return kind, step
+
+
 def plan_sweep(
-    paths: Sequence[Path], warn: Callable[[str], None] | None = None
+    paths: Sequence[Path],
+    warn: Callable[[str], None] | None = None,
+    *,
+    known: dict[str, Any] | None = None,
+    trust: bool = False,
 ) -> list[PlannedStep]:
     """One :class:`PlannedStep` per distinct step, in step order: the stored epoch
     (1-based), else the number in the file name, else the order given (after the others).
-    A second checkpoint of the same step is left out, with a message to ``warn``."""
+    A second checkpoint of the same step is left out, with a message to ``warn``.
+
+    ``known`` is the manifest's record of checkpoint files (see :func:`checkpoint_facts`);
+    files it holds unchanged are not opened. An unreadable file is planned and fails in
+    its turn; one that needs globals off the allow-list stops the sweep here.
+    """
     planned: list[tuple[int | None, Path, str]] = []
     for path in paths:
         try:
-            kind = kind_of(path)
-            step = read_epoch_step(path, kind)
-        except ValueError:  # unreadable: it fails in its turn, after the others
+            kind, step = checkpoint_facts(path, known, trust=trust)
+        except UnsafeCheckpointError:
+            raise
+        except (ValueError, OSError):  # unreadable: it fails in its turn, after the others
             kind, step = "unreadable", None
         planned.append((step if step is not None else step_from_name(path), path, kind))
     next_step = max((s for s, _, _ in planned if s is not None), default=0) + 1
@@ -115,15 +162,23 @@ def plan_sweep(
 
 
 def read_manifest(logdir: Path) -> dict[str, Any]:
+    """The sweep's manifest: ``{"version": 2, "steps": {step: {...}}, "checkpoints":
+    {resolved path: {"size", "mtime_ns", "kind", "epoch_step"}}}``. Manifests written
+    before ``"checkpoints"`` existed read with an empty one (their files are read once)."""
     path = logdir / MANIFEST
     if not path.is_file():
-        return {"version": 2, "steps": {}}
+        return {"version": 2, "steps": {}, "checkpoints": {}}
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("steps"), dict):
         raise SweepError(
             f"{str(path)!r} is unreadable; delete it or use --overwrite to start over"
         ) from None
+    if not isinstance(manifest.get("checkpoints"), dict):
+        manifest["checkpoints"] = {}
+    return manifest
 
 
 def write_manifest(logdir: Path, manifest: dict[str, Any]) -> None:
@@ -166,6 +221,7 @@ def sweep(
     stages: StageSpec | Iterable[StageSpec] | None = None,
     imgsz: int | None = None,
     overwrite: bool = False,
+    trust: bool = False,
     on_step: Callable[[PlannedStep, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **options: Any,
@@ -181,6 +237,9 @@ def sweep(
         stages: As for :class:`~tbfeat.FeatureLogger`.
         imgsz: Letterbox size (Ultralytics) or ``min_size``/``max_size`` (torchvision).
         overwrite: Start the run over instead of skipping logged steps.
+        trust: Load checkpoints that need globals off tbfeat's allow-list, with full
+            unpickling: they can run code, so only for files you trust. Without it such a
+            file stops the sweep before any checkpoint is loaded.
         on_step: Called after each step is logged, with the number of images.
         warn: Called with a message for each checkpoint left out.
         **options: :class:`~tbfeat.LogOptions` fields; ``max_images`` defaults to the
@@ -191,6 +250,8 @@ def sweep(
 
     Raises:
         SweepError: a checkpoint failed; the message says which steps are kept.
+        UnsafeCheckpointError: without ``trust``, a checkpoint to log needs globals off
+            the allow-list; nothing is loaded or logged.
         ValueError: bad images, checkpoints or options, before anything is logged.
 
     Example:
@@ -203,18 +264,24 @@ def sweep(
 
     image_files = collect_images(images)
     options.setdefault("max_images", len(image_files))
-    plan = plan_sweep(find_checkpoints(list(checkpoints)), warn)
+    files = find_checkpoints(list(checkpoints))
     folder = Path(logdir)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"version": 2, "steps": {}} if overwrite else read_manifest(folder)
+    manifest = {"version": 2, "steps": {}, "checkpoints": {}}
+    if not overwrite:
+        manifest = read_manifest(folder)
+    plan = plan_sweep(files, warn, known=manifest["checkpoints"], trust=trust)
     todo, kept = steps_to_log(plan, (int(s) for s in manifest["steps"]))
+    if not trust:
+        check_before_loading(todo)
+    folder.mkdir(parents=True, exist_ok=True)
     result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
     manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
     logger = None
     try:
         for p in todo:
-            kind = kind_of(p.path) if p.kind == "unreadable" else p.kind  # raises the reason
-            model = load_checkpoint_model(p.path, kind, arch, imgsz)
+            unreadable = p.kind == "unreadable"  # kind_of raises its reason
+            kind = kind_of(p.path, trust=trust) if unreadable else p.kind
+            model = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust)
             if logger is None:
                 run = "new" if overwrite else "auto"
                 logger = FeatureLogger(model, folder, stages=stages, run=run, **options)
@@ -239,6 +306,23 @@ def sweep(
             logger.close()
         write_manifest(folder, manifest)
     return result
+
+
+def check_before_loading(todo: Iterable[PlannedStep]) -> None:
+    """Check every checkpoint to log against the allow-list (inspection only, nothing is
+    unpickled), so that one needing other globals stops the sweep before the first loads.
+
+    Raises:
+        UnsafeCheckpointError: the first such checkpoint. Unreadable ones fail in their
+            turn instead, after the steps before them are logged.
+    """
+    for p in todo:
+        try:
+            check_checkpoint(p.path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError:
+            pass
 
 
 def print_warning(message: str) -> None:

@@ -19,7 +19,6 @@ reference format (``{"model": state_dict, "epoch": ...}``) included.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import os
 import re
@@ -158,20 +157,26 @@ def _stage(index: int, name: str, module: nn.Module, short: str | None = None) -
 def load_checkpoint(
     path: str | os.PathLike,
     arch: str | nn.Module,
+    *,
+    trust: bool = False,
     **builder_kwargs: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a state-dict checkpoint into a torchvision model, safely.
 
     Reads a bare ``state_dict``, torchvision's reference format ``{"model": state_dict,
     "epoch": e, "args": Namespace, ...}`` or Lightning's ``{"state_dict": ...}`` with
-    ``torch.load(weights_only=True)`` (``argparse.Namespace`` is allowed, nothing else
-    that runs code). The number of classes is read from the checkpoint's box predictor or
-    classifier when ``num_classes`` is not given.
+    ``torch.load(weights_only=True)``: the file's globals are checked against tbfeat's
+    allow-list first (``argparse.Namespace``, numpy scalars, ...; see
+    :func:`tbfeat.checkpoints.allowed_global`), nothing else that runs code. The number of
+    classes is read from the checkpoint's box predictor or classifier when
+    ``num_classes`` is not given.
 
     Args:
         path: The checkpoint file.
         arch: A torchvision builder name (``"fasterrcnn_resnet50_fpn"``) or a model to load
             into.
+        trust: Load a file that needs globals off the allow-list, with full unpickling
+            (``weights_only=False``): it can run code, so only for files you trust.
         **builder_kwargs: Passed to the builder (``weights=None, weights_backbone=None``
             are the defaults).
 
@@ -181,15 +186,19 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: no such file.
         ValueError: an unknown ``arch`` (naming the closest builder), a file that is not a
-            checkpoint, or a state dict of another architecture (naming a few missing and
-            unexpected keys).
+            checkpoint, a state dict of another architecture (naming a few missing and
+            unexpected keys), or without ``trust`` a file that needs globals off the
+            allow-list (:class:`~tbfeat.checkpoints.UnsafeCheckpointError`, naming them).
     """
+    from ..safeload import CheckpointError, torch_load
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch_load(path, trust=trust, mmap=False)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise ValueError(
             f"cannot read checkpoint {str(path)!r} as a state dict "

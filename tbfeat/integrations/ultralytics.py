@@ -31,6 +31,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
+from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 
 
@@ -67,8 +68,12 @@ def layer_key(m: nn.Module, position: int) -> tuple[int, str]:
 
 
 def model_imgsz(wrapper: Any, module: nn.Module) -> int | list | None:
+    """The training ``imgsz``: the wrapper's overrides, else the model's ``args`` (a
+    namespace in training, a dict on a model loaded from a checkpoint)."""
     overrides = getattr(wrapper, "overrides", None) or {}
-    return overrides.get("imgsz") or getattr(getattr(module, "args", None), "imgsz", None)
+    args = getattr(module, "args", None)
+    stored = args.get("imgsz") if isinstance(args, dict) else getattr(args, "imgsz", None)
+    return overrides.get("imgsz") or stored
 
 
 def save_dir(owner: Any) -> str | None:
@@ -161,6 +166,102 @@ class _ModelFinder:
         handle, self._handle = self._handle, None
         if handle is not None:
             handle.remove()
+
+
+# ---------------------------------------------------- checkpoints (compatibility)
+def _ultralytics_loader(path: Path) -> Any:
+    """Ultralytics' own restricted loader (``torch_safe_load(safe_only=True)`` with its
+    ``_SafeLoad`` allow-list, 8.4+) for a ``.pt`` name it loads as given, else ``None``.
+
+    8.3's ``safe_only`` is another thing (a full unpickler that lets ``builtins`` through),
+    so the signature alone does not qualify; names Ultralytics rewrites (``yolov5s.pt`` to
+    ``yolov5su.pt``, then downloads) are loaded by tbfeat itself.
+    """
+    import inspect
+
+    try:
+        from ultralytics.nn import tasks
+        from ultralytics.utils.checks import check_yolov5u_filename
+    except ImportError:
+        return None
+    load = getattr(tasks, "torch_safe_load", None)
+    if (
+        path.suffix != ".pt"
+        or load is None
+        or not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False)
+        or "safe_only" not in inspect.signature(load).parameters
+        or check_yolov5u_filename(str(path), verbose=False) != str(path)
+        or str(path) != str(path).strip().replace("'", "")
+    ):
+        return None
+    return load
+
+
+def _ultralytics_dict(path: Path) -> dict[str, Any]:
+    """An Ultralytics checkpoint's dict, loaded within the allow-list."""
+    entries = allowed_globals(inspect_checkpoint(path))
+    load = _ultralytics_loader(path)
+    if load is not None:
+        ckpt, file = load(str(path), safe_only=True)
+        if Path(file) != path:
+            raise CheckpointError(f"Ultralytics loaded {file!r} instead of {str(path)!r}")
+        return ckpt
+    import torch
+
+    with torch.serialization.safe_globals(entries):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def ultralytics_model(ckpt: Any, path: Path) -> Any:
+    """The model in an Ultralytics checkpoint dict, prepared as Ultralytics' own loader
+    does (FP32, eval, ``args`` with the training ``imgsz``), without loading it again."""
+    import torch
+    from torch import nn
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{str(path)!r} holds no Ultralytics model ('ema' or 'model')")
+    train_args = ckpt.get("train_args")
+    model = model.float()
+    model.args = {**DEFAULT_CFG_DICT, **(train_args if isinstance(train_args, dict) else {})}
+    model.pt_path = str(path)
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    for m in model.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = True
+        elif isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+    return model.eval()
+
+
+def _load_yolo(path: Path) -> Any:
+    """``YOLO(path)`` (``RTDETR`` for RT-DETR models): Ultralytics' full unpickling."""
+    from ultralytics import RTDETR, YOLO
+
+    model = YOLO(str(path))
+    if type(model.model).__name__.startswith("RTDETR"):
+        model = RTDETR(str(path))
+    return model
+
+
+def load_checkpoint(path: Path, *, trust: bool = False) -> tuple[Any, Any]:
+    """An Ultralytics checkpoint's model and its stored (0-based) epoch.
+
+    Without ``trust`` the file loads within tbfeat's allow-list (Ultralytics' restricted
+    loader where it has one, else ``torch.load(weights_only=True)``) and the model is the
+    bare task model (``DetectionModel``...); with ``trust`` it is ``YOLO(path)``
+    (``RTDETR``), fully unpickled as Ultralytics loads it.
+
+    Raises:
+        UnsafeCheckpointError: without ``trust``, a global off the allow-list.
+    """
+    if trust:
+        model = _load_yolo(path)
+        return model, (getattr(model, "ckpt", None) or {}).get("epoch")
+    ckpt = _ultralytics_dict(path)
+    return ultralytics_model(ckpt, path), ckpt.get("epoch")
 
 
 # ==================================================================== adapter

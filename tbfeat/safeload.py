@@ -1,0 +1,365 @@
+"""Reading ``torch.save`` files without running what they name.
+
+A checkpoint's pickle is inspected without executing it (:func:`inspect_checkpoint`):
+``torch.serialization.get_unsafe_globals_in_checkpoint`` lists the globals it needs, and a
+walk over its instructions (``pickletools``, following the ``weights_only`` unpickler's
+stack) tells which of them it only allocates, calls, or passes around. Every one must be on
+tbfeat's allow-list (:func:`allowed_global`), model classes only ever allocated: a call
+would run their constructor with arguments from the file. Files that pass load with
+``torch.load(weights_only=True)`` and exactly those globals (:func:`torch_load`); any other
+raises :class:`UnsafeCheckpointError` unless the caller trusts the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+import pickletools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TRUST_HINT = "if you trust the file, pass --trust-checkpoints (trust=True)"
+
+# ------------------------------------------------------------------ allow-list
+# Modules whose nn.Module classes a checkpoint may hold: torch's layers, Ultralytics' layers
+# and models. Narrower than ``torch.nn.``/``ultralytics.nn.`` on purpose: importing
+# ``ultralytics.nn.text_model`` installs packages, ``AutoBackend`` loads other files.
+_MODULE_HOMES = re.compile(
+    r"(?:torch\.nn\.modules|ultralytics\.nn\.modules)(?:\.[A-Za-z_]\w*)?|ultralytics\.nn\.tasks"
+)
+_CLASS_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")  # older Ultralytics
+_DATA_GLOBALS = (
+    "argparse.Namespace",  # torchvision reference scripts
+    "ultralytics.utils.IterableSimpleNamespace",
+    "numpy.dtype",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would run code outside tbfeat's allow-list when loaded."""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What a checkpoint's pickle references, read without executing it.
+
+    Attributes:
+        path: The file.
+        names: The globals outside torch's own ``weights_only`` set (``module.name``).
+        calls: Globals the pickle calls with arguments (``REDUCE``).
+        values: Globals the pickle passes around as values (to a call, into a container).
+    """
+
+    path: Path
+    names: frozenset[str]
+    calls: frozenset[str]
+    values: frozenset[str]
+
+    @property
+    def kind(self) -> str:
+        """``"ultralytics"`` when an ``ultralytics.`` global is referenced, else
+        ``"state_dict"``, whatever the file's strings say."""
+        return (
+            "ultralytics" if any(n.startswith("ultralytics.") for n in self.names) else "state_dict"
+        )
+
+
+def _import_attr(module: str, attr: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except Exception:  # an absent or broken module: not allowed
+        return None
+
+
+def _data_global(name: str) -> Any:
+    if name == "argparse.Namespace":
+        import argparse
+
+        return argparse.Namespace
+    if name == "ultralytics.utils.IterableSimpleNamespace":
+        return _import_attr("ultralytics.utils", "IterableSimpleNamespace")
+    import numpy as np
+
+    return np.dtype if name == "numpy.dtype" else np.float64(0).__reduce__()[0]  # scalar
+
+
+def allowed_global(name: str) -> tuple[Any, bool] | None:
+    """The object an allow-listed global names, and whether a pickle may call it.
+
+    Allowed: ``nn.Module`` subclasses defined in ``torch.nn.modules.*``,
+    ``ultralytics.nn.modules.*`` or ``ultralytics.nn.tasks`` and the classes of
+    ``ultralytics.utils.loss``/``.tal`` (these only allocated, never called: a constructor
+    would run with arguments from the file), plus the data types real checkpoints carry:
+    ``argparse.Namespace``, ``ultralytics.utils.IterableSimpleNamespace``, numpy dtypes and
+    scalars. Only the modules named here are imported, never one named only by a file.
+
+    Args:
+        name: A pickle global, ``module.name``.
+
+    Returns:
+        ``(object, callable)``, or ``None`` for a global off the allow-list.
+    """
+    module, _, attr = name.rpartition(".")
+    if not attr.isidentifier():
+        return None
+    if name in _DATA_GLOBALS:
+        obj = _data_global(name)
+        return None if obj is None else (obj, True)
+    if module == "numpy.dtypes":
+        import numpy as np
+
+        obj = _import_attr(module, attr)
+        ok = isinstance(obj, type) and issubclass(obj, np.dtype)
+        return (obj, True) if ok else None
+    if module not in _CLASS_MODULES and not _MODULE_HOMES.fullmatch(module):
+        return None
+    obj = _import_attr(module, attr)
+    if not isinstance(obj, type) or obj.__new__ is not object.__new__:
+        return None
+    if module in _CLASS_MODULES:
+        return (obj, False) if obj.__module__ == module else None
+    from torch import nn
+
+    ok = issubclass(obj, nn.Module) and _MODULE_HOMES.fullmatch(obj.__module__)
+    return (obj, False) if ok else None
+
+
+# ------------------------------------------------------------------ inspection
+_PUSHES = frozenset(
+    ("NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")
+    + ("BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "LONG1")
+)
+# instruction: (items it takes off the stack, whether it pushes a result)
+_TAKES = {
+    "APPEND": (1, False), "SETITEM": (2, False), "BUILD": (1, False), "TUPLE1": (1, True),
+    "TUPLE2": (2, True), "TUPLE3": (3, True), "BINPERSID": (1, True), "STOP": (1, False),
+}  # fmt: skip
+
+
+class _PickleStack:
+    """The stack of a ``weights_only`` unpickler, with globals' names for their objects
+    and ``None`` for everything else; nothing is built or called."""
+
+    def __init__(self) -> None:
+        self.stack: list[Any] = []
+        self.marks: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.names: set[str] = set()
+        self.calls: set[str] = set()
+        self.values: set[str] = set()
+
+    def take(self, n: int) -> list[Any]:
+        if len(self.stack) < n:
+            raise pickle.UnpicklingError("stack underflow")
+        taken = self.stack[len(self.stack) - n :]
+        del self.stack[len(self.stack) - n :]
+        return taken
+
+    def consume(self, items: Iterable[Any]) -> None:
+        self.values.update(i for i in items if isinstance(i, str))
+
+    def pop_mark(self) -> None:
+        if not self.marks:
+            raise pickle.UnpicklingError("no MARK")
+        self.consume(self.stack)
+        self.stack = self.marks.pop()
+
+    def step(self, kind: str, arg: Any) -> None:
+        """Apply one instruction; raise for one ``weights_only`` loading rejects."""
+        if kind == "GLOBAL":
+            module, _, attr = str(arg).partition(" ")
+            self.names.add(f"{module}.{attr}")
+            self.stack.append(f"{module}.{attr}")
+        elif kind in _PUSHES:
+            self.stack.append(None)
+        elif kind == "MARK":
+            self.marks.append(self.stack)
+            self.stack = []
+        elif kind in ("TUPLE", "APPENDS", "SETITEMS"):
+            self.pop_mark()
+            if kind == "TUPLE":
+                self.stack.append(None)
+        elif kind in _TAKES:
+            n, pushes = _TAKES[kind]
+            self.consume(self.take(n))
+            if pushes:
+                self.stack.append(None)
+        elif kind in ("BINGET", "LONG_BINGET"):
+            if arg not in self.memo:
+                raise pickle.UnpicklingError(f"memo {arg} not set")
+            self.stack.append(self.memo[arg])
+        elif kind in ("BINPUT", "LONG_BINPUT"):
+            self.memo[arg] = self.take(1)[0]
+            self.stack.append(self.memo[arg])
+        elif kind in ("NEWOBJ", "REDUCE"):  # NEWOBJ allocates its class: not a use as value
+            target, args = self.take(2)
+            self.consume([args])
+            if kind == "REDUCE" and isinstance(target, str):
+                self.calls.add(target)
+            self.stack.append(None)
+        elif kind != "PROTO":
+            raise pickle.UnpicklingError(f"unsupported pickle instruction {kind}")
+
+
+def scan_pickle(data: bytes) -> tuple[set[str], set[str], set[str]]:
+    """The globals a pickle references, those it calls, and those it uses as values.
+
+    Follows the stack through the instructions ``torch.load(weights_only=True)`` accepts
+    (``pickletools`` parses, nothing is executed). A global is *called* when it is the
+    function of a ``REDUCE``, *a value* when anything but ``NEWOBJ`` (which allocates a
+    class without running its constructor) or ``REDUCE`` consumes it.
+
+    Raises:
+        pickle.UnpicklingError: an instruction ``weights_only`` loading does not support,
+            or a malformed stack.
+    """
+    state = _PickleStack()
+    for op, arg, _ in pickletools.genops(data):
+        state.step(op.name, arg)
+        if op.name == "STOP":
+            break
+    return state.names, state.calls, state.values
+
+
+def _registered_names() -> set[str]:
+    """Globals registered process-wide with ``add_safe_globals`` (Ultralytics' restricted
+    loader registers the classes of every checkpoint it loads), torch's own left out:
+    ``get_unsafe_globals_in_checkpoint`` no longer lists them."""
+    import torch
+
+    names = set()
+    for entry in torch.serialization.get_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        name = name or f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        if not name.startswith("torch.") or name.startswith("torch.nn."):
+            names.add(name)
+    return names
+
+
+def inspect_checkpoint(path: Path) -> Inspection:
+    """Read the globals a ``torch.save`` file references, executing nothing.
+
+    Raises:
+        CheckpointError: not a readable ``torch.save`` zip archive (corrupt, truncated,
+            TorchScript, the legacy format).
+        UnsafeCheckpointError: a pickle that cannot be inspected (instructions the
+            ``weights_only`` loader does not support).
+    """
+    import torch
+
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:
+        raise UnsafeCheckpointError(
+            f"cannot read checkpoint {str(path)!r} without running code: torch "
+            f"{torch.__version__} cannot inspect checkpoints (torch>=2.5 can); {TRUST_HINT}"
+        )
+    try:
+        unsafe = set(scan(path))
+        # the record torch.load reads, through torch's own zip reader
+        data = torch._C.PyTorchFileReader(str(path)).get_record("data.pkl")
+        names, calls, values = scan_pickle(data)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"cannot read checkpoint {str(path)!r} without running code: its pickle cannot "
+            f"be inspected ({e}); {TRUST_HINT}"
+        ) from None
+    except (ValueError, OSError, RuntimeError, EOFError) as e:
+        if "torchscript" in str(e).lower():
+            raise CheckpointError(
+                f"{str(path)!r} is a TorchScript archive, not a torch.save checkpoint"
+            ) from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint (corrupt or truncated?)"
+        ) from None
+    unsafe |= names & _registered_names()
+    return Inspection(Path(path), frozenset(unsafe), frozenset(calls), frozenset(values))
+
+
+def allowed_globals(inspection: Inspection) -> list[Any]:
+    """The ``safe_globals`` entries a checkpoint needs, all of them on the allow-list.
+
+    Raises:
+        UnsafeCheckpointError: a global off the allow-list, or a model class the pickle
+            calls or passes as a value; the message names them and the opt-in.
+    """
+    bad, entries = [], []
+    for name in sorted(inspection.names):
+        found = allowed_global(name)
+        if found is None:
+            bad.append(name)
+            continue
+        obj, callable_ = found
+        if name in inspection.values or (name in inspection.calls and not callable_):
+            bad.append(f"{name} [as a value]" if name in inspection.values else f"{name} [called]")
+            continue
+        own = f"{obj.__module__}.{obj.__qualname__}" == name
+        entries.append(obj if own else (obj, name))
+    if bad:
+        raise UnsafeCheckpointError(
+            f"cannot read checkpoint {str(inspection.path)!r} without running code: it needs "
+            f"globals outside tbfeat's allow-list ({', '.join(bad)}); {TRUST_HINT}"
+        )
+    if "numpy.dtype" in inspection.names:  # a dtype's class comes off the stack, unnamed
+        import numpy as np
+
+        dtypes = getattr(np, "dtypes", None)
+        entries += (
+            [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+            if dtypes is not None
+            else [type(np.dtype(np.float64))]
+        )
+    return entries
+
+
+def check_checkpoint(path: Path) -> Inspection:
+    """Inspect ``path`` and raise :class:`UnsafeCheckpointError` unless it loads within
+    the allow-list."""
+    inspection = inspect_checkpoint(path)
+    allowed_globals(inspection)
+    return inspection
+
+
+def kind_of(path: Path, *, trust: bool = False) -> str:
+    """``"ultralytics"`` if the pickle references an Ultralytics class, else
+    ``"state_dict"``; nothing is unpickled. A file that cannot be inspected is a state
+    dict with ``trust`` and raises without."""
+    try:
+        return inspect_checkpoint(path).kind
+    except UnsafeCheckpointError:
+        if trust:
+            return "state_dict"
+        raise
+
+
+def torch_load(path: Path, *, trust: bool = False, mmap: bool = True) -> Any:
+    """``torch.load`` a checkpoint on the CPU: with ``trust`` fully unpickled, else with
+    ``weights_only=True`` and the allow-listed globals it needs.
+
+    Raises:
+        UnsafeCheckpointError: without ``trust``, a global off the allow-list.
+        Exception: whatever ``torch.load`` raises for a damaged file.
+    """
+    import argparse
+
+    import torch
+
+    if trust:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    try:
+        entries = allowed_globals(inspect_checkpoint(path))
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError:  # legacy format or damaged: weights_only refuses any other
+        # global all the same, and torch.load reports the damage
+        entries, mmap = [argparse.Namespace], False
+    with torch.serialization.safe_globals(entries):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
