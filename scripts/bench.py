@@ -12,11 +12,15 @@ plain and logged runs interleaved, medians):
 - ``frcnn``: Faster R-CNN R50-FPN (weights=None) at 800 px, ``logger.log`` until flushed,
   over plain inference (transform + backbone + heads).
 - ``memory``: resident memory growth over 500 logged steps after the first.
+- ``stages``: torchvision resnet50 (weights=None) at 224 px, one image, every module a
+  stage (about 150): ``log()`` and a ``with`` block until flushed, over the plain forward;
+  event bytes per step and the size of the drift history rewritten at every step.
 - ``scale``: the predict overhead at 320, 640 and 1280 px, and with 1, 4 and 16 images.
 
     python scripts/bench.py                 # everything (about 5 minutes)
     python scripts/bench.py --quick         # one short case, as CI runs it
     python scripts/bench.py --cases yolo scale --json bench.json
+    python scripts/bench.py --cases stages --repeats 5
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ ROWS: list[dict[str, Any]] = []
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def event_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("events.out.tfevents.*"))
 
 
 def record(case: str, median_s: float, ratio: float | None = None, **extra: Any) -> None:
@@ -251,6 +259,50 @@ def case_memory(steps: int) -> None:
     )
 
 
+def case_stages(repeats: int) -> None:
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None).eval()
+    names = [name for name, _ in model.named_modules() if name]  # every module, qualified
+    x = torch.rand(1, 3, 224, 224)
+    plain, probe, block = [], [], []
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        logger = FeatureLogger(model, logdir=tmp, stages=names)
+        logger.log(x, step=0)  # warm the logging path
+        logger.flush()
+        base = event_bytes(tmp)
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            logger.log(x, step=2 * i + 1)
+            logger.flush()
+            probe.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with logger.at(2 * i + 2):
+                model(x)
+            block.append(time.perf_counter() - t0)  # leaving the block flushes
+        per_step = (event_bytes(tmp) - base) / (2 * repeats)
+        history = dir_bytes(tmp) - event_bytes(tmp)  # rewritten whole at every step
+        stages = len(logger.stages)
+        logger.close()
+    p = statistics.median(plain)
+    record(f"resnet50 224, {stages} stages (plain)", p)
+    record(
+        "  log() until flushed",
+        statistics.median(probe),
+        statistics.median(q / r for q, r in zip(probe, plain, strict=True)),
+        event_bytes_per_step=int(per_step),
+        history_bytes=history,
+    )
+    record(
+        "  with block until flushed",
+        statistics.median(block),
+        statistics.median(q / r for q, r in zip(block, plain, strict=True)),
+    )
+
+
 def case_scale(repeats: int) -> None:
     for imgsz in (320, 640, 1280):
         r = predict_overhead(imgsz, 1, repeats)
@@ -275,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         nargs="+",
-        default=["yolo", "seed", "frcnn", "memory", "scale"],
-        choices=["yolo", "seed", "frcnn", "memory", "scale"],
+        default=["yolo", "seed", "frcnn", "memory", "scale", "stages"],
+        choices=["yolo", "seed", "frcnn", "memory", "scale", "stages"],
     )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="one short case (CI smoke)")
@@ -303,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "frcnn": lambda: case_frcnn(max(3, args.repeats // 3)),
             "memory": lambda: case_memory(500),
             "scale": lambda: case_scale(args.repeats),
+            "stages": lambda: case_stages(max(3, args.repeats // 3)),
         }
         for case in args.cases:
             runners[case]()

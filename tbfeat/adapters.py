@@ -97,6 +97,8 @@ class ModelAdapter:
         batch; images of different sizes run one by one (the result is then a list).
         """
         module = self.module if module is None else module
+        if len(inputs) == 1:  # a view: no copy of a large image
+            return module(inputs[0].unsqueeze(0))
         if len({tuple(t.shape) for t in inputs}) == 1:
             return module(torch.stack(list(inputs)))
         return [module(t.unsqueeze(0)) for t in inputs]

@@ -176,14 +176,20 @@ class CaptureSession:
             self._calls[ident] = (self._forward_id, calls)
             if stage.output is not None:
                 output = output[stage.output]
-            found = False
-            for suffix, t in stage_tensors(output, f"call{calls}" if calls else ""):
-                found = True
+            renamed: list[str] = []
+            tensors = stage_tensors(output, f"call{calls}" if calls else "", renamed)
+            for suffix, t in tensors:
                 self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t)
-        if not found:
+        if not tensors:
             self._note(
                 f"skip:{stage.key}",
                 f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
+            )
+        if renamed:
+            self._note(
+                f"renamed:{stage.key}",
+                f"tbfeat: stage {stage.key} has output keys that give the same tag once made "
+                f"tag-safe; logged as {', '.join(renamed)}",
             )
 
     def _capture(self, base: str, t: torch.Tensor) -> None:
@@ -200,8 +206,9 @@ class CaptureSession:
         if not self._captured and self._drain is not None:
             self._drain()
         with torch.no_grad():
-            # a copy: a later layer may change the output in place (ReLU(inplace=True))
-            x = t[:k].detach().clone()
+            # a copy: a later layer may change the output in place (ReLU(inplace=True)); of a
+            # quantized output, its real values (dequantize() returns a new float tensor)
+            x = t[:k].dequantize() if t.is_quantized else t[:k].detach().clone()
         names = tuple(self._image_name(done + i) for i in range(k)) if x.dim() == 4 else ()
         message = Capture(self.step, base, x, names, self.track and x.dim() == 4)
         if self._post(message, x.numel() * x.element_size()):
@@ -219,21 +226,56 @@ class CaptureSession:
         return self._names[position] if position < len(self._names) else str(position)
 
 
-def stage_tensors(output: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a stage's output with a tag suffix each: ``""`` for a lone tensor,
-    the position or key for elements of tuples, lists and dicts (nested ones joined by
-    ``_``). Anything else yields nothing."""
+def stage_tensors(
+    output: Any, prefix: str = "", renamed: list[str] | None = None
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a stage's output, each with a distinct tag suffix.
+
+    The suffix is ``""`` for a lone tensor, else the position or key of the element in
+    tuples, lists and dicts (nested ones joined by ``_``, keys made tag-safe by
+    :func:`~tbfeat.stages.sanitize`). Keys that give the same suffix (``1`` and ``"1"``,
+    ``"a/b"`` and ``"a_b"``) are told apart in output order: the first keeps it, later
+    ones get the first free ``_1``, ``_2``... that no other element has, so the same
+    output structure gives the same suffixes at every step.
+
+    Args:
+        output: What a stage's forward returned.
+        prefix: Put before every suffix (``call1`` for a shared module's second call).
+        renamed: If given, gets ``"<key path> as <suffix>"`` for each renamed element.
+
+    Returns:
+        ``(suffix, tensor)`` pairs in output order; empty when ``output`` holds no tensor.
+    """
+    found = list(_walk(output, prefix, ""))
+    natural = {suffix for suffix, _, _ in found}
+    used: set[str] = set()
+    out = []
+    for suffix, path, t in found:
+        name, k = suffix, 0
+        while name in used or (k and name in natural):
+            k += 1
+            name = _join(suffix, str(k))
+        used.add(name)
+        out.append((name, t))
+        if k and renamed is not None:
+            renamed.append(f"{path} as {name}")
+    return out
+
+
+def _walk(output: Any, prefix: str, path: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """``(suffix, key path, tensor)`` for each tensor of ``output``; suffixes may repeat."""
     if isinstance(output, torch.Tensor):
-        yield prefix, output
+        yield prefix, path, output
     elif isinstance(output, dict):
         for key, value in output.items():
-            yield from stage_tensors(value, _join(prefix, sanitize(str(key))))
+            yield from _walk(value, _join(prefix, sanitize(str(key))), f"{path}[{key!r}]")
     elif isinstance(output, (list, tuple)):
         for i, value in enumerate(output):
-            yield from stage_tensors(value, _join(prefix, str(i)))
+            yield from _walk(value, _join(prefix, str(i)), f"{path}[{i}]")
 
 
 def _join(prefix: str, key: str) -> str:
+    """``prefix_key``, or ``key`` alone when there is no prefix."""
     return f"{prefix}_{key}" if prefix else key
 
 

@@ -15,6 +15,7 @@ and picked up again when a run resumes or a sweep goes on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import tempfile
@@ -82,9 +83,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return cross / norm
 
 
-def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
-    """``count`` fixed flat positions of an ``height x width`` map (all when fewer):
-    the same for the same size at every step, spread by a seeded permutation."""
+@functools.lru_cache(maxsize=256)
+def _positions(height: int, width: int, count: int) -> torch.Tensor:
     total = height * width
     if total <= count:
         return torch.arange(total)
@@ -92,20 +92,36 @@ def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
     return torch.randperm(total, generator=g)[:count].sort().values
 
 
+def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
+    """``count`` fixed flat positions of an ``height x width`` map (all when fewer):
+    the same for the same size at every step, spread by a seeded permutation."""
+    return _positions(height, width, count).clone()  # cached: the caller may change its copy
+
+
 @torch.no_grad()
 def sample_rows(x: torch.Tensor, per_image: int) -> torch.Tensor:
-    """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at :func:`sample_positions`."""
+    """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at :func:`sample_positions`.
+
+    Row ``i * P + j`` holds the channels of image ``i`` at its ``j``-th position. Only
+    the sampled positions are read, whatever the layout of ``x``: nothing of the size of
+    the map is copied.
+    """
     n, c, h, w = x.shape
-    idx = sample_positions(h, w, per_image).to(x.device)
-    # (n, h*w, c) is a view for channels-last maps (what CPU convolutions return)
-    pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    return pixels.index_select(1, idx).reshape(-1, c).to(torch.float16).cpu()
+    pixels = x.permute(0, 2, 3, 1)  # (N, H, W, C): a view
+    if h * w <= per_image:  # every position: the map is no larger than the rows
+        return pixels.reshape(-1, c).to(torch.float16).cpu()
+    idx = _positions(h, w, per_image).to(x.device)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        picked = pixels.reshape(n, h * w, c).index_select(1, idx)  # rows of a view
+    else:
+        picked = pixels[:, idx // w, idx % w]  # a gather of the positions alone
+    return picked.reshape(-1, c).to(torch.float16).cpu()
 
 
 @torch.no_grad()
 def mean_map_cell(x: torch.Tensor, size: int) -> np.ndarray:
     """Palette indices ``(N, h, w)`` of each image's channel-mean map, pooled to ``size``."""
-    m = x.float().mean(1, keepdim=True)
+    m = x.mean(1, keepdim=True, dtype=torch.float32)  # no float copy of a half-precision map
     k = max(1, math.ceil(max(m.shape[-2:]) / size))
     if k > 1:
         m = F.avg_pool2d(m, kernel_size=k, stride=k, ceil_mode=True)
@@ -114,23 +130,35 @@ def mean_map_cell(x: torch.Tensor, size: int) -> np.ndarray:
 
 @dataclass
 class StageHistory:
-    """What drift and the evolution strip of one stage remember between steps."""
+    """What drift and the evolution strip of one stage remember between steps.
+
+    ``first`` and ``last`` are the sampled rows (float16) of the stage's first and latest
+    step, or ``None`` where only their centred Gram matrix is known: a saved history keeps
+    whichever of the two is smaller. ``sizes`` holds the rows' shape either way.
+    """
 
     shape: tuple[int, int] = (0, 0)
     names: tuple[str, ...] = ()
-    first: torch.Tensor | None = None  # sampled rows (float16), saved
+    first: torch.Tensor | None = None
     last: torch.Tensor | None = None
     last_step: int | None = None
     cells: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)  # in memory only
+    grams: dict[str, torch.Tensor] = field(default_factory=dict)
+    sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def gram(self, which: str) -> torch.Tensor | None:
-        rows = self.first if which == "first" else self.last
-        if rows is None:
-            return None
+        """The centred Gram matrix of ``"first"`` or ``"last"``; ``None`` if there is none."""
         if which not in self.grams:
+            rows = self.first if which == "first" else self.last
+            if rows is None:
+                return None
             self.grams[which] = centred_gram(rows)
         return self.grams[which]
+
+    def keep(self, which: str, rows: torch.Tensor, gram: torch.Tensor) -> None:
+        """Remember ``rows`` (and their ``gram``) as the ``"first"`` or ``"last"`` sample."""
+        setattr(self, which, rows)
+        self.grams[which], self.sizes[which] = gram, tuple(rows.shape)
 
 
 class History:
@@ -182,16 +210,17 @@ class History:
             h = self.stages[base] = StageHistory(shape=shape, names=names)
         out: dict[str, float] = {}
         if rows is not None:
-            gram = centred_gram(rows)
-            if h.last is not None and h.last_step is not None and step > h.last_step:
-                if h.last.shape == rows.shape:
+            gram, size = centred_gram(rows), tuple(rows.shape)
+            if "last" in h.sizes and h.last_step is not None and step > h.last_step:
+                if h.sizes["last"] == size:
                     out[""] = 1.0 - cka_from_grams(gram, h.gram("last"))
-                if h.first is not None and h.first.shape == rows.shape:
+                if h.sizes.get("first") == size:
                     out["_vs_first"] = 1.0 - cka_from_grams(gram, h.gram("first"))
-            if h.first is None:
-                h.first, h.grams["first"] = rows, gram
+            if "first" not in h.sizes:
+                h.keep("first", rows, gram)
             if h.last_step is None or step >= h.last_step:
-                h.last, h.last_step, h.grams["last"] = rows, step, gram
+                h.keep("last", rows, gram)
+                h.last_step = step
         if cells:
             h.cells[step] = cells
             for old in sorted(h.cells)[: -self.keep]:
@@ -222,7 +251,7 @@ class History:
         if self.path is None or not self.dirty:
             return
         data: dict[str, Any] = {
-            "version": 3,
+            "version": 4,
             "first_step": self.first_step,
             "last_step": self.last_step,
             "stages": {base: _stage_record(h) for base, h in self.stages.items()},
@@ -278,8 +307,8 @@ def _stage_record(h: StageHistory) -> dict[str, Any]:
     return {
         "shape": list(h.shape),
         "names": list(h.names),
-        "first": h.first,
-        "last": h.last,
+        **_sample_record(h, "first"),
+        **_sample_record(h, "last"),
         "last_step": h.last_step,
         "cell_steps": steps,
         "cell_names": names,
@@ -287,14 +316,28 @@ def _stage_record(h: StageHistory) -> dict[str, Any]:
     }
 
 
+def _sample_record(h: StageHistory, which: str) -> dict[str, Any]:
+    """``"first"`` or ``"last"`` for saving: the float16 rows, or the float32 centred Gram
+    matrix (all that drift needs) when it is smaller (more channels than twice the rows)."""
+    size = h.sizes.get(which)
+    rows = getattr(h, which)
+    if size is not None and (rows is None or size[1] > 2 * size[0]):
+        rows, gram = None, h.gram(which)
+    else:
+        gram = None
+    return {which: rows, f"{which}_gram": gram, f"{which}_size": list(size or ()) or None}
+
+
 def _stage_from_record(d: dict[str, Any]) -> StageHistory:
-    h = StageHistory(
-        shape=tuple(d["shape"]),
-        names=tuple(d["names"]),
-        first=d["first"],
-        last=d["last"],
-        last_step=d["last_step"],
-    )
+    h = StageHistory(shape=tuple(d["shape"]), names=tuple(d["names"]), last_step=d["last_step"])
+    for which in ("first", "last"):
+        rows, gram = d[which], d.get(f"{which}_gram")  # version 3 files: rows only
+        size = d.get(f"{which}_size") or (list(rows.shape) if rows is not None else None)
+        if size:
+            setattr(h, which, rows)
+            h.sizes[which] = tuple(size)
+            if gram is not None:
+                h.grams[which] = gram
     block = d["cells"]
     if block is not None:
         for i, s in enumerate(d["cell_steps"]):

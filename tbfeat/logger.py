@@ -155,7 +155,9 @@ class FeatureLogger:
 
     @property
     def writer(self) -> Any:
-        """The ``SummaryWriter`` events go to (opened now, at :attr:`step`, if not yet)."""
+        """A ``SummaryWriter`` for your own events beside the feature maps: the ``writer=``
+        given, else one writing its own file in the run folder (opened now, at
+        :attr:`step`, if not yet; closed by :meth:`close`)."""
         recorder = self._pipeline()
         return self._worker.call(lambda: recorder.writer(self._step))
 

@@ -14,6 +14,7 @@ old run's steps from that step on are removed from tbfeat's own event files (see
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,10 @@ from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
 RUN_MODES = ("auto", "new", "append")
+MANY_OUTPUTS = 64
+"""Stage outputs in one step from which the first step's cost is reported."""
+COSTLY_S = 0.25
+"""Writer-thread seconds for the first step from which many stages are reported."""
 
 
 @dataclass
@@ -46,6 +51,8 @@ class _Step:
     stats: dict[str, RunningStats] = field(default_factory=dict)
     images: list[Any] = field(default_factory=list)
     tracks: dict[str, _Track] = field(default_factory=dict)
+    busy_s: float = 0.0
+    """CPU seconds the writer thread has spent on this step so far."""
 
 
 class Recorder:
@@ -67,6 +74,7 @@ class Recorder:
         self._channels: dict[str, torch.Tensor] = {}
         self._history: History | None = None
         self._note = Notes()
+        self._costed = False
 
     def handle(self, message: Any) -> None:
         """Handle one message from the forward side (worker thread)."""
@@ -96,6 +104,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ captures
     def _capture(self, c: Capture) -> None:
+        started = time.thread_time()
         state = self._steps.setdefault(c.step, _Step())
         opts = self.options
         x = c.x
@@ -106,6 +115,7 @@ class Recorder:
             self._guard(f"stage {c.base}", self._grids, c, state)
         if c.track and x.numel():
             self._guard(f"drift/evolution of stage {c.base}", self._track, c, state)
+        state.busy_s += time.thread_time() - started
 
     def _grids(self, c: Capture, state: _Step) -> None:
         opts, x = self.options, c.x
@@ -132,6 +142,7 @@ class Recorder:
 
     # ------------------------------------------------------------------ steps
     def _end_step(self, step: int) -> None:
+        started = time.thread_time()
         state = self._steps.pop(step, None)
         if state is None:
             return
@@ -144,6 +155,25 @@ class Recorder:
         for base, stats in state.stats.items():
             self._guard(f"statistics of stage {base}", self._summarize, base, stats, bundle)
         self._write(bundle)
+        outputs = len(state.stats.keys() | state.tracks.keys())
+        self._report_cost(step, outputs, state.busy_s + time.thread_time() - started)
+
+    def _report_cost(self, step: int, outputs: int, busy_s: float) -> None:
+        """Warn once, at the first step, when many stage outputs make logging costly."""
+        if self._costed:
+            return
+        self._costed = True
+        if outputs < MANY_OUTPUTS or busy_s < COSTLY_S:
+            return
+        self._note(
+            "many-stages",
+            f"tbfeat: step {step} logged {outputs} stage outputs and kept the writer thread "
+            f"busy for {busy_s:.2f} s ({1000 * busy_s / outputs:.1f} ms each), every step; "
+            "name the stages you need (tbfeat.list_stages(model) shows the model's own), log "
+            "less of each (grids=False, histograms=False, drift=False, evolution=False, a "
+            "smaller max_channels) or less often (every=N, or a sweep of checkpoints)",
+            warn=True,
+        )
 
     def _drift(self, history: History, base: str, step: int, t: _Track, bundle: StepBundle) -> None:
         rows = torch.cat(t.rows) if t.rows else None

@@ -55,10 +55,11 @@ class StatsSummary:
 class RunningStats:
     """Accumulates :class:`StatsSummary` inputs over several batches on the device.
 
-    Each :meth:`update` reduces a batch to a handful of device scalars and a ``bins``-bucket
-    histogram; nothing of the activation itself is kept. :meth:`summary` moves those few
-    numbers to the CPU once and merges them (Chan et al.'s formula for mean and variance;
-    histograms of several batches are re-binned onto their joint range by bucket centre).
+    Each :meth:`update` reduces a batch, on its device, to a handful of numbers and a
+    ``bins``-bucket histogram; nothing of the activation itself is kept. :meth:`summary`
+    moves the histograms to the CPU once and merges everything (Chan et al.'s formula for
+    mean and variance; histograms of several batches are re-binned onto their joint range
+    by bucket centre).
 
     Example:
         >>> import torch
@@ -72,7 +73,6 @@ class RunningStats:
     def __init__(self, bins: int = 64) -> None:
         self.bins = bins
         self._rows: list[list[float]] = []
-        self._counts: list[torch.Tensor] = []
         self._hists: list[torch.Tensor] = []
 
     def __len__(self) -> int:
@@ -82,12 +82,12 @@ class RunningStats:
     def update(self, x: torch.Tensor) -> None:
         """Add the values of ``x`` (any shape, any real dtype); ``x`` is not modified.
 
-        Exact statistics from a few fast passes (min/max, sum, sum of squares, zero and
-        negative counts; the counts are skipped when min/max already decide them, and a
-        centred second pass runs only when the mean dwarfs the spread). The histogram
-        bins a fixed-size strided sample of :data:`HIST_SAMPLE` values between the exact
-        min and max, its counts scaled to the number of values. NaN/Inf are filtered
-        out only when min/max show there are some. One device-to-host read per call.
+        Exact statistics from one pass over ``x`` in cache-sized chunks (:func:`one_pass`:
+        min/max, sums of values, squares and signs, and the histogram's sample); a
+        second, centred pass only when the mean dwarfs the spread. The histogram bins a
+        fixed-size strided sample of :data:`HIST_SAMPLE` values between the exact min and
+        max, its counts scaled to the number of values. NaN/Inf are filtered out only when
+        min/max show there are some. One device-to-host read per call (two with NaN/Inf).
         """
         flat = flat_view(x.detach())
         if flat.dtype in (torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16):
@@ -97,66 +97,40 @@ class RunningStats:
         numel = flat.numel()
         if numel == 0:
             return
-        lo, hi = torch.aminmax(flat)
-        total, squares = flat.sum(), torch.dot(flat, flat)
-        lo_f, hi_f, sum_f, sq_f = torch.stack([lo, hi, total, squares]).tolist()
-        if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # NaN propagates into min/max
+        sums, sample = one_pass(flat)
+        if not (math.isfinite(sums[0]) and math.isfinite(sums[1])):  # NaN spoils min/max
             flat = flat[torch.isfinite(flat)]
             if flat.numel() == 0:
-                self._rows.append([0.0, float(numel), math.nan, math.nan, math.nan, math.nan])
-                self._counts.append(torch.zeros(2, dtype=torch.float64, device=flat.device))
+                self._rows.append([0.0, float(numel), *(math.nan,) * 4, 0.0, 0.0])
                 self._hists.append(torch.zeros(self.bins, device=flat.device))
                 return
-            lo, hi = torch.aminmax(flat)
-            total, squares = flat.sum(), torch.dot(flat, flat)
-            lo_f, hi_f, sum_f, sq_f = torch.stack([lo, hi, total, squares]).tolist()
+            sums, sample = one_pass(flat)
+        lo, hi, total, squares, signed, nonzero = sums
+        if not (math.isfinite(total) and math.isfinite(squares)) and flat.dtype != torch.float64:
+            wide = flat.double()  # |values| near the float32 limit: the sums overflow
+            total, squares = torch.stack([wide.sum(), torch.dot(wide, wide)]).tolist()
         n = flat.numel()
-        if not (math.isfinite(sum_f) and math.isfinite(sq_f)) and flat.dtype != torch.float64:
-            flat = flat.double()  # |values| near the float32 limit: sums overflow
-            sum_f, sq_f = torch.stack([flat.sum(), torch.dot(flat, flat)]).tolist()
-        mean = sum_f / n
-        m2 = sq_f - sum_f * mean
-        if not math.isfinite(sq_f) or m2 < 1e-3 * sq_f:  # cancellation: centre first
-            centred = flat - mean
-            m2 = float(torch.dot(centred, centred))
-            if not math.isfinite(m2):  # beyond float32 even centred
-                centred = flat.double() - mean
-                m2 = float(torch.dot(centred, centred))
-        zero = torch.zeros((), dtype=torch.float64, device=flat.device)
-        nonzero = None if (lo_f > 0 or hi_f < 0) else torch.count_nonzero(flat)
-        zeros = zero if nonzero is None else n - nonzero
-        if lo_f >= 0:
-            negatives = zero
-        elif hi_f < 0:
-            negatives = zero + n
-        elif n < 2**24:  # sign sums are exact in float32: positives - negatives
-            negatives = (nonzero - torch.sign(flat).sum()) / 2
-        else:
-            negatives = torch.count_nonzero(flat.lt(0))
-        step = max(1, n // HIST_SAMPLE)
-        sample = flat[::step]
-        scale = max(abs(lo_f), abs(hi_f), 1.0) if max(abs(lo_f), abs(hi_f)) > 1e38 else 1.0
-        hist = torch.histc(
-            (sample / scale).float() if scale != 1.0 else sample.float(),
-            self.bins,
-            lo_f / scale,
-            hi_f / scale,
+        m2 = _m2(flat, total, squares)
+        self._rows.append(
+            [n, numel - n, total / n, m2, lo, hi, n - nonzero, (nonzero - signed) / 2]
         )
-        if sample.numel() != n:
-            hist = hist * (n / sample.numel())
-        self._rows.append([float(n), float(numel - n), mean, max(m2, 0.0), lo_f, hi_f])
-        self._counts.append(torch.stack([zeros.to(torch.float64), negatives.to(torch.float64)]))
-        self._hists.append(hist)
+        self._hists.append(self._histogram(sample, n, lo, hi))
+
+    def _histogram(self, sample: torch.Tensor, n: int, lo: float, hi: float) -> torch.Tensor:
+        """``bins`` counts of ``sample`` over ``[lo, hi]``, scaled to ``n`` values."""
+        scale = max(abs(lo), abs(hi), 1.0) if max(abs(lo), abs(hi)) > 1e38 else 1.0
+        if scale != 1.0:  # histc's bin width would overflow float32
+            sample, lo, hi = sample / scale, lo / scale, hi / scale
+        hist = torch.histc(sample.float(), self.bins, lo, hi)
+        return hist * (n / sample.numel()) if sample.numel() != n else hist
 
     def summary(self) -> StatsSummary | None:
         """Merge what was added into a :class:`StatsSummary`; ``None`` if nothing was."""
         if not self._rows:
             return None
         rows = np.asarray(self._rows, dtype=np.float64)
-        counts = torch.stack(self._counts).cpu().numpy()
         hists = torch.stack(self._hists).cpu().to(torch.float64).numpy()
-        n, nonfinite, means, m2s, los, his = rows.T
-        zeros, negs = counts.T
+        n, nonfinite, means, m2s, los, his, zeros, negs = rows.T
         total = float(n.sum())
         nonfinite_count = int(round(float(nonfinite.sum())))
         if total == 0:
@@ -196,6 +170,65 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
     ):
         return x.permute(0, 2, 3, 1).reshape(-1)
     return x.reshape(-1)
+
+
+CHUNK = 2**18
+"""Values per chunk of :func:`one_pass` on a CPU: a chunk stays in the cache for all sums."""
+
+
+def one_pass(flat: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+    """Min, max, sum, sum of squares, sum of signs and count of nonzero values of a 1-D
+    float tensor, read once from memory, and its histogram sample ``flat[::step]``.
+
+    The chunks are small enough to stay in a CPU's cache while every sum reads them
+    (accelerators take 2**23 values at a time); the sums of signs (positives - negatives)
+    and of their squares (positives + negatives) are exact in float32 within a chunk,
+    and the chunks' sums are added in float64.
+
+    Returns:
+        The six numbers (one device-to-host read) and the sample of
+        ``max(1, n // HIST_SAMPLE)``-strided values, the same as ``flat[::step]``.
+    """
+    n = flat.numel()
+    step = max(1, n // HIST_SAMPLE)
+    chunk = CHUNK if flat.is_cpu else 2**23
+    if n <= chunk:
+        return _chunk_sums(flat, torch.empty_like(flat)).tolist(), flat[::step]
+    buffer = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
+    rows, samples = [], []
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk]
+        rows.append(_chunk_sums(part, buffer[: part.numel()]))
+        samples.append(part[(-start) % step :: step].clone())  # copied while in cache
+    sums = torch.stack(rows)
+    lo, hi = sums[:, 0].min(), sums[:, 1].max()
+    rest = sums[:, 2:].double().sum(0)
+    return torch.cat([torch.stack([lo, hi]).double(), rest]).tolist(), torch.cat(samples)
+
+
+def _chunk_sums(part: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``[min, max, sum, sum of squares, sum of signs, nonzero count]`` of ``part``;
+    ``buffer`` (``part``'s size) receives its signs."""
+    lo, hi = torch.aminmax(part)
+    signs = torch.sign(part, out=buffer)
+    return torch.stack(
+        [lo, hi, part.sum(), torch.dot(part, part), signs.sum(), torch.dot(signs, signs)]
+    )
+
+
+def _m2(flat: torch.Tensor, total: float, squares: float) -> float:
+    """The sum of squared deviations from the mean; a centred pass when the plain formula
+    would cancel (the mean dwarfs the spread) or the sum of squares overflowed."""
+    mean = total / flat.numel()
+    m2 = squares - total * mean
+    if math.isfinite(squares) and m2 >= 1e-3 * squares:
+        return max(m2, 0.0)
+    centred = flat - mean
+    m2 = float(torch.dot(centred, centred))
+    if not math.isfinite(m2):  # beyond float32 even centred
+        centred = flat.double() - mean
+        m2 = float(torch.dot(centred, centred))
+    return max(m2, 0.0)
 
 
 def _merge_histograms(
