@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import gc
+from pathlib import Path
 
 import pytest
 
@@ -21,3 +22,22 @@ def _return_freed_memory():
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+@pytest.fixture(scope="session")
+def yolo_weights(tmp_path_factory):
+    """epoch0.pt and epoch1.pt (and last.pt, best.pt) from a real 2-epoch Ultralytics
+    training, shared by the tests that read them (none writes there)."""
+    yolo_cls = pytest.importorskip("ultralytics").YOLO
+    from tbfeat.synthetic import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("yolo")
+    data = make_shapes_dataset(root / "data", n_train=8, n_val=2, imgsz=64)
+    yolo = yolo_cls("yolov8n.yaml")
+    yolo.train(
+        data=str(data), epochs=2, imgsz=64, batch=4, workers=0, device="cpu", plots=False,
+        project=str(root), name="t", save_period=1, amp=False, verbose=False,
+    )  # fmt: skip
+    weights = Path(yolo.trainer.save_dir) / "weights"
+    assert {p.name for p in weights.iterdir()} >= {"epoch0.pt", "epoch1.pt", "last.pt", "best.pt"}
+    return weights

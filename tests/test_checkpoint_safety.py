@@ -29,7 +29,6 @@ from tbfeat.integrations.torchvision import build, load_checkpoint
 from .helpers import read_events
 
 pytest.importorskip("ultralytics")  # the optional extra; `make test` installs it
-from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from ultralytics.utils import ASSETS  # noqa: E402
 from ultralytics.utils.files import increment_path  # noqa: E402
@@ -146,23 +145,6 @@ class LoadSpy:
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def yolo_weights(tmp_path_factory):
-    """epoch0.pt and epoch1.pt from a real 2-epoch Ultralytics training."""
-    from tbfeat.synthetic import make_shapes_dataset
-
-    root = tmp_path_factory.mktemp("yolo")
-    data = make_shapes_dataset(root / "data", n_train=8, n_val=2, imgsz=64)
-    yolo = YOLO("yolov8n.yaml")
-    yolo.train(
-        data=str(data), epochs=2, imgsz=64, batch=4, workers=0, device="cpu", plots=False,
-        project=str(root), name="t", save_period=1, amp=False, verbose=False,
-    )  # fmt: skip
-    weights = Path(yolo.trainer.save_dir) / "weights"
-    assert {p.name for p in weights.iterdir()} >= {"epoch0.pt", "epoch1.pt"}
-    return weights
-
-
 @pytest.fixture(scope="module")
 def state_dict():
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ from tbfeat.integrations.torchvision import build
 from .helpers import read_events
 
 pytest.importorskip("ultralytics")  # the optional extra; `make test` installs it
-from ultralytics import YOLO  # noqa: E402
 from ultralytics.utils import ASSETS  # noqa: E402
 
 BUS = str(Path(ASSETS) / "bus.jpg")
@@ -38,33 +37,6 @@ def assert_usage_error(proc, *fragments):
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
-
-
-@pytest.fixture(scope="module")
-def yolo_weights(tmp_path_factory):
-    """epoch0.pt and epoch1.pt from a real 2-epoch Ultralytics training."""
-    from tbfeat.synthetic import make_shapes_dataset
-
-    root = tmp_path_factory.mktemp("yolo")
-    data = make_shapes_dataset(root / "data", n_train=8, n_val=2, imgsz=64)
-    yolo = YOLO("yolov8n.yaml")
-    yolo.train(
-        data=str(data),
-        epochs=2,
-        imgsz=64,
-        batch=4,
-        workers=0,
-        device="cpu",
-        plots=False,
-        project=str(root),
-        name="t",
-        save_period=1,
-        amp=False,
-        verbose=False,
-    )
-    weights = Path(yolo.trainer.save_dir) / "weights"
-    assert {p.name for p in weights.iterdir()} >= {"epoch0.pt", "epoch1.pt", "last.pt", "best.pt"}
-    return weights
 
 
 @pytest.fixture(scope="module")
