@@ -41,3 +41,17 @@ def decode(image_event) -> np.ndarray:
     """An image event's PNG as an (H, W, 3) uint8 RGB array."""
     with Image.open(io.BytesIO(image_event.encoded_image_string)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def numpy_stats(a: np.ndarray) -> dict:
+    """The statistics tbfeat logs, computed by numpy in float64."""
+    a = a.astype(np.float64).ravel()
+    return {
+        "mean": a.mean(),
+        "std": a.std(),
+        "min": a.min(),
+        "max": a.max(),
+        "zero_fraction": (a == 0).mean(),
+        "negative_fraction": (a < 0).mean(),
+        "nonfinite_count": 0.0,
+    }

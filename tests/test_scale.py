@@ -19,7 +19,7 @@ from tbfeat.drift import HISTORY_FILE, History, sample_positions, sample_rows
 from tbfeat.render import feature_grid, feature_tiles
 from tbfeat.stats import CHUNK, HIST_SAMPLE, RunningStats
 
-from .helpers import read_events
+from .helpers import numpy_stats, read_events
 
 QUANT_DEPRECATION = "ignore:torch.quantize_per_tensor:UserWarning"
 
@@ -131,15 +131,7 @@ def real_values(q: torch.Tensor) -> np.ndarray:
 
 
 def assert_stats_of(acc, base: str, values: np.ndarray, step: int) -> None:
-    expected = {
-        "mean": values.mean(),
-        "std": values.std(),
-        "min": values.min(),
-        "max": values.max(),
-        "zero_fraction": (values == 0).mean(),
-        "negative_fraction": (values < 0).mean(),
-        "nonfinite_count": 0.0,
-    }
+    expected = numpy_stats(values)
     for name, want in expected.items():
         (event,) = acc.Scalars(f"stats/{base}/{name}")
         assert event.step == step

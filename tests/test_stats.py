@@ -8,18 +8,7 @@ import torch
 
 from tbfeat.stats import STAT_NAMES, RunningStats
 
-
-def numpy_stats(a: np.ndarray) -> dict:
-    a = a.astype(np.float64).ravel()
-    return {
-        "mean": a.mean(),
-        "std": a.std(),
-        "min": a.min(),
-        "max": a.max(),
-        "zero_fraction": (a == 0).mean(),
-        "negative_fraction": (a < 0).mean(),
-        "nonfinite_count": 0.0,
-    }
+from .helpers import numpy_stats
 
 
 def relu_like(shape, seed):
