@@ -227,11 +227,6 @@ class EventSink:
         """Steps that could not be written (a storage error)."""
 
     @property
-    def owns_writer(self) -> bool:
-        """True when the sink writes its own event files (no ``writer`` was given)."""
-        return self._given is None
-
-    @property
     def failing(self) -> bool:
         """True while the last step could not be written (a storage fault)."""
         return self._failing
