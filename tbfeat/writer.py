@@ -126,7 +126,8 @@ class StepBundle:
 class EventFile:
     """One event file of tbfeat's own, appended to synchronously by a single caller.
 
-    The name follows TensorBoard's (``events.out.tfevents.<time>.<host>.<pid>.<n>``) and
+    The name follows TensorBoard's (``events.out.tfevents.<time>.<host>.<pid>.<n>``, the
+    number zero-padded) and
     ends in :data:`FILE_SUFFIX`. Each :meth:`append` writes whole records or, on an error,
     cuts the file back to where it was, so a reader never meets half a step.
 
@@ -137,7 +138,9 @@ class EventFile:
 
     def __init__(self, folder: Path) -> None:
         os.makedirs(folder, exist_ok=True)
-        name = "events.out.tfevents.%010d.%s.%s.%s%s" % (  # noqa: UP031 - TensorBoard's
+        # the file number is padded: files one process opens within a second sort (and
+        # TensorBoard reads them) in the order they were opened, also past the 9th
+        name = "events.out.tfevents.%010d.%s.%s.%06d%s" % (  # noqa: UP031 - TensorBoard's
             time.time(), socket.gethostname(), os.getpid(), next(_FILE_IDS), FILE_SUFFIX
         )  # fmt: skip
         self.path = Path(folder) / name

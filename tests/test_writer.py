@@ -104,3 +104,15 @@ def test_write_errors_warn_once_and_later_steps_still_land(tmp_path, monkeypatch
     acc = read_events(tmp_path)
     assert [e.step for e in acc.Images("features/00_Identity/0")] == [1]
     assert [e.step for e in acc.Scalars("stats/00_Identity/mean")] == [0, 1]
+
+
+def test_event_files_of_one_process_sort_in_the_order_they_were_opened(tmp_path):
+    """TensorBoard reads a folder's event files in name order: the 10th file one process
+    opens within a second must not sort before the 9th."""
+    from tbfeat.writer import EventFile
+
+    files = [EventFile(tmp_path) for _ in range(12)]
+    for f in files:
+        f.close()
+    opened = [f.path.name for f in files]
+    assert sorted(opened) == opened
