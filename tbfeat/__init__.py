@@ -7,7 +7,7 @@ Example:
 """
 
 from .adapters import Probes, list_stages
-from .logger import FeatureLogger
+from .logger import FeatureLogger, LoggerConfig
 from .options import LogOptions
 from .render import colorize, feature_grid
 from .stages import Stage
@@ -18,6 +18,7 @@ __all__ = [
     "STAT_NAMES",
     "FeatureLogger",
     "LogOptions",
+    "LoggerConfig",
     "Probes",
     "Stage",
     "SweepError",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -28,7 +29,36 @@ from .options import LogOptions
 from .recorder import RUN_MODES, Recorder
 from .stages import Stage, StageSpec, resolve_stages
 from .worker import WAIT_S, Worker
-from .writer import EventSink, check_logdir, check_writer, global_rank, writer_logdir
+from .writer import EventSink, NullWriter, check_logdir, check_writer, global_rank, writer_logdir
+
+
+@dataclass(frozen=True)
+class LoggerConfig:
+    """A :class:`FeatureLogger`'s configuration without its model: what crosses a process
+    boundary when each process has its own copy of the model (a DDP rank).
+
+    It holds no open file, thread, lock or hook. ``logdir`` is where the events go (the
+    folder of a ``writer=`` given); ``auto_logdir`` says that no folder was chosen, so an
+    integration may still pass the framework's run folder.
+
+    Example:
+        ::
+
+            config = logger.config()          # small and picklable
+            rank_logger = config.build(model)  # in another process, with its own model
+    """
+
+    logdir: str | None = None
+    auto_logdir: bool = True
+    stages: Any = None
+    step: int = 0
+    images: Any = None
+    options: LogOptions = field(default_factory=LogOptions)
+    run: str = "auto"
+
+    def build(self, model: nn.Module | Any) -> FeatureLogger:
+        """A new logger of ``model`` with this configuration (nothing is opened yet)."""
+        return FeatureLogger.from_config(model, self)
 
 
 class FeatureLogger:
@@ -157,7 +187,10 @@ class FeatureLogger:
     def writer(self) -> Any:
         """A ``SummaryWriter`` for your own events beside the feature maps: the ``writer=``
         given, else one writing its own file in the run folder (opened now, at
-        :attr:`step`, if not yet; closed by :meth:`close`)."""
+        :attr:`step`, if not yet; closed by :meth:`close`). On ranks other than 0, a
+        stand-in whose methods do nothing, so the same code runs on every rank."""
+        if not self.enabled:
+            return NullWriter()
         recorder = self._pipeline()
         return self._worker.call(lambda: recorder.writer(self._step))
 
@@ -243,33 +276,45 @@ class FeatureLogger:
         )
 
     # ----------------------------------------------------------------- pickling
-    def __getstate__(self) -> dict[str, Any]:
-        """Configuration only: no thread, writer or hook crosses a process boundary."""
+    def config(self) -> LoggerConfig:
+        """This logger's configuration, without the model (see :class:`LoggerConfig`)."""
         logdir = self.logdir
         if logdir is None and self._writer is not None:
             logdir = writer_logdir(self._writer)
-        return {
-            "model": self.model,
-            "logdir": logdir,
-            "auto_logdir": self._auto_logdir,
-            "stages": self.stage_spec,
-            "step": self._step,
-            "images": self.images,
-            "options": self.options,
-            "run": self.run,
-        }
+        return LoggerConfig(
+            logdir=logdir,
+            auto_logdir=self._auto_logdir,
+            stages=self.stage_spec,
+            step=self._step,
+            images=self.images,
+            options=self.options,
+            run=self.run,
+        )
+
+    @classmethod
+    def from_config(cls, model: nn.Module | Any, config: LoggerConfig) -> FeatureLogger:
+        """A logger of ``model`` configured by ``config`` (from :meth:`config`)."""
+        logger = cls.__new__(cls)
+        logger.__setstate__({"model": model, "config": config})
+        return logger
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The model and the configuration: no thread, writer or hook crosses a process
+        boundary."""
+        return {"model": self.model, "config": self.config()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        config = state["config"]
         self.__init__(
             state["model"],
-            state["logdir"],
-            stages=state["stages"],
-            step=state["step"],
-            images=state["images"],
-            options=state["options"],
-            run=state["run"],
+            config.logdir,
+            stages=config.stages,
+            step=config.step,
+            images=config.images,
+            options=config.options,
+            run=config.run,
         )
-        self._auto_logdir = state["auto_logdir"]
+        self._auto_logdir = config.auto_logdir
 
     # ----------------------------------------------------------------- probes
     def log(
@@ -305,6 +350,8 @@ class FeatureLogger:
             ...     logger.close()
         """
         self._check_open()
+        if not self.enabled:
+            return None
         if inputs is None:
             if self.images is None:
                 raise ValueError("log() needs inputs, or images= when the logger is created")

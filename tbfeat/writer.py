@@ -26,6 +26,7 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -80,7 +81,10 @@ def writer_logdir(writer: Any) -> str | None:
 
 
 def global_rank() -> int:
-    """This process's global rank: ``torch.distributed`` if initialized, else ``RANK`` etc."""
+    """This process's global rank: ``torch.distributed`` if initialized, else ``RANK`` etc.
+
+    A negative ``RANK`` (Ultralytics sets ``-1`` outside DDP) counts as 0.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -88,8 +92,29 @@ def global_rank() -> int:
     for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         value = os.environ.get(var)
         if value is not None and value.strip().lstrip("-").isdigit():
-            return int(value)
+            return max(int(value), 0)
     return 0
+
+
+class NullWriter:
+    """A ``SummaryWriter`` stand-in for ranks other than 0: every method does nothing.
+
+    Example:
+        >>> NullWriter().add_scalar("loss", 0.5, 1) is None
+        True
+    """
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _do_nothing
+
+    def __repr__(self) -> str:
+        return "NullWriter()"
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 @dataclass

@@ -201,6 +201,26 @@ def test_an_unpickled_logger_is_configured_like_the_original(tmp_path):
     copy.close()
 
 
+def test_a_config_builds_the_same_logger_for_another_copy_of_the_model(tmp_path):
+    """What crosses to a DDP rank: the configuration without the model; built there on
+    the rank's own model, it continues the run the first logger started."""
+    model = net()
+    logger = FeatureLogger(model, logdir=tmp_path, stages=[0], step=1, max_channels=3)
+    logger.log(PROBES)
+    config = logger.config()
+    logger.close()
+    data = pickle.dumps(config)
+    assert len(data) < 2_000 and b"Conv2d" not in data  # no model in it
+    copy = pickle.loads(data).build(net())
+    assert copy.options == logger.options and copy.logdir == str(tmp_path)
+    assert [s.key for s in copy.stages] == ["00_Conv2d"]
+    copy.log(PROBES, step=2)
+    copy.close()
+    acc = read_events(tmp_path, derived=True)
+    assert [e.step for e in acc.Scalars("stats/00_Conv2d/mean")] == [1, 2]
+    assert sorted(drift_at(acc)) == [2]  # the history went on
+
+
 # ------------------------------------------------------------------ one owner
 def test_captures_are_processed_only_on_the_worker_thread_within_the_budget(tmp_path, monkeypatch):
     """A budget far below one capture: the forward waits for room, never processes

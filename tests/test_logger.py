@@ -338,7 +338,12 @@ def test_only_rank_zero_hooks_and_writes(tmp_path, monkeypatch):
     with logger:
         assert no_hooks(model)
         model(torch.rand(1, 3, 8, 8))
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
     assert logger.log(torch.rand(1, 3, 8, 8), step=1) is None
+    assert calls == []  # returned at once: the model never ran
+    logger.writer.add_scalar("loss", 1.0, 1)  # a stand-in: the same code runs on every rank
+    logger.add_scalars({"loss": 1.0}, step=1)
     logger.close()
     assert not (tmp_path / "r1").exists()
 
