@@ -260,3 +260,112 @@ def test_a_resumed_training_continues_its_history(tmp_path, shapes):
     strips = acc.Images("evolution/00_Conv")
     assert [e.step for e in strips] == [1, 2, 3]
     assert strips[-1].width == 3 * strips[0].width + 2  # 3 columns, 1 px apart
+
+
+# ---------------------------------------------------------------- multi-GPU (DDP) launch
+LAUNCH_SCRIPT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, warnings
+    from ultralytics import YOLO
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.utils import ASSETS
+    from ultralytics.utils.dist import generate_ddp_file
+    from tbfeat import FeatureLogger
+
+    launched = []
+
+    def launch(trainer):
+        # what train() does with several devices: write the launch file, run it in fresh
+        # processes (the ranks; here one, on the CPU, with RANK unset like rank 0 of one)
+        launched.append(generate_ddp_file(trainer))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")}
+        subprocess.run([sys.executable, launched[-1]], check=True, env=env)
+        if hasattr(trainer, "ddp"):
+            trainer.ddp = True  # the launching process took the multi-device branch
+        else:  # 8.3 decides from the devices asked for
+            trainer.args.device = "0,1"
+
+    BaseTrainer.train = launch
+    data, project = sys.argv[1], sys.argv[2]
+    yolo = YOLO("yolov8n.yaml")
+    yolo.predict(ASSETS / "bus.jpg", imgsz=64, verbose=False)  # the YOLO object holds a lock now
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with FeatureLogger(yolo, max_images=2):
+            yolo.train(data=data, epochs=2, imgsz=64, batch=4, workers=0, device="cpu",
+                       plots=False, project=project, name="exp", amp=False, verbose=False)
+    print(json.dumps({
+        "script": launched[0],
+        "save_dir": str(yolo.trainer.save_dir),
+        "warnings": [str(w.message) for w in caught if "tbfeat" in str(w.message)],
+    }))
+    """
+)
+
+
+def tbfeat_files(folder: Path) -> dict[str, tuple[int, int]]:
+    """tbfeat's event and history files under ``folder``: name -> (size, mtime_ns)."""
+    found = [p for p in folder.rglob("*") if p.suffix == ".tbfeat" or "tbfeat" in p.name]
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in found if p.is_file()}
+
+
+def test_a_multi_gpu_launch_logs_from_rank_zero_of_its_ranks(tmp_path, shapes):
+    """Ultralytics' DDP launch file, written with a logger attached and run in fresh
+    processes: rank 0 logs every stage at every epoch into the trainer's save_dir, with
+    drift and evolution; rank 1 writes nothing. Releases that drop callbacks in their
+    ranks log nothing there and warn, naming the version and the sweep workaround."""
+    from tbfeat.integrations.ultralytics import ddp_keeps_callbacks
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GITHUB"))}
+    env["YOLO_CONFIG_DIR"] = str(tmp_path / "config")
+    args = [str(shapes), str(tmp_path / "runs")]
+    proc = subprocess.run(
+        [sys.executable, "-c", LAUNCH_SCRIPT, *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    save_dir = Path(out["save_dir"])
+    written = tbfeat_files(save_dir)
+    if ddp_keeps_callbacks():
+        assert out["warnings"] == []
+        acc = read_events(save_dir, derived=True)
+        features = [t for t in acc.Tags()["images"] if t.startswith("features/")]
+        assert len(features) == 22 * 2  # every stage, the first 2 validation images
+        assert all([e.step for e in acc.Images(t)] == [1, 2] for t in features)
+        assert [e.step for e in acc.Scalars("drift/09_SPPF")] == [2]
+        assert [e.step for e in acc.Images("evolution/09_SPPF")] == [1, 2]
+        assert len([p for p in written if p.endswith(".tbfeat")]) == 1
+    else:
+        (warning,) = out["warnings"]
+        assert f"Ultralytics {ultralytics.__version__} ran this train()" in warning
+        assert f"tbfeat sweep {save_dir / 'weights'}" in warning and "save_period=1" in warning
+        assert written == {}
+        return  # no callback of tbfeat's reaches these releases' ranks
+    # the same launch as rank 1 of 2: it trains, and tbfeat touches no file
+    env["RANK"] = "1"
+    proc = subprocess.run(
+        [sys.executable, out["script"]], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tbfeat_files(save_dir) == written
+
+
+def test_callbacks_pickle_as_the_loggers_configuration_only(tmp_path):
+    """What Ultralytics' launch pickles into every rank: small, no model, nothing open;
+    the copy builds its logger later, from the rank's own model."""
+    import cloudpickle
+
+    yolo = YOLO("yolov8n.yaml")
+    yolo.predict(BUS, imgsz=64, verbose=False)  # the YOLO object now holds a lock
+    logger = FeatureLogger(yolo, logdir=tmp_path, images=[BUS], max_channels=8, stages=[0, 9])
+    logger.log(step=1)  # its writer thread runs
+    data = cloudpickle.dumps(UltralyticsCallbacks(logger).callbacks())
+    assert len(data) < 8_000 and b"DetectionModel" not in data
+    copy = cloudpickle.loads(data)["on_train_epoch_end"].__self__
+    assert copy.logger is None and copy.options == logger.options
+    rank_logger = copy.config.build(yolo.model)  # what rank 0 does with its own model
+    assert [s.key for s in rank_logger.stages] == ["00_Conv", "09_SPPF"]
+    assert rank_logger.logdir == str(tmp_path) and rank_logger.images == [BUS]
+    rank_logger.close()
+    logger.close()

@@ -18,6 +18,7 @@ of Ultralytics objects read here is in the compatibility section below.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import warnings
@@ -33,6 +34,7 @@ from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
 from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
+from ..writer import global_rank
 
 
 # ==================================================================== compatibility
@@ -130,7 +132,37 @@ def train_probe_files(trainer: Any, n: int) -> list[str]:
 
 
 def ran_ddp(trainer: Any) -> bool:
-    return bool(getattr(trainer, "ddp", False))
+    """Whether ``train()`` launched DDP ranks in subprocesses: 8.4 sets ``trainer.ddp``;
+    8.3 decides inside ``train()`` from ``args.device`` (several devices) alone."""
+    if hasattr(trainer, "ddp"):
+        return bool(trainer.ddp)
+    device = getattr(getattr(trainer, "args", None), "device", None)
+    if isinstance(device, str):
+        devices = [d for d in device.split(",") if d.strip()]
+    else:
+        devices = list(device) if isinstance(device, (list, tuple)) else []
+    return len(devices) > 1 and "LOCAL_RANK" not in os.environ
+
+
+DDP_CALLBACKS_SINCE = (8, 4, 140)
+"""The first Ultralytics release whose DDP launch (``generate_ddp_file``) pickles the
+trainer's callbacks into every rank; earlier ones re-import the trainer class by name in
+the ranks and drop every callback added in Python."""
+
+
+def ultralytics_version() -> str:
+    import ultralytics
+
+    return str(getattr(ultralytics, "__version__", "0"))
+
+
+def ddp_keeps_callbacks(version: str | None = None) -> bool:
+    """Whether this Ultralytics release runs the trainer's callbacks in its DDP ranks."""
+    parts = []
+    for part in (version or ultralytics_version()).split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        parts.append(int(digits or 0))
+    return tuple(parts) >= DDP_CALLBACKS_SINCE
 
 
 def predict_source_names(source: Any) -> list[str | None] | None:
@@ -412,8 +444,12 @@ class UltralyticsAdapter(ModelAdapter):
 class UltralyticsCallbacks:
     """tbfeat's Ultralytics callbacks for one logger, as ``callbacks()`` returns them.
 
-    Small and picklable (Ultralytics' multi-GPU launch pickles the trainer's callbacks):
-    a pickled copy carries the logger's configuration and none of the capture in progress.
+    Small and picklable: Ultralytics' multi-GPU launch (8.4.140 and later) pickles the
+    trainer's callbacks into every DDP rank. A pickled copy carries the logger's
+    configuration (:class:`~tbfeat.LoggerConfig`), not its model (each rank has
+    its own) nor anything open or in progress. In a rank it builds a logger of the
+    trainer's model at the first epoch it logs, on global rank 0 only, and closes it when
+    the training ends; the other ranks return at once and touch no file.
 
     Example:
         ::
@@ -424,7 +460,9 @@ class UltralyticsCallbacks:
     """
 
     def __init__(self, logger: Any) -> None:
-        self.logger = logger
+        self.logger = logger  # None in a rank until rank 0 builds its own from _config
+        self._config: Any = None
+        self._owns_logger = False
         self._reset()
 
     def _reset(self) -> None:
@@ -436,13 +474,24 @@ class UltralyticsCallbacks:
         self._finder: _ModelFinder | None = None
         self._trainer: Any = None
         self._probes: tuple[int, int, Probes] | None = None
+        self._warned_no_probes = False
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"logger": self.logger}
+        return {"config": self.config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.logger = state["logger"]
+        self.logger, self._config, self._owns_logger = None, state["config"], False
         self._reset()
+
+    @property
+    def config(self) -> Any:
+        """The logger's :class:`~tbfeat.LoggerConfig` (also before a rank built it)."""
+        return self._config if self.logger is None else self.logger.config()
+
+    @property
+    def options(self) -> Any:
+        """The logger's :class:`~tbfeat.LogOptions`."""
+        return (self._config if self.logger is None else self.logger).options
 
     def callbacks(self) -> dict[str, Callable[[Any], None]]:
         """Ultralytics events and the handlers for them."""
@@ -458,15 +507,16 @@ class UltralyticsCallbacks:
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_train_end": self.on_train_end,
+            "teardown": self.teardown,
         }
 
     def attach(self, wrapper: Any) -> Callable[[], None]:
         """Register on ``wrapper`` (a ``YOLO`` object); returns what removes them again."""
         added = list(self.callbacks().items())
-        trainer_before = getattr(wrapper, "trainer", None)
         for event, fn in added:
             wrapper.add_callback(event, fn)
         wrapper.predict = self._predict_wrapper(type(wrapper).predict.__get__(wrapper))
+        wrapper.train = self._train_wrapper(wrapper, type(wrapper).train.__get__(wrapper))
 
         def detach() -> None:
             for event, fn in added:
@@ -474,8 +524,8 @@ class UltralyticsCallbacks:
                 if fn in fns:
                     fns.remove(fn)
             wrapper.__dict__.pop("predict", None)
+            wrapper.__dict__.pop("train", None)
             self._end_capture()
-            self._warn_if_ddp_ran(wrapper, trainer_before)
 
         return detach
 
@@ -486,10 +536,22 @@ class UltralyticsCallbacks:
 
         return wrapped
 
+    def _train_wrapper(self, wrapper: Any, train: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            before = getattr(wrapper, "trainer", None)
+            result = train(*args, **kwargs)
+            trainer = getattr(wrapper, "trainer", None)
+            if trainer is not before and trainer is not None:
+                _warn_if_callbacks_dropped(trainer)
+            return result
+
+        return wrapped
+
     # ---------------------------------------------------------------- predict / val
     def _use_logdir(self, owner: Any) -> None:
         folder = save_dir(owner)
-        if folder:  # the run folder of the predictor, validator or trainer
+        # the run folder of the predictor, validator or trainer
+        if folder and self.logger is not None:
             self.logger.use_logdir(folder)
 
     def _gate(self) -> bool:
@@ -501,6 +563,8 @@ class UltralyticsCallbacks:
         self._owner = owner
 
     def on_predict_start(self, predictor: Any) -> None:
+        if self.logger is None:  # a DDP rank: it only trains
+            return
         self._end_capture()
         self._use_logdir(predictor)
         self._position = 0
@@ -524,11 +588,11 @@ class UltralyticsCallbacks:
         self._in_batch = True
 
     def on_val_start(self, validator: Any) -> None:
-        if in_training(validator, self._trainer):
+        if in_training(validator, self._trainer) or self.logger is None:
             return  # the epoch-end probe covers training; final_eval too
         self._end_capture()
         self._use_logdir(validator)
-        names = [Path(f).stem for f in val_files(validator)[: self.logger.options.max_images]]
+        names = [Path(f).stem for f in val_files(validator)[: self.options.max_images]]
         self._owner = validator
         self._finder = _ModelFinder(self._gate, lambda m: self._begin(validator, m, names))
 
@@ -568,35 +632,72 @@ class UltralyticsCallbacks:
         self._probes = None
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        logger = self.logger
+        if global_rank() != 0:
+            return  # another DDP rank: no model run, no file, no collective call
         epoch, epochs = epoch_of(trainer)
-        if epoch % logger.options.every and epoch < epochs:
+        if epoch % self.options.every and epoch < epochs:
             return
         model = probe_model(trainer)
+        logger = self._rank_logger(trainer, model)
         imgsz = logger.options.imgsz or train_imgsz(trainer)
         if self._probes is None or self._probes[:2] != (id(model), imgsz):
             images = logger.images
             if images is None:
                 images = train_probe_files(trainer, logger.options.max_images)
                 if not images:
-                    raise ValueError(
-                        "no probe images: pass images=[...] to FeatureLogger (the trainer's "
-                        "validation set lists none)"
-                    )
+                    self._warn_no_probes()
+                    return
             self._probes = (id(model), imgsz, logger.prepare(images, model=model, imgsz=imgsz))
         logger.step = epoch
         logger.probe(self._probes[2], model=model, step=epoch)
 
+    def _rank_logger(self, trainer: Any, model: nn.Module) -> Any:
+        """The logger; in a DDP rank, one of the rank's model built from the configuration
+        (into the trainer's ``save_dir`` unless a logdir was chosen)."""
+        if self.logger is None:
+            self.logger = self._config.build(model)
+            self._owns_logger = True
+            self._use_logdir(trainer)
+        return self.logger
+
+    def _warn_no_probes(self) -> None:
+        if not self._warned_no_probes:
+            self._warned_no_probes = True
+            warnings.warn(
+                "tbfeat: no probe images for this training (the trainer's validation set "
+                "lists none); pass images=[...] to FeatureLogger. Nothing is logged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def on_train_end(self, trainer: Any) -> None:
         self._trainer = None
+        self._close_own_logger()
 
-    def _warn_if_ddp_ran(self, wrapper: Any, trainer_before: Any) -> None:
-        trainer = getattr(wrapper, "trainer", None)
-        if trainer is not None and trainer is not trainer_before and ran_ddp(trainer):
-            warnings.warn(
-                "tbfeat: this train() ran in Ultralytics' DDP subprocess, which drops "
-                "callbacks added in Python, so no feature maps were logged; log the saved "
-                "checkpoints instead (save_period=1, then `tbfeat sweep`)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    def teardown(self, trainer: Any) -> None:
+        """After every training, also one that raised: close the logger a rank built."""
+        self._close_own_logger()
+
+    def _close_own_logger(self) -> None:
+        if self._owns_logger and self.logger is not None:
+            logger, self.logger, self._owns_logger = self.logger, None, False
+            self._config = logger.config()
+            self._probes = None
+            logger.close()
+
+
+def _warn_if_callbacks_dropped(trainer: Any) -> None:
+    """After a ``train()`` that ran in DDP subprocesses of a release that drops callbacks."""
+    if not ran_ddp(trainer) or ddp_keeps_callbacks():
+        return
+    since = ".".join(map(str, DDP_CALLBACKS_SINCE))
+    weights = Path(save_dir(trainer) or "runs/detect/train") / "weights"
+    warnings.warn(
+        f"tbfeat: Ultralytics {ultralytics_version()} ran this train() on several devices "
+        "in DDP subprocesses, which drop callbacks added in Python, so no feature maps "
+        f"were logged (Ultralytics {since} and later keep them). Log the checkpoints "
+        f"instead: train with save_period=1, then `tbfeat sweep {weights} --images ... "
+        "--logdir ...`",
+        RuntimeWarning,
+        stacklevel=3,
+    )
