@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,23 @@ def test_callbacks_pickle_as_the_loggers_configuration_only(tmp_path):
     assert rank_logger.logdir == str(tmp_path) and rank_logger.images == [BUS]
     rank_logger.close()
     logger.close()
+
+
+def test_a_training_without_probe_images_warns_once_and_goes_on(tmp_path):
+    from types import SimpleNamespace
+
+    yolo = YOLO("yolov8n.yaml")
+    logger = FeatureLogger(yolo, logdir=tmp_path)
+    callbacks = UltralyticsCallbacks(logger)
+    trainer = SimpleNamespace(  # an epoch's end with no validation images listed
+        epoch=0, epochs=2, ema=SimpleNamespace(ema=yolo.model), model=yolo.model,
+        args=SimpleNamespace(imgsz=64), test_loader=SimpleNamespace(dataset=None),
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="no probe images for this training"):
+        callbacks.on_train_epoch_end(trainer)
+    trainer.epoch = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callbacks.on_train_epoch_end(trainer)  # once only
+    logger.close()
+    assert not list(tmp_path.iterdir())
