@@ -57,6 +57,7 @@ TORCHRUN_LOOP = textwrap.dedent(
         "rank": rank, "pid": os.getpid(), "epochs": epochs,
         "stages": [s.key for s in logger.stages], "bare": [s.key for s in list_stages(net)],
     }), flush=True)
+    dist.barrier()  # the script's own: the ranks leave together
     dist.destroy_process_group()
     """
 )
