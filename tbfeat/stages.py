@@ -11,7 +11,7 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -36,6 +36,11 @@ class Stage:
             nothing (containers such as ``Sequential``) or where an integration chose one.
         output: For a module that returns a dict, list or tuple: the key or position of
             the one element this stage logs (an FPN level); ``None`` logs every element.
+        sub: For a stage chosen by a deeper module name: its number among the stages
+            chosen under the same listed stage, in forward order (``NN.MM`` in tags, which
+            sorts before ``NN_``: inside a stage comes before its output).
+        digits: Width of the zero-padded numbers in :attr:`key`, so that TensorBoard's
+            text sort keeps ``2`` before ``10``.
 
     Example:
         >>> import torch
@@ -50,6 +55,8 @@ class Stage:
     module: nn.Module = field(repr=False, compare=False, hash=False)
     label: str = ""
     output: str | int | None = None
+    sub: int | None = None
+    digits: int = 2
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -57,8 +64,27 @@ class Stage:
 
     @property
     def key(self) -> str:
-        """``"<NN>_<label>"``: the part of every tag that names this stage."""
-        return f"{self.index:02d}_{self.label}"
+        """``"<NN>_<label>"`` (``"<NN>.<MM>_<label>"`` for a deeper module): the part of
+        every tag that names this stage."""
+        number = f"{self.index:0{self.digits}d}"
+        if self.sub is not None:
+            number += f".{self.sub:0{self.digits}d}"
+        return f"{number}_{self.label}"
+
+
+def numbered(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` with the sub-numbers of deeper modules given in forward order (the
+    order of ``sub`` as chosen, then of the list) and one number width for all."""
+    subs: dict[int, int] = {}
+    out = []
+    for s in stages:
+        if s.sub is not None:
+            s = replace(s, sub=subs.setdefault(s.index, 0))
+            subs[s.index] += 1
+        out.append(s)
+    top = max([s.index for s in out] + [n - 1 for n in subs.values()], default=0)
+    digits = max(2, len(str(top)))
+    return [replace(s, digits=digits) for s in out]
 
 
 def sanitize(text: str) -> str:
@@ -130,7 +156,9 @@ def resolve_stages(
         for stage in _match(spec, candidates, by_name, modules):
             chosen.setdefault((stage.name, stage.output), stage)
     order = {name: i for i, name in enumerate(modules)}
-    return sorted(chosen.values(), key=lambda s: (s.index, order.get(s.name, -1)))
+    return numbered(
+        sorted(chosen.values(), key=lambda s: (s.index, s.sub is None, order.get(s.name, -1)))
+    )
 
 
 def _match(
@@ -158,11 +186,13 @@ def _match(
     choices = list(by_name) + sorted({s.type for s in candidates})
     close = difflib.get_close_matches(spec, choices + list(modules), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    deep = [n for n in modules if "." in n and n not in by_name]
+    example = f" such as {max(deep[:50], key=lambda n: n.count('.'))!r}" if deep else ""
     raise ValueError(
         f"unknown stage {spec!r}{hint}; allowed: an index 0..{len(candidates) - 1}, "
         f"a name or glob of {', '.join(by_name) or '(none)'}, a type of "
         f"{', '.join(sorted({s.type for s in candidates})) or '(none)'}, "
-        "or a qualified module name such as 'layer1.0.conv1'"
+        f"or a qualified module name of the model{example}"
     )
 
 
@@ -174,9 +204,10 @@ def _glob_segments(name: str, pattern: str) -> bool:
 
 
 def _deep_stage(name: str, module: nn.Module, candidates: Sequence[Stage]) -> Stage:
-    """A module off the candidate list: numbered like its nearest listed ancestor, or after
-    the whole list when it has none (a detector's head); its label is its full name."""
+    """A module off the candidate list: numbered under its nearest listed ancestor
+    (``NN.MM``), or under the number after the whole list when it has none (a detector's
+    head); its label is its full name. :func:`numbered` gives the ``MM``."""
     ancestors = [s for s in candidates if name.startswith(s.name + ".") or name == s.name]
     nearest = max(ancestors, key=lambda s: (len(s.name), -s.index), default=None)
     index = nearest.index if nearest is not None else len(candidates)
-    return Stage(index, name, type(module).__name__, module, sanitize(name))
+    return Stage(index, name, type(module).__name__, module, sanitize(name), sub=0)

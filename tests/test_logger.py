@@ -197,8 +197,12 @@ def test_stage_selection_by_index_name_glob_type_and_deep_name(tmp_path):
     assert keys("layer*") == ["04_layer1", "05_layer2", "06_layer3", "07_layer4"]
     assert keys(["layer4", "layer2"]) == ["05_layer2", "07_layer4"]
     assert keys("BatchNorm2d") == ["01_BatchNorm2d"]
-    assert keys("layer1.0.conv1") == ["04_layer1.0.conv1"]
-    assert keys("layer1.*.conv2") == ["04_layer1.0.conv2", "04_layer1.1.conv2"]
+    assert keys("layer1.0.conv1") == ["04.00_layer1.0.conv1"]
+    assert keys("layer1.*.conv2") == ["04.00_layer1.0.conv2", "04.01_layer1.1.conv2"]
+    # each deeper module its own number under its stage, in forward order, before it
+    assert keys(["layer1", "layer1.1.conv1", "layer1.0.conv2", "conv1"]) == [
+        "00_Conv2d", "04.00_layer1.0.conv2", "04.01_layer1.1.conv1", "04_layer1",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown stage 'layr3' \(did you mean 'layer3'\?\)"):
         FeatureLogger(model, stages=["layr3"])
     with pytest.raises(ValueError, match="out of range; allowed: 0..9"):

@@ -149,7 +149,7 @@ def test_close_inside_a_block_removes_the_callbacks(tmp_path):
         assert ours(logger) == 0 and not {"predict", "train"} & set(vars(yolo))
 
 
-def test_deep_stages_number_like_their_nearest_listed_ancestor():
+def test_deep_stages_number_under_their_nearest_listed_ancestor():
     model = build("fasterrcnn_resnet50_fpn", weights_backbone=None)
     keys = [
         s.key
@@ -157,7 +157,7 @@ def test_deep_stages_number_like_their_nearest_listed_ancestor():
             model, stages=["fpn_0", "backbone.body.layer1.0.conv1", "stem"]
         ).stages
     ]
-    assert keys == ["00_stem", "01_backbone.body.layer1.0.conv1", "05_fpn_0"]
+    assert keys == ["00_stem", "01.00_backbone.body.layer1.0.conv1", "05_fpn_0"]
 
 
 def test_lightning_callback_checks_options_at_construction():

@@ -150,9 +150,9 @@ def test_heads_run_only_when_a_chosen_stage_is_in_them(tmp_path):
     assert isinstance(out, list) and set(out[0]) == {"boxes", "labels", "scores"}
     # the RPN head runs once per FPN level (0, 1, pool) within one forward
     assert read_events(tmp_path).Tags()["images"] == [
-        "features/20_rpn.head.conv/0",
-        "features/20_rpn.head.conv/call1/0",
-        "features/20_rpn.head.conv/call2/0",
+        "features/20.00_rpn.head.conv/0",
+        "features/20.00_rpn.head.conv/call1/0",
+        "features/20.00_rpn.head.conv/call2/0",
     ]
 
 
