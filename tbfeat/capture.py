@@ -177,10 +177,21 @@ class CaptureSession:
             if stage.output is not None:
                 output = output[stage.output]
             renamed: list[str] = []
-            tensors = stage_tensors(output, f"call{calls}" if calls else "", renamed)
+            skip = () if self.options.predictions else PREDICTION_KEYS
+            skipped: list[str] = []
+            tensors = stage_tensors(
+                output, f"call{calls}" if calls else "", renamed, skip=skip, skipped=skipped
+            )
             for suffix, t in tensors:
                 self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t)
-        if not tensors:
+        if skipped:
+            self._note(
+                f"predictions:{stage.key}",
+                f"tbfeat: stage {stage.key} returns detections ({', '.join(skipped[:3])}): "
+                "coordinates and class ids, not activations, so not logged (predictions=True "
+                "logs them)",
+            )
+        if not tensors and not skipped:
             self._note(
                 f"skip:{stage.key}",
                 f"tbfeat: stage {stage.key} gives {type(output).__name__}, no tensor; not logged",
@@ -226,8 +237,18 @@ class CaptureSession:
         return self._names[position] if position < len(self._names) else str(position)
 
 
+PREDICTION_KEYS = ("boxes", "scores", "labels")
+"""Keys of the dicts detection heads return: coordinates, confidences and class ids,
+left out of what a stage logs unless ``LogOptions.predictions`` is set."""
+
+
 def stage_tensors(
-    output: Any, prefix: str = "", renamed: list[str] | None = None
+    output: Any,
+    prefix: str = "",
+    renamed: list[str] | None = None,
+    *,
+    skip: tuple[str, ...] = (),
+    skipped: list[str] | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """The tensors of a stage's output, each with a distinct tag suffix.
 
@@ -242,11 +263,19 @@ def stage_tensors(
         output: What a stage's forward returned.
         prefix: Put before every suffix (``call1`` for a shared module's second call).
         renamed: If given, gets ``"<key path> as <suffix>"`` for each renamed element.
+        skip: Dict keys whose values are left out (:data:`PREDICTION_KEYS`).
+        skipped: If given, gets the key path of each element left out.
 
     Returns:
         ``(suffix, tensor)`` pairs in output order; empty when ``output`` holds no tensor.
     """
-    found = list(_walk(output, prefix, ""))
+    found = []
+    for suffix, path, t in _walk(output, prefix, ""):
+        if skip and _last_key(path) in skip:
+            if skipped is not None:
+                skipped.append(path)
+            continue
+        found.append((suffix, path, t))
     natural = {suffix for suffix, _, _ in found}
     used: set[str] = set()
     out = []
@@ -272,6 +301,12 @@ def _walk(output: Any, prefix: str, path: str) -> Iterator[tuple[str, str, torch
     elif isinstance(output, (list, tuple)):
         for i, value in enumerate(output):
             yield from _walk(value, _join(prefix, str(i)), f"{path}[{i}]")
+
+
+def _last_key(path: str) -> str | None:
+    """``"boxes"`` of ``"[0]['boxes']"``; ``None`` when the last step is a position."""
+    last = path.rsplit("[", 1)[-1].rstrip("]")
+    return last[1:-1] if last[:1] in "'\"" and len(last) > 1 else None
 
 
 def _join(prefix: str, key: str) -> str:

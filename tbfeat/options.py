@@ -36,6 +36,9 @@ class LogOptions:
         evolution: Write ``evolution/<NN>_<Type>``: one picture of the stage's channel-mean
             map per probe image (rows) and logged step (columns, the last
             ``evolution_steps``), each cell at most ``evolution_cell`` px.
+        predictions: Also log the ``boxes``, ``scores`` and ``labels`` tensors that a
+            chosen detection head returns; off, they are left out (they are coordinates,
+            confidences and class ids, not activations).
         every: Training integrations log every ``every``-th epoch (and the last).
         imgsz: Side of the square that integrations letterbox probe images to (Ultralytics);
             ``None`` for the model's own training size.
@@ -62,6 +65,7 @@ class LogOptions:
     drift_samples: int = 256
     evolution_steps: int = 32
     evolution_cell: int = 16
+    predictions: bool = False
     every: int = 1
     imgsz: int | None = None
 
@@ -77,7 +81,7 @@ class LogOptions:
                 raise TypeError(f"{name} must be an int >= 1, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
-        for name in ("grids", "histograms", "stats", "drift", "evolution"):
+        for name in ("grids", "histograms", "stats", "drift", "evolution", "predictions"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
