@@ -27,6 +27,13 @@ INTEGRATIONS: list[tuple[str, str]] = [
     ("torchvision", "tbfeat.integrations.torchvision"),
 ]
 
+# (children a model must have, integration module): integrations that also recognise
+# models of any package by their structure, such as a user's own detector written like
+# torchvision's. The module's ``adapt_structure(obj)`` returns a ModelAdapter or None.
+STRUCTURAL: list[tuple[tuple[str, ...], str]] = [
+    (("transform", "backbone"), "tbfeat.integrations.torchvision"),
+]
+
 
 @dataclass(frozen=True)
 class Probes:
@@ -146,6 +153,12 @@ def adapt(model: object) -> ModelAdapter:
             if adapter is not None:
                 return adapter
     if isinstance(model, nn.Module):
+        children = dict(model.named_children())
+        for names, module_name in STRUCTURAL:
+            if all(name in children for name in names):
+                adapter = importlib.import_module(module_name).adapt_structure(model)
+                if adapter is not None:
+                    return adapter
         return ModelAdapter(model)
     raise TypeError(
         f"model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__name__}"

@@ -12,8 +12,14 @@ own restricted loader); any other file raises :class:`UnsafeCheckpointError` unl
 
 from __future__ import annotations
 
+import copy
+import difflib
+import importlib
+import importlib.util
 import os
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,8 @@ __all__ = [
     "load_model",
     "load_state_dict_model",
     "load_ultralytics",
+    "model_factory",
+    "natural_key",
     "read_epoch_step",
     "step_from_name",
     "torch_load",
@@ -66,14 +74,23 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------ files and steps
+def natural_key(path: Path) -> list[Any]:
+    """Sort key that puts ``model-2`` before ``model-10``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
 def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders expand to their epoch checkpoints (``epoch*.pt``,
-    ``model_<N>.pth``), or to every checkpoint file when none is numbered like that."""
+    ``model_<N>.pth``), or to every checkpoint file when none is numbered like that, in
+    natural order (``model-2`` before ``model-10``)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
+            files = sorted(
+                (p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file()),
+                key=natural_key,
+            )
             numbered = [p for p in files if _EPOCH_NAME.match(p.stem)]
             chosen = numbered or files
             if not chosen:
@@ -81,10 +98,12 @@ def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
                     f"no checkpoint files ({', '.join(SUFFIXES)}) in folder {str(path)!r}"
                 )
             found += chosen
-        elif path.is_file():
+        elif path.is_file() and path.suffix in SUFFIXES:
             found.append(path)
+        elif path.is_file():
+            raise CheckpointError(_not_a_checkpoint(path))
         else:
-            raise CheckpointError(f"checkpoint not found: {str(path)!r}")
+            raise CheckpointError(f"checkpoint not found: {str(path)!r}{_closest_file(path)}")
     return found
 
 
@@ -155,24 +174,125 @@ def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | Non
 
 
 # ------------------------------------------------------------------ models
+ModelSource = str | Callable[[], Any] | Any
+"""Where a state dict goes: ``"MODULE:FUNCTION"``, ``"path/to/file.py:FUNCTION"``, a
+function returning an ``nn.Module``, or an ``nn.Module``."""
+
+
+def model_factory(source: ModelSource) -> Callable[[], Any]:
+    """A function that returns the ``nn.Module`` a state-dict checkpoint loads into.
+
+    Args:
+        source: ``"MODULE:FUNCTION"`` (imported with the working directory on the path),
+            ``"path/to/file.py:FUNCTION"`` (the file runs as an import would run it, with
+            its folder on the path), a function of no arguments, or an ``nn.Module`` (a
+            copy of it is loaded, never the module itself).
+
+    Raises:
+        ValueError: a malformed spec, a module or file that cannot be imported, or no
+            such function (naming the closest one).
+        TypeError: ``source`` is none of the above.
+
+    Example:
+        >>> make = model_factory("torchvision.models:resnet18")
+        >>> type(make()).__name__
+        'ResNet'
+    """
+    from torch import nn
+
+    if isinstance(source, nn.Module):
+        template = copy.deepcopy(source)
+        return lambda: template
+    if callable(source):
+        return _checked(source, getattr(source, "__name__", repr(source)))
+    if not isinstance(source, str):
+        raise TypeError(
+            "model must be 'MODULE:FUNCTION', 'path/to/file.py:FUNCTION', a function or "
+            f"an nn.Module, got {type(source).__name__}"
+        )
+    where, sep, name = source.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(
+            f"model {source!r} must be 'MODULE:FUNCTION' or 'path/to/file.py:FUNCTION', "
+            "a function that returns the nn.Module the checkpoints load into"
+        )
+    module = _import_source(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{where!r} has no function {name!r}{hint}")
+    return _checked(fn, source)
+
+
+def _import_source(where: str) -> Any:
+    """The module of ``MODULE`` or ``path/to/file.py``."""
+    if not where.endswith(".py"):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            return importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"cannot import module {where!r}: {e}") from None
+    path = Path(where)
+    if not path.is_file():
+        raise ValueError(f"model file not found: {where!r}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # its own imports of files beside it work
+    name = "tbfeat_model_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise ValueError(f"cannot import {where!r}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def _checked(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
+    def make() -> Any:
+        from torch import nn
+
+        model = fn()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    return make
+
+
 def load_state_dict_model(
-    path: Path, arch: str | None, *, trust: bool = False, **kwargs: Any
+    path: Path,
+    arch: str | None,
+    *,
+    trust: bool = False,
+    model: Callable[[], Any] | None = None,
+    **kwargs: Any,
 ) -> tuple[Any, int | None]:
-    """A torchvision model from a state-dict checkpoint and its 1-based epoch, if stored."""
-    if not arch:
+    """A model from a state-dict checkpoint and its 1-based epoch, if stored: the
+    torchvision builder ``arch``, or what ``model`` (see :func:`model_factory`) returns."""
+    if model is None and not arch:
         raise CheckpointError(
-            f"{str(path)!r} is a state-dict checkpoint: name its architecture with --arch "
-            "(a torchvision builder such as fasterrcnn_resnet50_fpn)"
+            f"{str(path)!r} is a state-dict checkpoint: name the model it loads into with "
+            "--arch (a torchvision builder such as fasterrcnn_resnet50_fpn) or --model "
+            "MODULE:FUNCTION (your own)"
         )
     from .integrations.torchvision import load_checkpoint
 
     try:
-        model, meta = load_checkpoint(path, arch, trust=trust, **kwargs)
+        if model is not None:
+            net, meta = load_checkpoint(path, model(), trust=trust)
+        else:
+            net, meta = load_checkpoint(path, arch, trust=trust, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(str(e)) from None
-    return model, _step(meta.get("epoch"))
+    return net, _step(meta.get("epoch"))
 
 
 def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
@@ -194,43 +314,76 @@ def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
 
 
 def load_checkpoint_model(
-    path: Path, kind: str, arch: str | None, imgsz: int | None, *, trust: bool = False
+    path: Path,
+    kind: str,
+    arch: str | None,
+    imgsz: int | None,
+    *,
+    trust: bool = False,
+    model: Callable[[], Any] | None = None,
 ) -> Any:
-    """The model a checkpoint file holds: Ultralytics' own, or ``arch`` with the state dict.
+    """The model a checkpoint file holds: Ultralytics' own, or ``arch`` / ``model`` with
+    the state dict.
 
     Without ``trust`` the file is checked against the allow-list before anything else.
     """
     if not trust:
         kind = check_checkpoint(path).kind
     if kind == "ultralytics":
+        if arch is not None or model is not None:
+            raise CheckpointError(
+                f"{str(path)!r} is an Ultralytics checkpoint, which carries its own model: "
+                "--arch / --model do not apply to it"
+            )
         return load_ultralytics(path, trust=trust)[0]
-    return load_state_dict_model(path, arch, trust=trust, **detector_size(arch, imgsz))[0]
+    size = detector_size(arch, imgsz) if model is None else {}
+    return load_state_dict_model(path, arch, trust=trust, model=model, **size)[0]
 
 
 def load_model(
-    path_or_name: str, arch: str | None = None, imgsz: int | None = None, *, trust: bool = False
+    path_or_name: str | None,
+    arch: str | None = None,
+    imgsz: int | None = None,
+    *,
+    trust: bool = False,
+    model: ModelSource | None = None,
 ) -> Any:
-    """A model from a checkpoint file, an Ultralytics yaml or a torchvision builder name.
+    """A model from a checkpoint file, an Ultralytics yaml, a torchvision builder name, or
+    your own model (``model=``, see :func:`model_factory`) with a checkpoint's weights.
 
     Args:
         path_or_name: A checkpoint (``.pt``, ``.pth``, ``.ckpt``), an Ultralytics yaml or
-            a torchvision builder name.
+            a torchvision builder name; ``None`` with ``model`` for that model as built.
         arch: The torchvision builder of a state-dict checkpoint.
         imgsz: ``min_size``/``max_size`` of torchvision detectors.
         trust: Load checkpoints that need globals off the allow-list (full unpickling).
+        model: Your own model for a state-dict checkpoint.
+
+    Raises:
+        CheckpointError: a missing file (naming the closest one), a file that is not a
+            checkpoint, or one that does not load.
+        ValueError: a bad ``arch`` or ``model``.
     """
+    if arch is not None and model is not None:
+        raise ValueError("pass either arch (a torchvision builder) or model (your own), not both")
+    factory = model_factory(model) if model is not None else None
+    if path_or_name is None:
+        if factory is None:
+            raise ValueError("give a checkpoint, a model name, or model=")
+        return factory()
     path = Path(path_or_name)
     if path.is_file() and path.suffix in SUFFIXES:
         kind = kind_of(path, trust=trust)
-        return load_checkpoint_model(path, kind, arch, imgsz, trust=trust)
+        return load_checkpoint_model(path, kind, arch, imgsz, trust=trust, model=factory)
+    if factory is not None:
+        raise CheckpointError(f"{_not_a_checkpoint(path)}; --model / model= takes a checkpoint")
+    if arch is not None and (path.is_file() or path_or_name.endswith((".yaml", ".yml"))):
+        raise CheckpointError(
+            f"--arch / arch= names the model of a state-dict checkpoint; {path_or_name!r} "
+            "is none: leave it out"
+        )
     if path_or_name.endswith((".yaml", ".yml")):
-        from ultralytics import RTDETR, YOLO
-
-        try:
-            cls = RTDETR if "rtdetr" in path.name else YOLO
-            return cls(path_or_name)
-        except Exception as e:
-            raise CheckpointError(f"cannot build {path_or_name!r}: {e}") from None
+        return _ultralytics_yaml(path_or_name)
     import torchvision
 
     if path_or_name in torchvision.models.list_models():
@@ -238,9 +391,67 @@ def load_model(
 
         kwargs = {"weights_backbone": None, **detector_size(path_or_name, imgsz)}
         return build(path_or_name, **kwargs)
-    if not path.exists() and path.suffix:
-        raise CheckpointError(f"checkpoint not found: {path_or_name!r}")
+    if path.suffix or os.sep in path_or_name:
+        raise CheckpointError(_not_a_checkpoint(path))
+    close = difflib.get_close_matches(path_or_name, torchvision.models.list_models(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise CheckpointError(
-        f"unknown model {path_or_name!r}: give a checkpoint file, an Ultralytics yaml "
+        f"unknown model {path_or_name!r}{hint}: give a checkpoint file, an Ultralytics yaml "
         "(yolov8n.yaml) or a torchvision builder name (fasterrcnn_resnet50_fpn)"
     )
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why ``path`` is no checkpoint: missing (naming the closest file), or its type."""
+    if path.is_dir():
+        return f"{str(path)!r} is a folder, not a checkpoint file"
+    if path.is_file():
+        what = {".yaml": "a YAML file", ".yml": "a YAML file", ".json": "a JSON file"}.get(
+            path.suffix.lower(), f"a {path.suffix or 'suffix-less'} file"
+        )
+        return (
+            f"{str(path)!r} is {what}, not a checkpoint ({', '.join(SUFFIXES)}: a state "
+            "dict or an Ultralytics .pt)"
+        )
+    return f"file not found: {str(path)!r}{_closest_file(path)}"
+
+
+def _closest_file(path: Path, extra: tuple[str, ...] = ()) -> str:
+    folder = path.parent if str(path.parent) else Path(".")
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    close = difflib.get_close_matches(path.name, names + list(extra), n=1, cutoff=0.7)
+    if not close:
+        return ""
+    return f" (did you mean {str(folder / close[0]) if close[0] in names else close[0]!r}?)"
+
+
+def _ultralytics_yaml(name: str) -> Any:
+    """``YOLO(name)`` (``RTDETR`` for RT-DETR); a name that is neither a file nor one of
+    Ultralytics' own configurations fails naming the closest."""
+    try:
+        from ultralytics import RTDETR, YOLO
+    except ImportError:
+        raise CheckpointError(
+            f"{name!r} needs Ultralytics: pip install 'tbfeat[ultralytics]'"
+        ) from None
+    path = Path(name)
+    if not path.is_file() and name not in (known := _ultralytics_configs()):
+        hint = _closest_file(path, tuple(known))
+        raise CheckpointError(f"no such file or Ultralytics configuration: {name!r}{hint}")
+    try:
+        return (RTDETR if "rtdetr" in path.name else YOLO)(name)
+    except Exception as e:
+        raise CheckpointError(f"cannot build {name!r}: {e}") from None
+
+
+def _ultralytics_configs() -> set[str]:
+    """Names Ultralytics builds from its own yaml files, with each model scale
+    (``yolov8.yaml`` gives ``yolov8n.yaml`` ... ``yolov8x.yaml``)."""
+    import ultralytics
+
+    names: set[str] = set()
+    for p in (Path(ultralytics.__file__).parent / "cfg" / "models").rglob("*.yaml"):
+        names.add(p.name)
+        names.update(f"{p.stem[:m.end()]}{s}{p.stem[m.end():]}.yaml"
+                     for m in [re.search(r"\d+", p.stem)] if m for s in "nsmlx")  # fmt: skip
+    return names

@@ -9,6 +9,7 @@ So does a checkpoint that needs globals off tbfeat's allow-list, before any of i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -50,8 +51,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             images=args.images,
             logdir=args.logdir,
             arch=args.arch,
+            model=args.model,
             stages=parse_stages(args.stages),
             imgsz=args.imgsz,
+            max_images=args.max_images,
             overwrite=args.overwrite,
             trust=args.trust_checkpoints,
             on_step=on_step,
@@ -174,12 +177,18 @@ def cmd_stages(args: argparse.Namespace) -> int:
     from .checkpoints import load_model
     from .stages import resolve_stages
 
-    adapter = adapt(load_model(args.model, args.arch, args.imgsz, trust=args.trust_checkpoints))
+    if args.checkpoint is None and args.model is None:
+        raise UsageError("give a model: a checkpoint, an Ultralytics yaml, a torchvision "
+                         "builder name, or --model MODULE:FUNCTION")  # fmt: skip
+    model = load_model(
+        args.checkpoint, args.arch, args.imgsz, trust=args.trust_checkpoints, model=args.model
+    )
+    adapter = adapt(model)
     stages = adapter.candidate_stages()
-    default = {(s.name, s.output) for s in adapter.default_stages()}
-    chosen = None
+    marked = adapter.default_stages()
     if args.stages:
-        chosen = resolve_stages(adapter.module, stages, parse_stages(args.stages), default=None)
+        marked = resolve_stages(adapter.module, stages, parse_stages(args.stages), default=None)
+    shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
     shapes: dict[tuple[str, Any], str] = {}
 
     def record(stage: Any, output: Any) -> None:
@@ -189,19 +198,22 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
     size = args.imgsz or 640
     probes = adapter.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
-    adapter.run_probe(probes, stages, record)
+    adapter.run_probe(probes, shown, record)
     rows = [("", "index", "tag key", "name", "type", "output shape")]
-    for s in stages:
-        mark = "*" if (s.name, s.output) in default else ""
+    for s in shown:
+        mark = "*" if (s.name, s.output) in _keys(marked) else ""
         name = s.name + (f":{s.output}" if s.output else "")
         rows.append((mark, str(s.index), s.key, name, s.type, shapes.get((s.name, s.output), "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    print(f"* logged by default; probe input {size}x{size}")
-    if chosen is not None:
-        print("--stages selects: " + ", ".join(s.key for s in chosen))
+    what = "selected by --stages" if args.stages else "logged by default"
+    print(f"* {what}; probe input {size}x{size}")
     return 0
+
+
+def _keys(stages: Any) -> set[tuple[str, Any]]:
+    return {(s.name, s.output) for s in stages}
 
 
 def _shape(output: Any) -> str:
@@ -217,6 +229,17 @@ def _shape(output: Any) -> str:
 
 
 # ------------------------------------------------------------------------- main
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: an int >= 1 (the subcommand's usage names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     """``--trust-checkpoints``: the opt-in to load checkpoints off the allow-list."""
     parser.add_argument(
@@ -228,67 +251,89 @@ def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """``--arch`` and ``--model``: what a state-dict checkpoint loads into."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--arch", default=None, help="torchvision builder for state-dict checkpoints "
+        "(fasterrcnn_resnet50_fpn)",
+    )  # fmt: skip
+    group.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="your own model for state-dict checkpoints: a function of a module "
+        "(mypkg.models:build) or of a file (path/to/model.py:build) that returns the "
+        "nn.Module the state dict loads into",
+    )
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if action.option_strings and default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def subcommand(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, formatter_class=_Help)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the whole traceback of an error")  # fmt: skip
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tbfeat", description="See what a vision model sees, stage by stage, in TensorBoard."
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("sweep", help="log probe images through saved checkpoints, one step each")
+    p = subcommand(sub, "sweep", "log probe images through saved checkpoints, one step each")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_OR_DIR")
-    p.add_argument(
-        "--images",
-        nargs="+",
-        required=True,
-        metavar="PATH",
-        help="probe images or folders of images",
-    )
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="probe images or folders of images")  # fmt: skip
+    p.add_argument("--max-images", type=positive_int, default=8,
+                   help="images taken from each folder given to --images")  # fmt: skip
     p.add_argument("--logdir", required=True, help="TensorBoard run folder for the sweep")
-    p.add_argument(
-        "--imgsz",
-        type=int,
-        default=None,
-        help="Ultralytics letterbox size / torchvision detector min_size+max_size",
-    )
-    p.add_argument(
-        "--arch",
-        default=None,
-        help="torchvision builder for state-dict checkpoints (fasterrcnn_resnet50_fpn)",
-    )
+    p.add_argument("--imgsz", type=positive_int, default=None,
+                   help="Ultralytics letterbox size / torchvision min_size+max_size")  # fmt: skip
+    add_model_flags(p)
     p.add_argument("--stages", nargs="+", default=None, help="indices, names or types")
-    p.add_argument("--max-channels", type=int, default=32)
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start the sweep's run over instead of skipping logged steps",
-    )
+    p.add_argument("--max-channels", type=positive_int, default=32, help="channels per grid")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start the sweep's run over instead of skipping logged steps")  # fmt: skip
     add_trust_flag(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("demo", help="train YOLOv8n on synthetic shapes and compare epochs")
-    p.add_argument("--dir", default="runs/tbfeat-demo")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--train-images", type=int, default=256)
-    p.add_argument("--imgsz", type=int, default=160)
+    p = subcommand(sub, "demo", "train YOLOv8n on synthetic shapes and compare epochs")
+    p.add_argument("--dir", default="runs/tbfeat-demo", help="where data and runs go")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--train-images", type=positive_int, default=256)
+    p.add_argument("--imgsz", type=positive_int, default=160)
     p.add_argument("--serve", action="store_true", help="start TensorBoard afterwards")
-    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--port", type=positive_int, default=6006)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("board", help="start TensorBoard showing every logged step")
+    p = subcommand(sub, "board", "start TensorBoard showing every logged step")
     p.add_argument("logdir")
-    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--port", type=positive_int, default=6006)
     p.set_defaults(func=cmd_board)
 
-    p = sub.add_parser("stages", help="print the stage table that --stages selects from")
+    p = subcommand(sub, "stages", "print the stage table that --stages selects from")
     p.add_argument(
-        "model",
-        metavar="MODEL_OR_CHECKPOINT",
-        help="checkpoint, Ultralytics yaml (yolov8n.yaml) or torchvision builder",
-    )
-    p.add_argument("--arch", default=None, help="torchvision builder for a state-dict checkpoint")
-    p.add_argument("--imgsz", type=int, default=None, help="probe input size (default 640)")
-    p.add_argument("--stages", nargs="+", default=None, help="show what these select")
+        "checkpoint", nargs="?", default=None, metavar="MODEL_OR_CHECKPOINT",
+        help="checkpoint, Ultralytics yaml (yolov8n.yaml) or torchvision builder; with "
+        "--model, a state-dict checkpoint for it (or none: the model as built)",
+    )  # fmt: skip
+    add_model_flags(p)
+    p.add_argument("--imgsz", type=positive_int, default=None,
+                   help="probe input size (default 640)")  # fmt: skip
+    p.add_argument("--stages", nargs="+", default=None, help="mark what these select")
     add_trust_flag(p)
     p.set_defaults(func=cmd_stages)
     return parser
@@ -297,18 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("imgsz", "max_channels", "epochs", "train_images", "port"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     try:
         return args.func(args)
+    except BrokenPipeError:  # `tbfeat stages ... | head`: the reader has gone
+        _quiet_stdout()
+        return 0
     except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as e:
         if args.debug:
+            _show_causes(e)
             raise
         message = str(e) if str(e) else type(e).__name__
         print(f"tbfeat: error: {message}", file=sys.stderr)
         return 2
+
+
+def _show_causes(error: BaseException) -> None:
+    """Undo ``raise ... from None`` along the chain, so ``--debug`` shows every cause."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__suppress_context__ = False
+        error = error.__cause__ or error.__context__
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit fails no more."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -27,14 +27,18 @@ from typing import Any
 
 from .checkpoints import (
     CheckpointError,
+    ModelSource,
     UnsafeCheckpointError,
     check_checkpoint,
     find_checkpoints,
     kind_of,
     load_checkpoint_model,
+    model_factory,
+    natural_key,
     read_epoch_step,
     step_from_name,
 )
+from .options import LogOptions
 from .stages import StageSpec
 
 MANIFEST = "tbfeat-sweep.json"
@@ -63,19 +67,31 @@ class SweepResult:
     skipped: list[int] = field(default_factory=list)
 
 
-def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Image files as given; folders expand to the image files in them (sorted). Every
-    image is read once, so that a bad one fails before any checkpoint is loaded."""
+def collect_images(
+    paths: Iterable[str | os.PathLike],
+    max_images: int = 8,
+    note: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Image files as given; each folder gives its first ``max_images`` image files (in
+    natural order), and ``note`` hears how many of how many. Every image is read once, so
+    that a bad one fails before any checkpoint is loaded."""
     from .images import load_image
 
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images must be an int >= 1, got {max_images!r}")
     images: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                (p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key
+            )
             if not found:
                 raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {str(path)!r}")
-            images += found
+            if len(found) > max_images and note is not None:
+                note(f"using the first {max_images} of {len(found)} images in {str(path)!r} "
+                     "(--max-images / max_images= for more)")  # fmt: skip
+            images += found[:max_images]
         elif path.is_file():
             images.append(path)
         else:
@@ -118,6 +134,11 @@ def checkpoint_facts(
     return kind, step
 
 
+ROLLING = ("best", "last")
+"""Stems of checkpoints a training saves again and again (Ultralytics' ``best.pt`` and
+``last.pt``): logged only at the epoch they store, never at an invented step."""
+
+
 def plan_sweep(
     paths: Sequence[Path],
     warn: Callable[[str], None] | None = None,
@@ -127,38 +148,56 @@ def plan_sweep(
 ) -> list[PlannedStep]:
     """One :class:`PlannedStep` per distinct step, in step order: the stored epoch
     (1-based), else the number in the file name, else the order given (after the others).
-    A second checkpoint of the same step is left out, with a message to ``warn``.
+
+    ``best``/``last`` checkpoints are logged at the epoch they store, and skipped when
+    they store none (stripped at the end of a training) or when an epoch checkpoint of
+    that epoch is in the sweep. A second checkpoint of the same step is left out. Each of
+    these decisions, and each step given by order, is told to ``warn``.
 
     ``known`` is the manifest's record of checkpoint files (see :func:`checkpoint_facts`);
     files it holds unchanged are not opened. An unreadable file is planned and fails in
     its turn; one that needs globals off the allow-list stops the sweep here.
     """
-    planned: list[tuple[int | None, Path, str]] = []
-    for path in paths:
-        try:
-            kind, step = checkpoint_facts(path, known, trust=trust)
-        except UnsafeCheckpointError:
-            raise
-        except (ValueError, OSError):  # unreadable: it fails in its turn, after the others
-            kind, step = "unreadable", None
-        planned.append((step if step is not None else step_from_name(path), path, kind))
-    next_step = max((s for s, _, _ in planned if s is not None), default=0) + 1
-    steps = []
-    for step, path, kind in planned:
-        if step is None:
-            step, next_step = next_step, next_step + 1
-        steps.append(PlannedStep(step, path, kind))
-    steps.sort(key=lambda p: p.step)
+    say = warn if warn is not None else (lambda message: None)
+    facts = [(path, *_facts(path, known, trust)) for path in paths]
+    steps: list[PlannedStep] = []
+    for path, kind, stored in facts:
+        if path.stem not in ROLLING:
+            step = stored if stored is not None else step_from_name(path)
+            steps.append(PlannedStep(step, path, kind))  # step None: given by order below
+    numbered = {p.step: p.path for p in steps if p.step is not None}
+    for path, kind, stored in facts:
+        if path.stem not in ROLLING:
+            continue
+        if stored is None:
+            say(f"{path} stores no epoch (stripped at the end of training); skipped")
+        elif stored in numbered:
+            say(f"{path} is epoch {stored}, as {numbered[stored]}; skipped")
+        else:
+            say(f"{path} is logged as step {stored}, the epoch it stores")
+            steps.append(PlannedStep(stored, path, kind))
+    next_step = max((p.step for p in steps if p.step is not None), default=0) + 1
+    for i, p in enumerate(steps):
+        if p.step is None:
+            say(f"{p.path} stores no epoch and has no number: logged as step {next_step}")
+            steps[i], next_step = PlannedStep(next_step, p.path, p.kind), next_step + 1
     unique: dict[int, PlannedStep] = {}
-    for p in steps:
+    for p in sorted(steps, key=lambda p: p.step):
         if p.step in unique:
-            if warn is not None:
-                warn(
-                    f"{p.path} is also step {p.step} (as {unique[p.step].path}); logging the first"
-                )
+            say(f"{p.path} is also step {p.step} (as {unique[p.step].path}); logging the first")
             continue
         unique[p.step] = p
     return list(unique.values())
+
+
+def _facts(path: Path, known: dict[str, Any] | None, trust: bool) -> tuple[str, int | None]:
+    """:func:`checkpoint_facts`, with an unreadable file planned to fail in its turn."""
+    try:
+        return checkpoint_facts(path, known, trust=trust)
+    except UnsafeCheckpointError:
+        raise
+    except (ValueError, OSError):
+        return "unreadable", None
 
 
 def read_manifest(logdir: Path) -> dict[str, Any]:
@@ -218,8 +257,10 @@ def sweep(
     images: Sequence[str | os.PathLike],
     logdir: str | os.PathLike,
     arch: str | None = None,
+    model: ModelSource | None = None,
     stages: StageSpec | Iterable[StageSpec] | None = None,
     imgsz: int | None = None,
+    max_images: int = 8,
     overwrite: bool = False,
     trust: bool = False,
     on_step: Callable[[PlannedStep, int], None] | None = None,
@@ -228,22 +269,30 @@ def sweep(
 ) -> SweepResult:
     """Log probe images through checkpoints, one step each, into one TensorBoard run.
 
+    Every argument is checked, and the first checkpoint loaded, before the logdir or any
+    file in it is created.
+
     Args:
         checkpoints: Checkpoint files, or folders of them (their ``epoch*.pt`` /
-            ``model_<N>.pth`` files, else every checkpoint).
+            ``model_<N>.pth`` files, else every checkpoint), in natural order.
         images: Probe image files or folders.
         logdir: The sweep's run folder; its manifest records the steps logged.
         arch: torchvision builder name for state-dict checkpoints.
+        model: Your own model for state-dict checkpoints: ``"MODULE:FUNCTION"``,
+            ``"path/to/file.py:FUNCTION"``, a function returning an ``nn.Module``, or an
+            ``nn.Module`` (a copy is loaded); see :func:`tbfeat.checkpoints.model_factory`.
         stages: As for :class:`~tbfeat.FeatureLogger`.
         imgsz: Letterbox size (Ultralytics) or ``min_size``/``max_size`` (torchvision).
+        max_images: Images taken from each folder in ``images`` (the first, in natural
+            order); files named one by one are all used.
         overwrite: Start the run over instead of skipping logged steps.
         trust: Load checkpoints that need globals off tbfeat's allow-list, with full
             unpickling: they can run code, so only for files you trust. Without it such a
             file stops the sweep before any checkpoint is loaded.
         on_step: Called after each step is logged, with the number of images.
-        warn: Called with a message for each checkpoint left out.
-        **options: :class:`~tbfeat.LogOptions` fields; ``max_images`` defaults to the
-            number of images.
+        warn: Called with a message for each decision about a checkpoint or image folder
+            (skipped, logged at a step of its own).
+        **options: :class:`~tbfeat.LogOptions` fields.
 
     Returns:
         The steps logged and skipped.
@@ -252,7 +301,8 @@ def sweep(
         SweepError: a checkpoint failed; the message says which steps are kept.
         UnsafeCheckpointError: without ``trust``, a checkpoint to log needs globals off
             the allow-list; nothing is loaded or logged.
-        ValueError: bad images, checkpoints or options, before anything is logged.
+        ValueError: bad images, checkpoints, architecture, model, stages or options,
+            before anything is created.
 
     Example:
         ::
@@ -260,40 +310,29 @@ def sweep(
             tbfeat.sweep(["runs/detect/train/weights"], images=["bus.jpg"],
                          logdir="runs/sweep", imgsz=640)
     """
-    from .logger import FeatureLogger
-
-    image_files = collect_images(images)
-    options.setdefault("max_images", len(image_files))
-    files = find_checkpoints(list(checkpoints))
+    image_files = collect_images(images, max_images, warn)
+    options["max_images"] = len(image_files)
+    LogOptions.from_kwargs(**options)
+    source = _model_source(arch, model)
     folder = Path(logdir)
     manifest = {"version": 2, "steps": {}, "checkpoints": {}}
     if not overwrite:
         manifest = read_manifest(folder)
-    plan = plan_sweep(files, warn, known=manifest["checkpoints"], trust=trust)
+    plan = plan_sweep(find_checkpoints(list(checkpoints)), warn, known=manifest["checkpoints"],
+                      trust=trust)  # fmt: skip
     todo, kept = steps_to_log(plan, (int(s) for s in manifest["steps"]))
+    _check_kinds(todo, arch, model)
     if not trust:
         check_before_loading(todo)
-    folder.mkdir(parents=True, exist_ok=True)
     result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
     manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
-    logger = None
+    run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
     try:
         for p in todo:
             unreadable = p.kind == "unreadable"  # kind_of raises its reason
             kind = kind_of(p.path, trust=trust) if unreadable else p.kind
-            model = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust)
-            if logger is None:
-                run = "new" if overwrite else "auto"
-                logger = FeatureLogger(model, folder, stages=stages, run=run, **options)
-            logger.probe(
-                logger.prepare(image_files, model=model, imgsz=imgsz), model=model, step=p.step
-            )
-            logger.flush()
-            manifest["steps"][str(p.step)] = {
-                "checkpoint": str(p.path.resolve()),
-                "time": time.time(),
-            }
-            write_manifest(folder, manifest)
+            net = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust, model=source)
+            run.log(net, image_files, imgsz, p)
             result.logged.append(p.step)
             if on_step is not None:
                 on_step(p, len(image_files))
@@ -302,10 +341,70 @@ def sweep(
         where = f"steps {', '.join(map(str, kept_now))} are kept" if kept_now else "no step is kept"
         raise SweepError(f"{e} ({where} in {folder})") from None
     finally:
-        if logger is not None:
-            logger.close()
-        write_manifest(folder, manifest)
+        run.close()
     return result
+
+
+class _Run:
+    """The sweep's logger and manifest: the logger (and with it the logdir) is created
+    when the first model has loaded and the stages resolve on it."""
+
+    def __init__(
+        self, folder: Path, manifest: dict[str, Any], stages: Any, run: str, options: dict
+    ) -> None:
+        self.folder, self.manifest, self.stages, self.run = folder, manifest, stages, run
+        self.options = options
+        self.logger: Any = None
+
+    def log(self, model: Any, images: list[Path], imgsz: int | None, p: PlannedStep) -> None:
+        from .adapters import adapt
+        from .logger import FeatureLogger
+        from .stages import resolve_stages
+
+        if self.logger is None:
+            adapter = adapt(model)  # an unknown stage fails here, before the logdir exists
+            resolve_stages(adapter.module, adapter.candidate_stages(), self.stages)
+            self.logger = FeatureLogger(
+                model, self.folder, stages=self.stages, run=self.run, **self.options
+            )
+        logger = self.logger
+        logger.probe(logger.prepare(images, model=model, imgsz=imgsz), model=model, step=p.step)
+        logger.flush()
+        entry = {"checkpoint": str(p.path.resolve()), "time": time.time()}
+        self.manifest["steps"][str(p.step)] = entry
+        write_manifest(self.folder, self.manifest)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+def _model_source(arch: str | None, model: ModelSource | None) -> Callable[[], Any] | None:
+    """Check ``arch`` and ``model`` (one of them at most) before anything is loaded."""
+    if arch is not None and model is not None:
+        raise ValueError("pass either arch (a torchvision builder) or model (your own), not both")
+    if arch is not None:
+        from .integrations.torchvision import check_arch
+
+        check_arch(arch)
+    return model_factory(model) if model is not None else None
+
+
+def _check_kinds(todo: Sequence[PlannedStep], arch: str | None, model: Any) -> None:
+    """Every checkpoint to log can be loaded with the arguments given."""
+    for p in todo:
+        if p.kind == "ultralytics" and (arch is not None or model is not None):
+            flag = "--arch / arch=" if arch is not None else "--model / model="
+            raise ValueError(
+                f"{str(p.path)!r} is an Ultralytics checkpoint, which carries its own model: "
+                f"{flag} does not apply to it; leave it out"
+            )
+        if p.kind == "state_dict" and arch is None and model is None:
+            raise ValueError(
+                f"{str(p.path)!r} is a state-dict checkpoint: name the model it loads into "
+                "with --arch (a torchvision builder such as fasterrcnn_resnet50_fpn) or "
+                "--model MODULE:FUNCTION / path/to/file.py:FUNCTION (your own)"
+            )
 
 
 def check_before_loading(todo: Iterable[PlannedStep]) -> None:

@@ -169,10 +169,38 @@ def test_sweep_errors_exit_2_with_one_line(tmp_path, tv_checkpoints, yolo_weight
         "--stages",
         "fpn_0",
     )
-    assert_usage_error(proc, "model_5.pth")
+    assert_usage_error(proc, "model_5.pth", f"steps 1 are kept in {keep}")
     assert [e.step for e in read_events(keep).Images("features/17_fpn_0/bus")] == [1]
+    assert not (tmp_path / "err").exists()  # no failure above created the logdir
     debug = tbfeat("--debug", "sweep", tmp_path / "nope.pt", "--images", BUS, *out)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+    # after the subcommand too, down to the first cause that a plain error hides
+    debug = tbfeat("sweep", truncated, "--images", BUS, *out, *arch, "--debug")
+    assert debug.stderr.count("During handling of the above exception") == 2  # 3 errors
+    assert "corrupt or truncated" in debug.stderr and "SweepError" in debug.stderr
+
+
+def test_cli_rough_edges(tmp_path):
+    # a reader that goes away: a quiet exit, no error
+    proc = subprocess.run(
+        f"{sys.executable} -m tbfeat stages yolov8n.yaml --imgsz 64 | head -2",
+        shell=True, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert len(proc.stdout.splitlines()) == 2 and proc.stderr == "", proc.stderr
+    # --debug after the subcommand, with every cause in the traceback
+    debug = tbfeat("stages", "resnet18", "--stages", "layr1", "--debug")
+    assert "Traceback" in debug.stderr and "unknown stage 'layr1'" in debug.stderr
+    assert_usage_error(
+        tbfeat("stages", "yolov8n.yml"), "'yolov8n.yml'", "did you mean 'yolov8n.yaml'?"
+    )
+    bad = tbfeat("sweep", "x.pt", "--images", BUS, "--logdir", tmp_path, "--max-channels", 0)
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: tbfeat sweep")
+    assert "tbfeat sweep: error: argument --max-channels: must be >= 1, got 0" in bad.stderr
+    hint = tbfeat("stages", "yolov8n.yaml", "--stages", "layer1", "--imgsz", 64)
+    assert_usage_error(hint, "unknown stage 'layer1'", "such as 'model.")
+    assert "layer1.0.conv1" not in hint.stderr
+    assert_usage_error(tbfeat("stages", "yolov8n.yaml", "--arch", "resnet18"), "leave it out")
+    assert "(default: 8)" in tbfeat("sweep", "--help").stdout
 
 
 def test_stages_prints_the_table():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,24 @@ def adapt(obj: object) -> ModelAdapter | None:
     return None
 
 
+def adapt_structure(obj: nn.Module) -> ModelAdapter | None:
+    """A detector of any package built like torchvision's: a ``transform`` and a
+    ``backbone`` that has a ``body`` and an ``fpn``, or returns a dict or a tensor."""
+    backbone = getattr(obj, "backbone", None)
+    if not isinstance(getattr(obj, "transform", None), nn.Module) or not isinstance(
+        backbone, nn.Module
+    ):
+        return None
+    adapter = DetectionAdapter(obj)
+    if isinstance(getattr(backbone, "body", None), nn.Module) and hasattr(backbone, "fpn"):
+        return adapter
+    try:
+        adapter.output_keys()
+    except Exception:  # noqa: BLE001 - not a backbone that runs on an image batch
+        return None
+    return adapter
+
+
 class ClassifierAdapter(ModelAdapter):
     """torchvision classifiers: top-level children, with ``features``/``trunk_output``
     unrolled into their blocks."""
@@ -88,6 +107,13 @@ class DetectionAdapter(ModelAdapter):
             else:  # MobileNet/EfficientNet-style: one stage per feature block
                 for name, child in children.items():
                     stages.append(_stage(len(stages), f"backbone.body.{name}", child))
+        elif not self.output_keys():  # a backbone returning one tensor: its blocks
+            blocks = list(backbone.named_children()) if isinstance(backbone, nn.Sequential) else []
+            for name, child in blocks:
+                stages.append(_stage(len(stages), f"backbone.{name}", child))
+            if not blocks:
+                stages.append(_stage(0, "backbone", backbone))
+            return stages
         fpn = getattr(backbone, "fpn", None)
         prefix = "fpn" if fpn is not None else "level"
         for key in self.output_keys():
@@ -128,12 +154,26 @@ class DetectionAdapter(ModelAdapter):
         return self._probe_keys()
 
     def _probe_keys(self) -> list[str]:
-        """Fallback for unfamiliar backbones: one small forward to read the output keys."""
-        size = int(getattr(self.module.transform, "min_size", (320,))[0])
+        """Fallback for unfamiliar backbones: one small forward to read the output keys
+        (none for a backbone that returns one tensor). Read once per model."""
+        cached = getattr(self, "_keys", None)
+        if cached is not None and cached[0] is self.module:
+            return cached[1]
+        size = getattr(self.module.transform, "min_size", 320)
+        size = int(size[0] if isinstance(size, (list, tuple)) else size)
         param = next(self.module.parameters())
         with probing(self.module.backbone, owner=self.module):
             out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
-        return [str(k) for k in out] if isinstance(out, dict) else [str(i) for i in range(len(out))]
+        if isinstance(out, torch.Tensor):
+            keys = []
+        elif isinstance(out, dict):
+            keys = [str(k) for k in out]
+        elif isinstance(out, (list, tuple)):
+            keys = [str(i) for i in range(len(out))]
+        else:
+            raise TypeError(f"the backbone returned {type(out).__name__}, not features")
+        self._keys = (self.module, keys)
+        return keys
 
     def forward(
         self, inputs: Sequence[Any], module: nn.Module | None = None, stages: Sequence[Stage] = ()
@@ -143,8 +183,9 @@ class DetectionAdapter(ModelAdapter):
         backbone_modules = {id(m) for m in model.backbone.modules()}
         if any(id(s.module) not in backbone_modules for s in stages):
             return model(list(inputs))
-        images, _ = model.transform(list(inputs))
-        return model.backbone(images.tensors)
+        images = model.transform(list(inputs))
+        images = images[0] if isinstance(images, tuple) else images  # (ImageList, targets)
+        return model.backbone(getattr(images, "tensors", images))
 
 
 def _stage(index: int, name: str, module: nn.Module, short: str | None = None) -> Stage:
@@ -215,12 +256,12 @@ def load_checkpoint(
             if n is not None:
                 kwargs["num_classes"] = n
         model = build(arch, **kwargs)
-    _load_state(model, state, name, path)
+    _load_state(model, state, name, path, builder=not isinstance(arch, nn.Module))
     return model.eval(), meta
 
 
-def build(arch: str, **kwargs: Any) -> nn.Module:
-    """``torchvision.models.get_model(arch, **kwargs)`` with an error naming the closest name."""
+def check_arch(arch: str) -> None:
+    """Raise ``ValueError`` naming the closest torchvision builder unless ``arch`` is one."""
     import torchvision
 
     names = torchvision.models.list_models()
@@ -232,6 +273,13 @@ def build(arch: str, **kwargs: Any) -> nn.Module:
             "fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, resnet50 "
             "(torchvision.models.list_models() lists all)"
         )
+
+
+def build(arch: str, **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model(arch, **kwargs)`` with an error naming the closest name."""
+    import torchvision
+
+    check_arch(arch)
     kwargs.setdefault("weights", None)
     if "weights_backbone" in kwargs and kwargs["weights_backbone"] is None:
         import inspect
@@ -309,37 +357,74 @@ def _strip_common_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return state
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shapes differ, e.g. {'; '.join(mismatched[:2])}")
-        head_only = (
-            not missing
-            and not unexpected
-            and all(
-                any(h in m for h in ("predictor", "classif", "head", "fc.", "cls"))
-                for m in mismatched
-            )
+_SHAPE = r"torch\.Size\(\[([^\]]*)\]\)"
+_SIZE_MISMATCH = re.compile(
+    rf"size mismatch for ([^:]+): copying a param with shape {_SHAPE} from checkpoint, "
+    rf"the shape in current model is {_SHAPE}"
+)
+
+
+def _load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path, *, builder: bool
+) -> None:
+    """``model.load_state_dict(state)`` as leniently as PyTorch itself: the keys that stay
+    missing or unexpected after the modules' own version handling (torchvision's FPN and
+    RPN head rename keys saved by older layouts) decide whether the checkpoint fits.
+
+    Raises:
+        ValueError: naming a few missing and unexpected keys and differing shapes;
+            ``num_classes=`` is suggested when a builder name was given and only the
+            classification layers differ.
+    """
+    missing, unexpected, mismatched = _fit(model, state)
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
+    if mismatched:
+        shown = "; ".join(f"{k} ({a}) vs ({b})" for k, a, b in mismatched[:2])
+        parts.append(f"{len(mismatched)} shapes differ, e.g. {shown}")
+    head_only = not (missing or unexpected) and all(
+        any(h in k for h in ("predictor", "classif", "head", "fc.", "cls"))
+        for k, _, _ in mismatched
+    )
+    hint = (
+        "Only the classification layers differ: pass num_classes= to match the checkpoint."
+        if head_only and builder
+        else "Pass the model it was saved from (--arch / --model, arch= / model=)."
+    )
+    raise ValueError(f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. {hint}")
+
+
+def _fit(
+    model: nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[tuple[str, str, str]]]:
+    """Load ``state`` with ``strict=False``; the keys still missing and unexpected after
+    the modules' version handling, and ``(key, saved shape, model shape)`` of those whose
+    shapes differ (left out of a second try, which then reports the rest)."""
+    metadata = getattr(state, "_metadata", None)
+    mismatched: list[tuple[str, str, str]] = []
+    for _ in range(2):
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            found = _SIZE_MISMATCH.findall(str(e))
+            if not found:
+                raise ValueError(str(e).splitlines()[0]) from None
+            mismatched += found
+            drop = {k for k, _, _ in found}
+            state = OrderedDict((k, v) for k, v in state.items() if k not in drop)
+            if metadata is not None:
+                state._metadata = metadata  # keeps the saved module versions
+            continue
+        dropped = {k for k, _, _ in mismatched}
+        return (
+            [k for k in result.missing_keys if k not in dropped],
+            result.unexpected_keys,
+            mismatched,
         )
-        hint = (
-            "Only the classification layer differs: pass num_classes= to match the checkpoint."
-            if head_only
-            else "Pass the architecture it was saved from (--arch / arch=)."
-        )
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. {hint}"
-        )
-    model.load_state_dict(state)
+    own = model.state_dict()  # shapes differ under names the version handling changed
+    return [k for k in own if k not in state], [k for k in state if k not in own], mismatched
