@@ -7,7 +7,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install --isolated --disable-pip-version-check
+# --isolated ignores the machine's pip configuration (see above); behind a package mirror
+# or with a configuration of your own, keep it: `make setup PIP_FLAGS=`.
+PIP_FLAGS ?= --isolated
+PIP := $(BIN)/python -m pip install $(PIP_FLAGS) --disable-pip-version-check
 TORCH_PAIR ?= torch==2.13.0 torchvision==0.28.0
 # The newest Ultralytics release, tested by `make test`; `make test-compat` tests another.
 ULTRALYTICS_PIN ?= ultralytics==8.4.190

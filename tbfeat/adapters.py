@@ -50,6 +50,10 @@ class ModelAdapter:
     expect them, and attach framework callbacks while a logger's ``with`` block lasts.
     """
 
+    takes_preprocess = True
+    """Whether :meth:`prepare` applies a ``preprocess=`` function: plain modules and
+    classifiers do; detectors and YOLO models prepare their input themselves."""
+
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -82,6 +86,7 @@ class ModelAdapter:
         names: Sequence[str] | None = None,
         *,
         imgsz: int | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Probes:
         """Validate and convert probe inputs before any hook exists.
 
@@ -89,8 +94,12 @@ class ModelAdapter:
             inputs: Images (see :func:`tbfeat.images.to_tensors`).
             names: One name per image; default file stems or positions.
             imgsz: The size integrations letterbox to; plain modules take images as given.
+            preprocess: Called with each image as a ``(3, H, W)`` float tensor in [0, 1]
+                (RGB); returns the ``(C, H, W)`` tensor the model takes.
         """
         tensors, names = to_tensors(inputs, names)
+        if preprocess is not None:
+            tensors = [_preprocessed(preprocess, t) for t in tensors]
         device, dtype = self.device(), self.dtype()
         return Probes(tuple(t.to(device=device, dtype=dtype) for t in tensors), tuple(names))
 
@@ -139,6 +148,18 @@ class ModelAdapter:
         """
         logger.begin(self.module)
         return logger.end
+
+
+def _preprocessed(preprocess: Callable[[Any], Any], image: torch.Tensor) -> torch.Tensor:
+    name = getattr(preprocess, "__name__", type(preprocess).__name__)
+    with torch.no_grad():
+        out = preprocess(image)
+    if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] == 1:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"preprocess {name} must return one (C, H, W) tensor per image, got {got}")
+    return out
 
 
 def adapt(model: object) -> ModelAdapter:

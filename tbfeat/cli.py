@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -122,8 +123,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"[demo] done in {elapsed:.0f}s. Compare epochs in TensorBoard (Images tab, step slider):"
     )
-    print(f"  tensorboard --logdir {root} --samples_per_plugin images={ALL_STEPS}")
-    print(f"  (or: tbfeat board {root})")
+    python = shlex.quote(sys.executable)  # runs without an activated environment
+    print(f"  {python} -m tbfeat board {shlex.quote(str(root))}")
+    print(f"  (or: {python} -m tensorboard.main --logdir {shlex.quote(str(root))} "
+          f"--samples_per_plugin images={ALL_STEPS})")  # fmt: skip
     if args.serve:
         return run_board(root, args.port)
     return 0

@@ -55,6 +55,7 @@ class LoggerConfig:
     images: Any = None
     options: LogOptions = field(default_factory=LogOptions)
     run: str = "auto"
+    preprocess: Any = None
 
     def build(self, model: nn.Module | Any) -> FeatureLogger:
         """A new logger of ``model`` with this configuration (nothing is opened yet)."""
@@ -96,6 +97,11 @@ class FeatureLogger:
             otherwise starts a new run (TensorBoard then shows the old run's steps from
             that step on no more); ``"new"`` always starts a new run, hiding all of the old
             one; ``"append"`` never does.
+        preprocess: For plain modules and classifiers: called with each probe image as a
+            ``(3, H, W)`` RGB float tensor in [0, 1], returns what the model takes, such
+            as ``weights.transforms()`` of a torchvision model (resize, crop, normalize).
+            Without it the model gets the image as it is. Detectors and YOLO models
+            prepare their input themselves (their transform, a letterbox).
         **kwargs: :class:`LogOptions` fields (``max_channels=16``, ``cmap="magma"``, ...).
 
     Example:
@@ -124,6 +130,7 @@ class FeatureLogger:
         images: ImageLike | Sequence[ImageLike] | None = None,
         options: LogOptions | None = None,
         run: str = "auto",
+        preprocess: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.options = LogOptions.from_kwargs(options, **kwargs)
@@ -139,8 +146,9 @@ class FeatureLogger:
         self._resolved: tuple[nn.Module, list[Stage]] | None = None
         self.stages  # noqa: B018 - resolve now: an unknown stage fails here, not mid-training
         self._step = _check_step(step)
+        self.preprocess = _check_preprocess(preprocess, self.adapter)
         if images is not None:  # bad probe images fail here too
-            self.adapter.prepare(images, imgsz=self.options.imgsz)
+            self.prepare(images)
         self.images = images
         self.run = run
         self.logdir = os.fspath(logdir) if logdir is not None else None
@@ -289,6 +297,7 @@ class FeatureLogger:
             images=self.images,
             options=self.options,
             run=self.run,
+            preprocess=self.preprocess,
         )
 
     @classmethod
@@ -313,6 +322,7 @@ class FeatureLogger:
             images=config.images,
             options=config.options,
             run=config.run,
+            preprocess=config.preprocess,
         )
         self._auto_logdir = config.auto_logdir
 
@@ -378,7 +388,10 @@ class FeatureLogger:
             imgsz: Letterbox size for integrations that letterbox (default the option).
         """
         adapter = self._adapter_for(model)
-        return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz)
+        extra = (
+            {"preprocess": self.preprocess} if self.preprocess and adapter.takes_preprocess else {}
+        )
+        return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz, **extra)
 
     def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
         """Run prepared probes through ``model`` with its stages hooked, and end the step.
@@ -541,6 +554,23 @@ def _shutdown(worker: Worker, recorder: Recorder) -> None:
     """
     if worker.stop():
         recorder.close()
+
+
+def _check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
+    if preprocess is None:
+        return None
+    if not callable(preprocess):
+        raise TypeError(
+            f"preprocess must be a function of one image tensor (such as "
+            f"weights.transforms()), got {type(preprocess).__name__}"
+        )
+    if not adapter.takes_preprocess:
+        raise ValueError(
+            f"preprocess= is for plain modules and classifiers; "
+            f"{type(adapter.module).__name__} prepares its input itself (its transform or "
+            "letterbox), so leave it out"
+        )
+    return preprocess
 
 
 def _check_step(value: Any) -> int:

@@ -222,7 +222,10 @@ def test_demo_runs_end_to_end_with_few_epochs(tmp_path):
         "demo", "--dir", tmp_path / "demo", "--epochs", 2, "--train-images", 16, "--imgsz", 64
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tensorboard --logdir" in proc.stdout and "samples_per_plugin images=" in proc.stdout
+    # next steps that run without an activated environment: this interpreter, -m
+    assert f"{sys.executable} -m tbfeat board {tmp_path / 'demo'}" in proc.stdout
+    assert f"{sys.executable} -m tensorboard.main --logdir" in proc.stdout
+    assert "samples_per_plugin images=" in proc.stdout
     train = read_events(tmp_path / "demo" / "train")
     assert [e.step for e in train.Scalars("stats/09_SPPF/mean")] == [1, 2]
     assert [e.step for e in train.Scalars("train/box_loss")] == [1, 2]

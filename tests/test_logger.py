@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from tbfeat import STAT_NAMES, FeatureLogger, LogOptions, list_stages
+from tbfeat.integrations.torchvision import build
 from tbfeat.render import LEVELS
 
 from .helpers import decode, read_events
@@ -421,3 +422,34 @@ def test_repeated_image_names_get_the_first_free_suffix(tmp_path):
     assert read_events(tmp_path).Tags()["images"] == [
         f"features/00_Identity/{n}" for n in ("a_b", "a_b_1", "a_b_2")
     ]
+
+
+def test_preprocess_prepares_probes_as_the_model_was_trained(tmp_path):
+    """``weights.transforms()`` (resize, crop, ImageNet normalization) before the probe;
+    without it the model gets the image as it is, in [0, 1]."""
+    from torchvision.models import ResNet18_Weights
+
+    model = torchvision.models.resnet18(weights=None).eval()
+    transform = ResNet18_Weights.DEFAULT.transforms()
+    image = torch.rand(3, 300, 400, generator=torch.Generator().manual_seed(0))
+    for name, preprocess, x in (
+        ("with", transform, transform(image)),
+        ("without", None, image),
+    ):
+        logger = FeatureLogger(model, logdir=tmp_path / name, stages=[0], preprocess=preprocess)
+        logger.log(image, step=1)
+        logger.close()
+        with torch.no_grad():
+            expected = model.conv1(x[None]).double()
+        (mean,) = read_events(tmp_path / name).Scalars("stats/00_Conv2d/mean")
+        assert mean.value == pytest.approx(float(expected.mean()), rel=1e-4, abs=1e-6)
+        (grid,) = read_events(tmp_path / name).Images("features/00_Conv2d/0")
+        if preprocess is not None:  # cropped to 224: 112 px maps after conv1's stride 2
+            assert grid.width == 8 * (112 + 1) - 1
+    detector = build("fasterrcnn_mobilenet_v3_large_fpn", weights_backbone=None)
+    with pytest.raises(ValueError, match="preprocess= is for plain modules and classifiers"):
+        FeatureLogger(detector, preprocess=transform)
+    with pytest.raises(TypeError, match="preprocess must be a function"):
+        FeatureLogger(model, preprocess="imagenet")
+    with pytest.raises(TypeError, match=r"must return one \(C, H, W\) tensor per image, got list"):
+        FeatureLogger(model, preprocess=lambda t: [t]).log(image, step=1)

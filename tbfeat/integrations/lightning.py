@@ -42,6 +42,7 @@ class FeatureLoggerCallback(Callback):
         stages: As for :class:`~tbfeat.FeatureLogger`.
         names: One name per probe image for the tags.
         step: ``"epoch"`` (``trainer.current_epoch``) or ``"global_step"``.
+        preprocess: As for :class:`~tbfeat.FeatureLogger` (``weights.transforms()``).
         **options: :class:`~tbfeat.LogOptions` fields; ``every=N`` logs every N-th epoch.
 
     Example:
@@ -58,6 +59,7 @@ class FeatureLoggerCallback(Callback):
         stages: StageSpec | Iterable[StageSpec] | None = None,
         names: Sequence[str] | None = None,
         step: str = "epoch",
+        preprocess: Callable[[Any], Any] | None = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -65,12 +67,15 @@ class FeatureLoggerCallback(Callback):
             raise ValueError(f"step must be 'epoch' or 'global_step', got {step!r}")
         if module is not None and not (isinstance(module, str) or callable(module)):
             raise TypeError(f"module must be None, an attribute name or a function, got {module!r}")
+        if preprocess is not None and not callable(preprocess):
+            raise TypeError(f"preprocess must be a function, got {type(preprocess).__name__}")
         _, self.names = to_tensors(images, names)  # bad images fail here, not mid-training
         LogOptions.from_kwargs(**options)  # and so do bad options
         self.images = images
         self.module = module
         self.stages = stages
         self.step = step
+        self.preprocess = preprocess
         self.options = options
         self.logger: FeatureLogger | None = None
 
@@ -101,6 +106,7 @@ class FeatureLoggerCallback(Callback):
                 logdir=logdir,
                 writer=writer,
                 stages=self.stages,
+                preprocess=self.preprocess,
                 **self.options,
             )
         return self.logger

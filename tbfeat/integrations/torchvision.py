@@ -93,6 +93,8 @@ class ClassifierAdapter(ModelAdapter):
 class DetectionAdapter(ModelAdapter):
     """torchvision detection models: backbone body stages and every output level."""
 
+    takes_preprocess = False  # the model's own transform resizes and normalizes
+
     def candidate_stages(self) -> list[Stage]:
         backbone = self.module.backbone
         stages: list[Stage] = []

@@ -379,6 +379,8 @@ def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Ten
 class UltralyticsAdapter(ModelAdapter):
     """Stages and probes of an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
 
+    takes_preprocess = False  # letterboxed as Ultralytics' validation does
+
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
         self.wrapper = wrapper
         super().__init__(module)
