@@ -18,7 +18,7 @@ from torch import nn
 
 from .hooks import OutputCallback, StageHooks, probing
 from .images import ImageLike, to_tensors
-from .stages import Stage, generic_stages
+from .stages import Stage, generic_stages, numbered
 
 # (top-level package of the model's class, integration module). The integration module's
 # ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
@@ -214,4 +214,5 @@ def list_stages(model: object) -> list[Stage]:
         >>> [s.name for s in list_stages(torchvision.models.resnet18(weights=None))][:5]
         ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
     """
-    return adapt(model).candidate_stages()
+    candidates = adapt(model).candidate_stages()
+    return numbered(candidates, len(candidates))

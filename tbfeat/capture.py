@@ -237,9 +237,10 @@ class CaptureSession:
         return self._names[position] if position < len(self._names) else str(position)
 
 
-PREDICTION_KEYS = ("boxes", "scores", "labels")
-"""Keys of the dicts detection heads return: coordinates, confidences and class ids,
-left out of what a stage logs unless ``LogOptions.predictions`` is set."""
+PREDICTION_KEYS = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+"""Keys of the dicts detection heads return (Faster, Mask and Keypoint R-CNN): boxes,
+confidences, class ids, masks and keypoints, left out of what a stage logs unless
+``LogOptions.predictions`` is set."""
 
 
 def stage_tensors(

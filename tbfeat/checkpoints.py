@@ -12,6 +12,7 @@ own restricted loader); any other file raises :class:`UnsafeCheckpointError` unl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import importlib
@@ -229,12 +230,17 @@ def model_factory(source: ModelSource) -> Callable[[], Any]:
 def _import_source(where: str) -> Any:
     """The module of ``MODULE`` or ``path/to/file.py``."""
     if not where.endswith(".py"):
-        if os.getcwd() not in sys.path:
+        added = os.getcwd() not in sys.path
+        if added:  # as `python -m` would: modules of the working directory
             sys.path.insert(0, os.getcwd())
         try:
             return importlib.import_module(where)
-        except ImportError as e:
-            raise ValueError(f"cannot import module {where!r}: {e}") from None
+        except Exception as e:
+            raise ValueError(f"cannot import module {where!r}: {type(e).__name__}: {e}") from e
+        finally:
+            if added:
+                with contextlib.suppress(ValueError):
+                    sys.path.remove(os.getcwd())
     path = Path(where)
     if not path.is_file():
         raise ValueError(f"model file not found: {where!r}")
@@ -257,7 +263,10 @@ def _checked(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
     def make() -> Any:
         from torch import nn
 
-        model = fn()
+        try:
+            model = fn()
+        except Exception as e:
+            raise ValueError(f"model {name} raised {type(e).__name__}: {e}") from e
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name} returned {type(model).__name__}, not an nn.Module")
         return model
@@ -382,21 +391,25 @@ def load_model(
             f"--arch / arch= names the model of a state-dict checkpoint; {path_or_name!r} "
             "is none: leave it out"
         )
-    if path_or_name.endswith((".yaml", ".yml")):
-        return _ultralytics_yaml(path_or_name)
+    return _named_model(path_or_name, imgsz)
+
+
+def _named_model(name: str, imgsz: int | None) -> Any:
+    """An Ultralytics yaml or a torchvision builder name, built without weights."""
+    if name.endswith((".yaml", ".yml")):
+        return _ultralytics_yaml(name)
     import torchvision
 
-    if path_or_name in torchvision.models.list_models():
+    if name in torchvision.models.list_models():
         from .integrations.torchvision import build
 
-        kwargs = {"weights_backbone": None, **detector_size(path_or_name, imgsz)}
-        return build(path_or_name, **kwargs)
-    if path.suffix or os.sep in path_or_name:
-        raise CheckpointError(_not_a_checkpoint(path))
-    close = difflib.get_close_matches(path_or_name, torchvision.models.list_models(), n=1)
+        return build(name, weights_backbone=None, **detector_size(name, imgsz))
+    if Path(name).suffix or os.sep in name:
+        raise CheckpointError(_not_a_checkpoint(Path(name)))
+    close = difflib.get_close_matches(name, torchvision.models.list_models(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise CheckpointError(
-        f"unknown model {path_or_name!r}{hint}: give a checkpoint file, an Ultralytics yaml "
+        f"unknown model {name!r}{hint}: give a checkpoint file, an Ultralytics yaml "
         "(yolov8n.yaml) or a torchvision builder name (fasterrcnn_resnet50_fpn)"
     )
 

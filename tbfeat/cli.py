@@ -178,7 +178,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
     from .adapters import adapt
     from .checkpoints import load_model
-    from .stages import resolve_stages
+    from .stages import numbered, resolve_stages
 
     if args.checkpoint is None and args.model is None:
         raise UsageError("give a model: a checkpoint, an Ultralytics yaml, a torchvision "
@@ -187,8 +187,9 @@ def cmd_stages(args: argparse.Namespace) -> int:
         args.checkpoint, args.arch, args.imgsz, trust=args.trust_checkpoints, model=args.model
     )
     adapter = adapt(model)
-    stages = adapter.candidate_stages()
-    marked = adapter.default_stages()
+    stages = numbered(adapter.candidate_stages(), len(adapter.candidate_stages()))
+    marked = resolve_stages(adapter.module, adapter.candidate_stages(), None,
+                            adapter.default_stages())  # fmt: skip
     if args.stages:
         marked = resolve_stages(adapter.module, stages, parse_stages(args.stages), default=None)
     shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]

@@ -36,9 +36,9 @@ class LogOptions:
         evolution: Write ``evolution/<NN>_<Type>``: one picture of the stage's channel-mean
             map per probe image (rows) and logged step (columns, the last
             ``evolution_steps``), each cell at most ``evolution_cell`` px.
-        predictions: Also log the ``boxes``, ``scores`` and ``labels`` tensors that a
-            chosen detection head returns; off, they are left out (they are coordinates,
-            confidences and class ids, not activations).
+        predictions: Also log the ``boxes``, ``scores``, ``labels`` (``masks``,
+            ``keypoints``) tensors that a chosen detection head returns; off, they are
+            left out (they are predictions, not activations).
         every: Training integrations log every ``every``-th epoch (and the last).
         imgsz: Side of the square that integrations letterbox probe images to (Ultralytics);
             ``None`` for the model's own training size.

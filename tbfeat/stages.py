@@ -39,8 +39,9 @@ class Stage:
         sub: For a stage chosen by a deeper module name: its number among the stages
             chosen under the same listed stage, in forward order (``NN.MM`` in tags, which
             sorts before ``NN_``: inside a stage comes before its output).
-        digits: Width of the zero-padded numbers in :attr:`key`, so that TensorBoard's
-            text sort keeps ``2`` before ``10``.
+        digits: Width of the zero-padded ``NN`` in :attr:`key` (from the number of listed
+            stages), so that TensorBoard's text sort keeps ``2`` before ``10``.
+        sub_digits: Width of the zero-padded ``MM``.
 
     Example:
         >>> import torch
@@ -57,6 +58,7 @@ class Stage:
     output: str | int | None = None
     sub: int | None = None
     digits: int = 2
+    sub_digits: int = 2
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -68,13 +70,14 @@ class Stage:
         every tag that names this stage."""
         number = f"{self.index:0{self.digits}d}"
         if self.sub is not None:
-            number += f".{self.sub:0{self.digits}d}"
+            number += f".{self.sub:0{self.sub_digits}d}"
         return f"{number}_{self.label}"
 
 
-def numbered(stages: Sequence[Stage]) -> list[Stage]:
-    """``stages`` with the sub-numbers of deeper modules given in forward order (the
-    order of ``sub`` as chosen, then of the list) and one number width for all."""
+def numbered(stages: Sequence[Stage], total: int) -> list[Stage]:
+    """``stages`` of a model with ``total`` listed stages, ready for tags: ``NN`` as wide
+    as ``total`` needs (the same whatever is chosen), and the deeper modules under each
+    listed stage numbered ``MM`` in the order given (forward order)."""
     subs: dict[int, int] = {}
     out = []
     for s in stages:
@@ -82,9 +85,9 @@ def numbered(stages: Sequence[Stage]) -> list[Stage]:
             s = replace(s, sub=subs.setdefault(s.index, 0))
             subs[s.index] += 1
         out.append(s)
-    top = max([s.index for s in out] + [n - 1 for n in subs.values()], default=0)
-    digits = max(2, len(str(top)))
-    return [replace(s, digits=digits) for s in out]
+    digits = max(2, len(str(total)))
+    sub_digits = max(2, len(str(max(subs.values(), default=1) - 1)))
+    return [replace(s, digits=digits, sub_digits=sub_digits) for s in out]
 
 
 def sanitize(text: str) -> str:
@@ -130,7 +133,7 @@ def resolve_stages(
         ValueError: an entry matches nothing; the message names the closest valid choice.
     """
     if stages is None:
-        return list(candidates if default is None else default)
+        return numbered(candidates if default is None else default, len(candidates))
     if isinstance(stages, (int, str)):
         stages = [stages]
     try:
@@ -156,9 +159,8 @@ def resolve_stages(
         for stage in _match(spec, candidates, by_name, modules):
             chosen.setdefault((stage.name, stage.output), stage)
     order = {name: i for i, name in enumerate(modules)}
-    return numbered(
-        sorted(chosen.values(), key=lambda s: (s.index, s.sub is None, order.get(s.name, -1)))
-    )
+    ordered = sorted(chosen.values(), key=lambda s: (s.index, s.sub is None, order.get(s.name, -1)))
+    return numbered(ordered, len(candidates))
 
 
 def _match(

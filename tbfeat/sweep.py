@@ -16,6 +16,7 @@ the allow-list (:mod:`tbfeat.checkpoints`) before the first one loads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -169,7 +170,9 @@ def plan_sweep(
     for path, kind, stored in facts:
         if path.stem not in ROLLING:
             continue
-        if stored is None:
+        if kind == "unreadable":
+            say(f"{path} cannot be read (corrupt or truncated?); skipped")
+        elif stored is None:
             say(f"{path} stores no epoch (stripped at the end of training); skipped")
         elif stored in numbered:
             say(f"{path} is epoch {stored}, as {numbered[stored]}; skipped")
@@ -315,17 +318,13 @@ def sweep(
     LogOptions.from_kwargs(**options)
     source = _model_source(arch, model)
     folder = Path(logdir)
-    manifest = {"version": 2, "steps": {}, "checkpoints": {}}
-    if not overwrite:
-        manifest = read_manifest(folder)
-    plan = plan_sweep(find_checkpoints(list(checkpoints)), warn, known=manifest["checkpoints"],
-                      trust=trust)  # fmt: skip
-    todo, kept = steps_to_log(plan, (int(s) for s in manifest["steps"]))
-    _check_kinds(todo, arch, model)
-    if not trust:
-        check_before_loading(todo)
+    manifest = (
+        {"version": 2, "steps": {}, "checkpoints": {}} if overwrite else read_manifest(folder)
+    )
+    plan, todo, kept = _plan(checkpoints, manifest, arch, model, trust, warn)
     result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
     manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
+    created = not folder.exists()
     run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
     try:
         for p in todo:
@@ -336,13 +335,42 @@ def sweep(
             result.logged.append(p.step)
             if on_step is not None:
                 on_step(p, len(image_files))
-    except CheckpointError as e:
+    except Exception as e:
         kept_now = sorted(kept + result.logged)
         where = f"steps {', '.join(map(str, kept_now))} are kept" if kept_now else "no step is kept"
-        raise SweepError(f"{e} ({where} in {folder})") from None
+        message = str(e) if isinstance(e, CheckpointError) else f"{p.path}: {type(e).__name__}: {e}"
+        raise SweepError(f"{message} ({where} in {folder})") from e
     finally:
         run.close()
+        if created and not result.logged:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # made for a first step that failed, and still empty
     return result
+
+
+def _plan(
+    checkpoints: Sequence[str | os.PathLike],
+    manifest: dict[str, Any],
+    arch: str | None,
+    model: Any,
+    trust: bool,
+    warn: Callable[[str], None] | None,
+) -> tuple[list[PlannedStep], list[PlannedStep], list[int]]:
+    """The plan, the steps to log and the logged steps that stay; every checkpoint to
+    log checked against the arguments (and without ``trust``, the allow-list)."""
+    plan = plan_sweep(
+        find_checkpoints(list(checkpoints)), warn, known=manifest["checkpoints"], trust=trust
+    )
+    if not plan:
+        raise ValueError(
+            "no checkpoint to log: every one given was skipped (see above); a training "
+            "saves one per epoch with save_period=1 (Ultralytics) or in its own loop"
+        )
+    todo, kept = steps_to_log(plan, (int(s) for s in manifest["steps"]))
+    _check_kinds(todo, arch, model)
+    if not trust:
+        check_before_loading(todo)
+    return plan, todo, kept
 
 
 class _Run:

@@ -104,10 +104,18 @@ class NullWriter:
         True
     """
 
+    log_dir = None
+
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name.startswith("__"):
             raise AttributeError(name)
         return _do_nothing
+
+    def __enter__(self) -> NullWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     def __repr__(self) -> str:
         return "NullWriter()"

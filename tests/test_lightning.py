@@ -95,13 +95,22 @@ def test_callback_logs_each_validation_epoch_into_lightnings_own_run(tmp_path):
 def test_callback_every_n_epochs_and_attribute_selection(tmp_path):
     module = Module()
     tb = TensorBoardLogger(tmp_path, name="exp")
+    seen = []
+
+    def crop(image):  # preprocess: what the module gets, per probe image
+        seen.append(tuple(image.shape))
+        return image[:, :8, :8]
+
     callback = FeatureLoggerCallback(
-        images=torch.rand(1, 3, 16, 16), module="model", stages=["conv"], every=2
-    )
+        images=torch.rand(1, 3, 16, 16), module="model", stages=["conv"], every=2,
+        preprocess=crop,
+    )  # fmt: skip
     trainer = make_trainer(tb, callback, num_sanity_val_steps=0)
     trainer.fit(module, *loaders())
     acc = read_events(tb.log_dir)
-    assert [e.step for e in acc.Images("features/00_Conv2d/0")] == [1, 2]  # epoch 2, and the last
+    events = acc.Images("features/00_Conv2d/0")
+    assert [e.step for e in events] == [1, 2]  # epoch 2, and the last
+    assert seen == [(3, 16, 16)] * 2 and events[0].height == 8  # 8 channels of 8x8
 
 
 def test_callback_rejects_bad_arguments_at_construction():

@@ -348,6 +348,8 @@ def test_only_rank_zero_hooks_and_writes(tmp_path, monkeypatch):
     assert logger.log(torch.rand(1, 3, 8, 8), step=1) is None
     assert calls == []  # returned at once: the model never ran
     logger.writer.add_scalar("loss", 1.0, 1)  # a stand-in: the same code runs on every rank
+    with logger.writer as w:
+        assert w.log_dir is None
     logger.add_scalars({"loss": 1.0}, step=1)
     logger.close()
     assert not (tmp_path / "r1").exists()
@@ -453,3 +455,11 @@ def test_preprocess_prepares_probes_as_the_model_was_trained(tmp_path):
         FeatureLogger(model, preprocess="imagenet")
     with pytest.raises(TypeError, match=r"must return one \(C, H, W\) tensor per image, got list"):
         FeatureLogger(model, preprocess=lambda t: [t]).log(image, step=1)
+
+
+def test_stage_numbers_are_as_wide_as_the_list_whatever_is_chosen(tmp_path):
+    model = nn.Sequential(*[nn.Identity() for _ in range(120)])
+    assert list_stages(model)[5].key == "005_Identity"
+    for spec in ([5], [5, 105], None):
+        keys = [s.key for s in FeatureLogger(model, stages=spec).stages]
+        assert "005_Identity" in keys

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 from tbfeat import FeatureLogger, list_stages, sweep
@@ -54,6 +55,30 @@ def test_a_tutorial_detector_gets_the_stem_stages_and_each_fpn_level():
     mobile = [s.key for s in list_stages(tutorial.mobilenet_v2())]
     assert mobile[0] == "00_Conv2dNormActivation" and mobile[-1] == "18_Conv2dNormActivation"
     assert mobile[1:-1] == [f"{i:02d}_InvertedResidual" for i in range(1, 18)]
+
+
+def test_a_plain_module_with_a_transform_child_stays_a_plain_module(tmp_path):
+    """``transform`` + ``backbone`` children alone make no detector: the transform must
+    batch images into an ImageList, as a detector's does."""
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transform = T.Normalize([0.5] * 3, [0.5] * 3)
+            self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.backbone(self.transform(x)).mean((2, 3)))
+
+    model = Classifier()
+    assert [s.key for s in list_stages(model)] == ["00_Normalize", "01_backbone", "02_Linear"]
+    logger = FeatureLogger(model, logdir=tmp_path, preprocess=lambda t: t[:, :16, :16])
+    out = logger.log(torch.rand(3, 32, 32), step=1)
+    logger.close()
+    assert out.shape == (1, 2)
+    (grid,) = read_events(tmp_path).Images("features/01_backbone/0")
+    assert grid.height == 14  # 8 channels of 14x14 (16 px, cropped, through a 3x3 conv)
 
 
 def test_log_runs_the_transform_and_backbone_only(tmp_path):
@@ -191,8 +216,9 @@ def test_best_and_last_are_logged_at_their_epoch_or_skipped(tmp_path, yolo_weigh
     ]
     alone = tbfeat("sweep", yolo_weights / "best.pt", "--images", BUS, "--logdir",
                    tmp_path / "best", "--imgsz", 64)  # fmt: skip
-    assert alone.returncode == 0 and "stores no epoch" in alone.stderr
-    assert "nothing to do" in alone.stdout
+    assert "stores no epoch" in alone.stderr  # and nothing is left to log: an error
+    assert_usage_error(alone, "no checkpoint to log", "save_period=1")
+    assert not (tmp_path / "best").exists()
 
 
 def test_a_folder_of_images_gives_its_first_max_images(tmp_path, tutorial_checkpoints):

@@ -21,3 +21,27 @@ def test_core_imports_without_ultralytics():
         "assert 'ultralytics' not in sys.modules, 'core imported ultralytics'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pip_flags_can_be_overridden_for_mirrors():
+    """``--isolated`` by default; ``make setup PIP_FLAGS=`` keeps the user's pip
+    configuration (a package mirror). ``make -n -B`` prints the commands, runs none."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.fail("make is needed to build this project (the README's commands)")
+    root = Path(__file__).resolve().parents[1]
+
+    def pip_lines(*args):
+        out = subprocess.run(["make", "-n", "-B", "setup", *args], cwd=root, text=True,
+                             capture_output=True, check=True).stdout  # fmt: skip
+        return [line for line in out.splitlines() if "pip install" in line]
+
+    default, mirror = pip_lines(), pip_lines("PIP_FLAGS=")
+    assert len(default) == len(mirror) == 2
+    assert all(" --isolated " in line for line in default)
+    assert not any("--isolated" in line for line in mirror)

@@ -390,3 +390,72 @@ def test_a_training_without_probe_images_warns_once_and_goes_on(tmp_path):
         callbacks.on_train_epoch_end(trainer)  # once only
     logger.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_an_error_while_probing_warns_once_and_the_training_goes_on(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    yolo = YOLO("yolov8n.yaml")
+    logger = FeatureLogger(yolo, logdir=tmp_path, images=[BUS], stages=[0])
+    callbacks = UltralyticsCallbacks(logger)
+    trainer = SimpleNamespace(epoch=0, epochs=3, ema=SimpleNamespace(ema=yolo.model),
+                              model=yolo.model, args=SimpleNamespace(imgsz=64))  # fmt: skip
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(yolo.model, "forward", broken)
+    with pytest.warns(RuntimeWarning, match="stopped logging this training at epoch 1: Runtime"):
+        callbacks.on_train_epoch_end(trainer)
+    monkeypatch.undo()
+    trainer.epoch = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callbacks.on_train_epoch_end(trainer)  # stopped: no second warning, no probe
+    logger.close()
+    assert not list(tmp_path.glob("events.*"))
+
+
+def test_a_rank_builds_its_logger_into_save_dir_and_closes_it_on_teardown(tmp_path):
+    """What an Ultralytics DDP rank does with the pickled callbacks, also when its
+    training raised (teardown runs; on_train_end does not)."""
+    from types import SimpleNamespace
+
+    import cloudpickle
+
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, images=[BUS], stages=[0], max_channels=4) as logger:
+        callbacks = cloudpickle.loads(cloudpickle.dumps(UltralyticsCallbacks(logger)))
+    save_dir = tmp_path / "train"
+    trainer = SimpleNamespace(epoch=0, epochs=2, ema=SimpleNamespace(ema=yolo.model),
+                              model=yolo.model, args=SimpleNamespace(imgsz=64),
+                              save_dir=save_dir)  # fmt: skip
+    callbacks.on_pretrain_routine_start(trainer)
+    assert callbacks.logger is None  # nothing built before an epoch is logged
+    callbacks.on_train_epoch_end(trainer)
+    built = callbacks.logger
+    assert built is not None and built.logdir == str(save_dir)
+    callbacks.teardown(trainer)
+    assert callbacks.logger is None and callbacks.config.logdir == str(save_dir)
+    with pytest.raises(RuntimeError, match="closed"):
+        built.log(step=9)
+    assert [e.step for e in read_events(save_dir).Images("features/00_Conv/bus")] == [1]
+
+
+def test_which_releases_keep_callbacks_in_their_ddp_ranks():
+    from types import SimpleNamespace
+
+    from tbfeat.integrations.ultralytics import ddp_keeps_callbacks, ran_ddp
+
+    assert [ddp_keeps_callbacks(v) for v in ("8.3.0", "8.4.139", "8.4.140", "8.10.0")] == [
+        False, False, True, True,
+    ]  # fmt: skip
+    assert ddp_keeps_callbacks("8.4.190.dev0") and not ddp_keeps_callbacks("8.4.13")
+
+    def old_trainer(device):  # 8.3 has no trainer.ddp: several devices decide
+        return SimpleNamespace(args=SimpleNamespace(device=device))
+
+    assert [ran_ddp(old_trainer(d)) for d in ("0,1", [0, 1], "0", "cpu", None)] == [
+        True, True, False, False, False,
+    ]  # fmt: skip
+    assert ran_ddp(SimpleNamespace(ddp=True, args=None))

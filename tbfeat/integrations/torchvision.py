@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,22 +58,40 @@ def adapt(obj: object) -> ModelAdapter | None:
     return None
 
 
+_DETECTORS: weakref.WeakKeyDictionary[nn.Module, list[str] | None] = weakref.WeakKeyDictionary()
+"""Per model of another package: the keys its backbone returns ([] for one tensor), or
+``None`` when it is not a detector. Read once, with one small forward."""
+
+
 def adapt_structure(obj: nn.Module) -> ModelAdapter | None:
-    """A detector of any package built like torchvision's: a ``transform`` and a
-    ``backbone`` that has a ``body`` and an ``fpn``, or returns a dict or a tensor."""
-    backbone = getattr(obj, "backbone", None)
-    if not isinstance(getattr(obj, "transform", None), nn.Module) or not isinstance(
-        backbone, nn.Module
-    ):
+    """A detector of any package built like torchvision's: a ``transform`` that batches
+    images into an ``ImageList`` (``.tensors``, ``.image_sizes``) and a ``backbone``
+    that returns a dict or a tensor of features. Anything else is a plain module."""
+    if obj not in _DETECTORS:
+        _DETECTORS[obj] = _detector_keys(obj)
+    return DetectionAdapter(obj) if _DETECTORS[obj] is not None else None
+
+
+def _detector_keys(model: nn.Module) -> list[str] | None:
+    transform, backbone = getattr(model, "transform", None), getattr(model, "backbone", None)
+    if not isinstance(transform, nn.Module) or not isinstance(backbone, nn.Module):
         return None
-    adapter = DetectionAdapter(obj)
-    if isinstance(getattr(backbone, "body", None), nn.Module) and hasattr(backbone, "fpn"):
-        return adapter
+    size = getattr(transform, "min_size", 320)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
     try:
-        adapter.output_keys()
-    except Exception:  # noqa: BLE001 - not a backbone that runs on an image batch
+        with probing(backbone, owner=model):
+            batched = transform([torch.zeros(3, size, size, device=device)])
+            images = batched[0] if isinstance(batched, tuple) else batched
+            if not hasattr(images, "image_sizes"):
+                return None
+            out = backbone(images.tensors)
+    except Exception:  # noqa: BLE001 - not a transform and backbone of a detector
         return None
-    return adapter
+    if isinstance(out, torch.Tensor):
+        return []
+    return [str(k) for k in out] if isinstance(out, dict) else None
 
 
 class ClassifierAdapter(ModelAdapter):
@@ -156,25 +175,14 @@ class DetectionAdapter(ModelAdapter):
         return self._probe_keys()
 
     def _probe_keys(self) -> list[str]:
-        """Fallback for unfamiliar backbones: one small forward to read the output keys
-        (none for a backbone that returns one tensor). Read once per model."""
-        cached = getattr(self, "_keys", None)
-        if cached is not None and cached[0] is self.module:
-            return cached[1]
-        size = getattr(self.module.transform, "min_size", 320)
-        size = int(size[0] if isinstance(size, (list, tuple)) else size)
-        param = next(self.module.parameters())
-        with probing(self.module.backbone, owner=self.module):
-            out = self.module.backbone(torch.zeros(1, 3, size, size, device=param.device))
-        if isinstance(out, torch.Tensor):
-            keys = []
-        elif isinstance(out, dict):
-            keys = [str(k) for k in out]
-        elif isinstance(out, (list, tuple)):
-            keys = [str(i) for i in range(len(out))]
-        else:
-            raise TypeError(f"the backbone returned {type(out).__name__}, not features")
-        self._keys = (self.module, keys)
+        """Fallback for unfamiliar backbones: the keys its output has (none for one
+        tensor), read with one small forward per model."""
+        model = self.module
+        if model not in _DETECTORS:
+            _DETECTORS[model] = _detector_keys(model)
+        keys = _DETECTORS[model]
+        if keys is None:
+            raise TypeError(f"{type(model).__name__}'s transform and backbone give no features")
         return keys
 
     def forward(
@@ -378,7 +386,10 @@ def _load_state(
             ``num_classes=`` is suggested when a builder name was given and only the
             classification layers differ.
     """
-    missing, unexpected, mismatched = _fit(model, state)
+    try:
+        missing, unexpected, mismatched = _fit(model, state)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit {name}: {e}") from e
     if not (missing or unexpected or mismatched):
         return
     parts = []
@@ -414,8 +425,8 @@ def _fit(
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:
             found = _SIZE_MISMATCH.findall(str(e))
-            if not found:
-                raise ValueError(str(e).splitlines()[0]) from None
+            if not found:  # the reason is on the line after PyTorch's header
+                raise ValueError(" ".join(x.strip() for x in str(e).splitlines()[:2])) from e
             mismatched += found
             drop = {k for k, _, _ in found}
             state = OrderedDict((k, v) for k, v in state.items() if k not in drop)

@@ -477,6 +477,7 @@ class UltralyticsCallbacks:
         self._trainer: Any = None
         self._probes: tuple[int, int, Probes] | None = None
         self._warned_no_probes = False
+        self._stopped = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
@@ -632,13 +633,25 @@ class UltralyticsCallbacks:
         self._use_logdir(trainer)
         self._trainer = trainer
         self._probes = None
+        self._stopped = False
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        if global_rank() != 0:
+        if global_rank() != 0 or self._stopped:
             return  # another DDP rank: no model run, no file, no collective call
         epoch, epochs = epoch_of(trainer)
         if epoch % self.options.every and epoch < epochs:
             return
+        try:
+            self._probe_epoch(trainer, epoch)
+        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+            self._stopped = True
+            warnings.warn(
+                f"tbfeat: stopped logging this training at epoch {epoch}: {type(e).__name__}: {e}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _probe_epoch(self, trainer: Any, epoch: int) -> None:
         model = probe_model(trainer)
         logger = self._rank_logger(trainer, model)
         imgsz = logger.options.imgsz or train_imgsz(trainer)
