@@ -314,16 +314,8 @@ class FeatureLogger:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         config = state["config"]
-        self.__init__(
-            state["model"],
-            config.logdir,
-            stages=config.stages,
-            step=config.step,
-            images=config.images,
-            options=config.options,
-            run=config.run,
-            preprocess=config.preprocess,
-        )
+        given = {k: v for k, v in vars(config).items() if k not in ("logdir", "auto_logdir")}
+        self.__init__(state["model"], config.logdir, **given)
         self._auto_logdir = config.auto_logdir
 
     # ----------------------------------------------------------------- probes
