@@ -7,6 +7,7 @@ Example:
 """
 
 from .adapters import Probes, list_stages
+from .cams import stage_cams
 from .logger import FeatureLogger, LoggerConfig
 from .options import LogOptions
 from .render import colorize, feature_grid
@@ -26,6 +27,7 @@ __all__ = [
     "colorize",
     "feature_grid",
     "list_stages",
+    "stage_cams",
     "sweep",
 ]
 __version__ = "0.1.0"
