@@ -14,6 +14,7 @@ its hooks are removed and every module's mode restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -77,23 +78,34 @@ def stage_cams(
         )
     extra = {"preprocess": preprocess} if preprocess is not None else {}
     probes = adapter.prepare(inputs, **extra)
+    if len({tuple(t.shape) for t in probes.inputs}) > 1:
+        raise ValueError("stage_cams takes images of one size; resize them, or call it per image")
     module = adapter.module
     chosen = resolve_stages(module, adapter.candidate_stages(), stages, adapter.default_stages())
+    layercam = method == "layercam"
     acts: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
 
     def keep(stage: Any, output: Any) -> None:
         t = output[stage.output] if stage.output is not None else output
-        if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point():
-            acts.setdefault(stage.key, t)
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            return
+        if stage.key in acts:
+            return
+        acts[stage.key] = t.detach().clone()  # later in-place ops change t, not this copy
+        if layercam and t.requires_grad:  # the gradient w.r.t. this value, as it is now
+            t.register_hook(lambda g, key=stage.key: grads.__setitem__(key, g.detach()))
 
     hooks = StageHooks(chosen, keep, root=module, exclusive=True)
-    with probing(module, hooks), hooks, torch.inference_mode(False), torch.enable_grad():
+    gradients = torch.enable_grad() if layercam else contextlib.nullcontext()
+    with probing(module, hooks), hooks, torch.inference_mode(False), gradients:
         # the input requires grad, so frozen parameters still give stage gradients
-        x = [t.detach().clone().requires_grad_(method == "layercam") for t in probes.inputs]
+        x = [t.detach().clone().requires_grad_(layercam) for t in probes.inputs]
         out = adapter.forward(x, module, chosen)
-        grads = _gradients(out, acts, target) if method == "layercam" else None
+        if layercam:
+            _backward(out, x, target)  # fills grads through the tensor hooks
     size = tuple(probes.inputs[0].shape[-2:])
-    return {key: _cam(a, grads, key, size) for key, a in acts.items()}
+    return {key: _cam(a, grads if layercam else None, key, size) for key, a in acts.items()}
 
 
 def _check_target(target: Any) -> None:
@@ -108,14 +120,16 @@ def _check_target(target: Any) -> None:
         )
 
 
-def _gradients(out: Any, acts: dict[str, torch.Tensor], target: Target) -> dict[str, torch.Tensor]:
-    """d(target score summed over the images) / d(each stage output)."""
+def _backward(out: Any, inputs: list[torch.Tensor], target: Target) -> None:
+    """Backpropagate the summed target score to the inputs (never to a parameter's
+    ``.grad``); the stage outputs' tensor hooks keep their gradients on the way."""
     score = _score(out, target)
-    if not acts or not score.requires_grad:
-        return {}
-    keys = list(acts)
-    found = torch.autograd.grad(score.sum(), [acts[k] for k in keys], allow_unused=True)
-    return {k: g for k, g in zip(keys, found, strict=True) if g is not None}
+    if not score.requires_grad:
+        raise ValueError(
+            "the target score does not depend on the input through a gradient (a forward "
+            "under no_grad, or a target that detaches); use method='activation'"
+        )
+    torch.autograd.grad(score.sum(), inputs, allow_unused=True)
 
 
 def _score(out: Any, target: Target) -> torch.Tensor:
@@ -123,7 +137,9 @@ def _score(out: Any, target: Target) -> torch.Tensor:
     if callable(target):
         score = target(out)
     elif isinstance(out, torch.Tensor) and out.dim() == 2:
-        classes = out.argmax(1) if target is None else torch.full_like(out[:, 0], target).long()
+        classes = out.argmax(1)
+        if target is not None:
+            classes = torch.full_like(classes, target)
         if int(classes.max()) >= out.shape[1]:
             raise ValueError(
                 f"target class {target} is out of range; allowed 0..{out.shape[1] - 1}"

@@ -328,24 +328,31 @@ def sweep(
     run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
     try:
         for p in todo:
-            unreadable = p.kind == "unreadable"  # kind_of raises its reason
-            kind = kind_of(p.path, trust=trust) if unreadable else p.kind
-            net = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust, model=source)
-            run.log(net, image_files, imgsz, p)
+            try:
+                unreadable = p.kind == "unreadable"  # kind_of raises its reason
+                kind = kind_of(p.path, trust=trust) if unreadable else p.kind
+                net = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust, model=source)
+                run.log(net, image_files, imgsz, p)
+            except Exception as e:
+                raise _failed(e, p, sorted(kept + result.logged), folder) from e
             result.logged.append(p.step)
             if on_step is not None:
                 on_step(p, len(image_files))
-    except Exception as e:
-        kept_now = sorted(kept + result.logged)
-        where = f"steps {', '.join(map(str, kept_now))} are kept" if kept_now else "no step is kept"
-        message = str(e) if isinstance(e, CheckpointError) else f"{p.path}: {type(e).__name__}: {e}"
-        raise SweepError(f"{message} ({where} in {folder})") from e
     finally:
         run.close()
         if created and not result.logged:
             with contextlib.suppress(OSError):
-                folder.rmdir()  # made for a first step that failed, and still empty
+                folder.rmdir()  # made for a first step that failed, if nothing was written
     return result
+
+
+def _failed(error: Exception, p: PlannedStep, kept: list[int], folder: Path) -> SweepError:
+    """The error a failed step stops the sweep with, saying which steps are kept."""
+    where = f"steps {', '.join(map(str, kept))} are kept" if kept else "no step is kept"
+    what = str(error) if isinstance(error, CheckpointError) else (
+        f"{p.path}: {type(error).__name__}: {error}"
+    )  # fmt: skip
+    return SweepError(f"{what} ({where} in {folder})")
 
 
 def _plan(

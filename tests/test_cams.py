@@ -69,7 +69,9 @@ def test_the_model_is_left_exactly_as_it_was():
     with torch.inference_mode():  # as a validation loop runs
         cams = stage_cams(model, x, stages=["layer1", "layer3"])
     assert set(cams) == {"04_layer1", "06_layer3"}
-    assert all(v.shape == (2, 64, 64) and v.min() >= 0 and v.max() <= 1 for v in cams.values())
+    for v in cams.values():  # each image scaled to [0, 1] on its own
+        assert v.shape == (2, 64, 64) and v.min() >= 0
+        assert v.flatten(1).max(1).values.tolist() == [1.0, 1.0]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert [m.training for m in model.modules()] == modes
     assert all(p.grad is None for p in model.parameters())
@@ -95,3 +97,29 @@ def test_bad_arguments_raise_clear_errors():
     )
     with pytest.raises(ValueError, match="not supported yet"):
         stage_cams(detector, spots_image())
+
+
+def test_values_before_later_in_place_ops_and_exact_class_indices():
+    """A stage followed by an in-place ReLU keeps the values it gave; a class index
+    stays exact in bfloat16 (257 is not a bfloat16 number)."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 300))  # fmt: skip
+    x = torch.rand(1, 3, 16, 16)
+    cam = stage_cams(model, x, stages=[0], method="activation")["00_Conv2d"][0]
+    with torch.no_grad():
+        expected = conv(x).abs().mean(1)[0]
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    assert torch.allclose(cam, expected, atol=1e-6)  # |conv|, not the clamped ReLU output
+    half = model.to(torch.bfloat16)
+    by_index = stage_cams(half, x.bfloat16(), stages=[0], target=257)["00_Conv2d"]
+    by_score = stage_cams(half, x.bfloat16(), stages=[0], target=lambda o: o[:, 257])["00_Conv2d"]
+    assert torch.equal(by_index, by_score)
+
+
+def test_what_cannot_give_a_layercam_says_so():
+    model = Spots()
+    with pytest.raises(ValueError, match="images of one size"):
+        stage_cams(model, [torch.rand(3, 16, 16), torch.rand(3, 20, 16)])
+    with pytest.raises(ValueError, match="does not depend on the input through a gradient"):
+        stage_cams(model, spots_image(), target=lambda out: out.detach()[:, 0])

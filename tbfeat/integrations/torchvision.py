@@ -64,34 +64,47 @@ _DETECTORS: weakref.WeakKeyDictionary[nn.Module, list[str] | None] = weakref.Wea
 
 
 def adapt_structure(obj: nn.Module) -> ModelAdapter | None:
-    """A detector of any package built like torchvision's: a ``transform`` that batches
-    images into an ``ImageList`` (``.tensors``, ``.image_sizes``) and a ``backbone``
-    that returns a dict or a tensor of features. Anything else is a plain module."""
-    if obj not in _DETECTORS:
-        _DETECTORS[obj] = _detector_keys(obj)
-    return DetectionAdapter(obj) if _DETECTORS[obj] is not None else None
+    """A detector of any package built like torchvision's: a ``transform`` and a
+    ``backbone`` with a ``body`` and an ``fpn``; or a ``transform`` that batches images
+    into an ``ImageList`` (``.tensors``, ``.image_sizes``) and a ``backbone`` that returns
+    a dict, list or tensor of features. Anything else is a plain module."""
+    transform, backbone = getattr(obj, "transform", None), getattr(obj, "backbone", None)
+    if not isinstance(transform, nn.Module) or not isinstance(backbone, nn.Module):
+        return None
+    if isinstance(getattr(backbone, "body", None), nn.Module) and hasattr(backbone, "fpn"):
+        return DetectionAdapter(obj)
+    return DetectionAdapter(obj) if _detector_keys(obj) is not None else None
 
 
 def _detector_keys(model: nn.Module) -> list[str] | None:
-    transform, backbone = getattr(model, "transform", None), getattr(model, "backbone", None)
-    if not isinstance(transform, nn.Module) or not isinstance(backbone, nn.Module):
-        return None
-    size = getattr(transform, "min_size", 320)
+    """The keys of the backbone's output ([] for one tensor), from one small forward of
+    the transform and backbone; ``None`` when they are not a detector's. A definite
+    answer is kept per model; a forward that raised is tried again next time."""
+    if model in _DETECTORS:
+        return _DETECTORS[model]
+    size = getattr(model.transform, "min_size", 320)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
     param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
+    like = {"device": param.device, "dtype": param.dtype} if param is not None else {}
+    if not like.get("dtype", torch.float32).is_floating_point:
+        like["dtype"] = torch.float32
     try:
-        with probing(backbone, owner=model):
-            batched = transform([torch.zeros(3, size, size, device=device)])
+        with probing(model.backbone, owner=model):
+            batched = model.transform([torch.zeros(3, size, size, **like)])
             images = batched[0] if isinstance(batched, tuple) else batched
-            if not hasattr(images, "image_sizes"):
-                return None
-            out = backbone(images.tensors)
-    except Exception:  # noqa: BLE001 - not a transform and backbone of a detector
+            out = model.backbone(images.tensors) if hasattr(images, "image_sizes") else None
+    except Exception:  # noqa: BLE001 - not a detector's transform and backbone, or not now
         return None
     if isinstance(out, torch.Tensor):
-        return []
-    return [str(k) for k in out] if isinstance(out, dict) else None
+        keys: list[str] | None = []
+    elif isinstance(out, dict):
+        keys = [str(k) for k in out]
+    elif isinstance(out, (list, tuple)) and out:
+        keys = [str(i) for i in range(len(out))]
+    else:
+        keys = None
+    _DETECTORS[model] = keys
+    return keys
 
 
 class ClassifierAdapter(ModelAdapter):
@@ -177,12 +190,10 @@ class DetectionAdapter(ModelAdapter):
     def _probe_keys(self) -> list[str]:
         """Fallback for unfamiliar backbones: the keys its output has (none for one
         tensor), read with one small forward per model."""
-        model = self.module
-        if model not in _DETECTORS:
-            _DETECTORS[model] = _detector_keys(model)
-        keys = _DETECTORS[model]
+        keys = _detector_keys(self.module)
         if keys is None:
-            raise TypeError(f"{type(model).__name__}'s transform and backbone give no features")
+            name = type(self.module).__name__
+            raise TypeError(f"{name}'s transform and backbone give no features")
         return keys
 
     def forward(
