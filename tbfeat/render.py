@@ -302,3 +302,49 @@ def _deflate() -> Callable[[bytes, int], bytes]:
     except ImportError:
         return zlib.compress
     return lambda data, level: isal_zlib.compress(data, min(max(level, 0), 3))
+
+
+CAM_ALPHA = 0.5
+"""Weight of the colour-mapped class activation map over the image in :func:`cam_overlay`."""
+
+
+@torch.no_grad()
+def cam_overlay(
+    image: torch.Tensor, cam: torch.Tensor, cmap: str = "inferno", alpha: float = CAM_ALPHA
+) -> np.ndarray:
+    """A class activation map blended over the image the model saw.
+
+    Each pixel is ``(1 - alpha) * image + alpha * cmap(cam)``, rounded to uint8; the
+    colormap is perceptually uniform by default, so brightness follows the map.
+
+    Args:
+        image: ``(3, H, W)`` RGB float tensor in [0, 1] (values outside are clipped).
+        cam: ``(H, W)`` map in [0, 1], as :func:`tbfeat.stage_cams` gives per image.
+        cmap: A matplotlib colormap name.
+        alpha: Weight of the map, in [0, 1].
+
+    Returns:
+        An ``(H, W, 3)`` uint8 RGB array; the caller's tensors are not modified.
+
+    Example:
+        >>> import torch
+        >>> cam_overlay(torch.zeros(3, 2, 2), torch.ones(2, 2), alpha=1.0)[0, 0].tolist()
+        [252, 255, 164]
+    """
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image must be a (3, H, W) tensor, got {got}")
+    if not isinstance(cam, torch.Tensor) or cam.shape != image.shape[1:]:
+        got = tuple(cam.shape) if isinstance(cam, torch.Tensor) else type(cam).__name__
+        raise ValueError(
+            f"cam must be an (H, W) tensor of the image's size {tuple(image.shape[1:])}, got {got}"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    values = cam.detach().float().cpu().nan_to_num(0.0)
+    if float(values.min()) < -1e-6 or float(values.max()) > 1 + 1e-6:
+        raise ValueError("cam must hold values in [0, 1] (stage_cams scales each map so)")
+    lut = colormap_lut(cmap, 256).astype(np.float32)
+    colour = lut[np.rint(values.clamp(0, 1).numpy() * 255).astype(np.int64)]
+    rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
+    return np.rint((1.0 - alpha) * rgb + alpha * colour).clip(0, 255).astype(np.uint8)

@@ -164,3 +164,27 @@ def test_png_from_isal_and_from_zlib_decode_to_the_same_pixels(monkeypatch):
             assert im.mode == "P" and im.size == (129, 37)
             np.testing.assert_array_equal(np.asarray(im), grid)
             np.testing.assert_array_equal(np.asarray(im.convert("RGB")), colorize(grid))
+
+
+def test_cam_overlay_blends_the_colour_mapped_map_over_the_image():
+    from tbfeat.render import cam_overlay
+
+    g = torch.Generator().manual_seed(0)
+    image, cam = torch.rand(3, 6, 7, generator=g), torch.rand(6, 7, generator=g)
+    image_before, cam_before = image.clone(), cam.clone()
+    out = cam_overlay(image, cam, cmap="magma", alpha=0.4)
+    # independently: matplotlib's colour at the map's 256-level value, then the blend
+    levels = np.rint(cam.numpy() * 255) / 255
+    colour = np.rint(matplotlib.colormaps["magma"](levels)[..., :3] * 255)
+    expected = np.rint(0.6 * image.permute(1, 2, 0).numpy() * 255 + 0.4 * colour)
+    assert out.dtype == np.uint8 and out.shape == (6, 7, 3)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    assert torch.equal(image, image_before) and torch.equal(cam, cam_before)
+    assert np.array_equal(cam_overlay(image, cam, alpha=0.0), np.rint(image.permute(1, 2, 0)
+                          .numpy() * 255).astype(np.uint8))  # fmt: skip
+    with pytest.raises(ValueError, match=r"cam must be an \(H, W\) tensor of the image's size"):
+        cam_overlay(image, cam[:3])
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 2"):
+        cam_overlay(image, cam, alpha=2)
+    with pytest.raises(ValueError, match=r"cam must hold values in \[0, 1\]"):
+        cam_overlay(image, cam * 3)
