@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .options import did_you_mean
 from .safeload import (
     TRUST_HINT,
     CheckpointError,
@@ -45,6 +46,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "allowed_global",
     "check_checkpoint",
+    "check_model_args",
     "detector_size",
     "find_checkpoints",
     "inspect_checkpoint",
@@ -221,9 +223,7 @@ def model_factory(source: ModelSource) -> Callable[[], Any]:
     fn = getattr(module, name, None)
     if not callable(fn):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"{where!r} has no function {name!r}{hint}")
+        raise ValueError(f"{where!r} has no function {name!r}{did_you_mean(name, names)}")
     return _checked(fn, source)
 
 
@@ -274,6 +274,27 @@ def _checked(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
     return make
 
 
+def check_model_args(path: Path, kind: str, arch: str | None, model: Any) -> None:
+    """Whether a checkpoint of ``kind`` loads with the ``arch`` / ``model`` given: an
+    Ultralytics checkpoint carries its own model, a state dict needs one of them.
+
+    Raises:
+        CheckpointError: naming the file and the flag to add or leave out.
+    """
+    if kind == "ultralytics" and (arch is not None or model is not None):
+        flag = "--arch / arch=" if arch is not None else "--model / model="
+        raise CheckpointError(
+            f"{str(path)!r} is an Ultralytics checkpoint, which carries its own model: "
+            f"{flag} does not apply to it; leave it out"
+        )
+    if kind == "state_dict" and not arch and model is None:
+        raise CheckpointError(
+            f"{str(path)!r} is a state-dict checkpoint: name the model it loads into with "
+            "--arch (a torchvision builder such as fasterrcnn_resnet50_fpn) or --model "
+            "MODULE:FUNCTION / path/to/file.py:FUNCTION (your own)"
+        )
+
+
 def load_state_dict_model(
     path: Path,
     arch: str | None,
@@ -284,12 +305,7 @@ def load_state_dict_model(
 ) -> tuple[Any, int | None]:
     """A model from a state-dict checkpoint and its 1-based epoch, if stored: the
     torchvision builder ``arch``, or what ``model`` (see :func:`model_factory`) returns."""
-    if model is None and not arch:
-        raise CheckpointError(
-            f"{str(path)!r} is a state-dict checkpoint: name the model it loads into with "
-            "--arch (a torchvision builder such as fasterrcnn_resnet50_fpn) or --model "
-            "MODULE:FUNCTION (your own)"
-        )
+    check_model_args(path, "state_dict", arch, model)
     from .integrations.torchvision import load_checkpoint
 
     try:
@@ -338,12 +354,8 @@ def load_checkpoint_model(
     """
     if not trust:
         kind = check_checkpoint(path).kind
+    check_model_args(path, kind, arch, model)
     if kind == "ultralytics":
-        if arch is not None or model is not None:
-            raise CheckpointError(
-                f"{str(path)!r} is an Ultralytics checkpoint, which carries its own model: "
-                "--arch / --model do not apply to it"
-            )
         return load_ultralytics(path, trust=trust)[0]
     size = detector_size(arch, imgsz) if model is None else {}
     return load_state_dict_model(path, arch, trust=trust, model=model, **size)[0]
@@ -406,8 +418,7 @@ def _named_model(name: str, imgsz: int | None) -> Any:
         return build(name, weights_backbone=None, **detector_size(name, imgsz))
     if Path(name).suffix or os.sep in name:
         raise CheckpointError(_not_a_checkpoint(Path(name)))
-    close = difflib.get_close_matches(name, torchvision.models.list_models(), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name, torchvision.models.list_models())
     raise CheckpointError(
         f"unknown model {name!r}{hint}: give a checkpoint file, an Ultralytics yaml "
         "(yolov8n.yaml) or a torchvision builder name (fasterrcnn_resnet50_fpn)"

@@ -187,11 +187,11 @@ def cmd_stages(args: argparse.Namespace) -> int:
         args.checkpoint, args.arch, args.imgsz, trust=args.trust_checkpoints, model=args.model
     )
     adapter = adapt(model)
-    stages = numbered(adapter.candidate_stages(), len(adapter.candidate_stages()))
-    marked = resolve_stages(adapter.module, adapter.candidate_stages(), None,
-                            adapter.default_stages())  # fmt: skip
-    if args.stages:
-        marked = resolve_stages(adapter.module, stages, parse_stages(args.stages), default=None)
+    candidates = adapter.candidate_stages()
+    stages = numbered(candidates, len(candidates))
+    # the default stages, or those --stages selects
+    spec = parse_stages(args.stages)
+    marked = resolve_stages(adapter.module, candidates, spec, adapter.default_stages())
     shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
     shapes: dict[tuple[str, Any], str] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 NORMALIZE_CHOICES = ("channel", "stage")
@@ -94,7 +95,7 @@ class LogOptions:
         names = colormap_names()
         if self.cmap not in names:
             raise ValueError(
-                f"unknown cmap {self.cmap!r}{_did_you_mean(self.cmap, names)}; "
+                f"unknown cmap {self.cmap!r}{did_you_mean(self.cmap, names)}; "
                 "allowed: any matplotlib colormap name, e.g. "
                 "'viridis', 'magma', 'inferno', 'plasma', 'cividis', 'gray', 'turbo'"
             )
@@ -108,7 +109,7 @@ class LogOptions:
         for key in kwargs:
             if key not in fields:
                 raise TypeError(
-                    f"unknown option {key!r}{_did_you_mean(key, fields)}; "
+                    f"unknown option {key!r}{did_you_mean(key, fields)}; "
                     f"allowed: {', '.join(fields)}"
                 )
         base = options if options is not None else cls()
@@ -122,7 +123,9 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         )
 
 
-def _did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """``" (did you mean 'x'?)"`` for the choice closest to ``value``, else ``""``: the
+    hint every error about an unknown name ends with."""
     import difflib
 
     close = difflib.get_close_matches(str(value), list(choices), n=1)

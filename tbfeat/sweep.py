@@ -31,6 +31,7 @@ from .checkpoints import (
     ModelSource,
     UnsafeCheckpointError,
     check_checkpoint,
+    check_model_args,
     find_checkpoints,
     kind_of,
     load_checkpoint_model,
@@ -374,7 +375,8 @@ def _plan(
             "saves one per epoch with save_period=1 (Ultralytics) or in its own loop"
         )
     todo, kept = steps_to_log(plan, (int(s) for s in manifest["steps"]))
-    _check_kinds(todo, arch, model)
+    for p in todo:  # every checkpoint to log loads with the arguments given
+        check_model_args(p.path, p.kind, arch, model)
     if not trust:
         check_before_loading(todo)
     return plan, todo, kept
@@ -423,23 +425,6 @@ def _model_source(arch: str | None, model: ModelSource | None) -> Callable[[], A
 
         check_arch(arch)
     return model_factory(model) if model is not None else None
-
-
-def _check_kinds(todo: Sequence[PlannedStep], arch: str | None, model: Any) -> None:
-    """Every checkpoint to log can be loaded with the arguments given."""
-    for p in todo:
-        if p.kind == "ultralytics" and (arch is not None or model is not None):
-            flag = "--arch / arch=" if arch is not None else "--model / model="
-            raise ValueError(
-                f"{str(p.path)!r} is an Ultralytics checkpoint, which carries its own model: "
-                f"{flag} does not apply to it; leave it out"
-            )
-        if p.kind == "state_dict" and arch is None and model is None:
-            raise ValueError(
-                f"{str(p.path)!r} is a state-dict checkpoint: name the model it loads into "
-                "with --arch (a torchvision builder such as fasterrcnn_resnet50_fpn) or "
-                "--model MODULE:FUNCTION / path/to/file.py:FUNCTION (your own)"
-            )
 
 
 def check_before_loading(todo: Iterable[PlannedStep]) -> None:

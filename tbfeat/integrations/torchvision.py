@@ -19,7 +19,6 @@ reference format (``{"model": state_dict, "epoch": ...}``) included.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import weakref
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter
 from ..hooks import probing
+from ..options import did_you_mean
 from ..stages import CONTAINERS, Stage, sanitize
 
 _EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
@@ -287,11 +287,9 @@ def check_arch(arch: str) -> None:
 
     names = torchvision.models.list_models()
     if arch not in names:
-        close = difflib.get_close_matches(arch, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown arch {arch!r}{hint}; allowed: a torchvision builder name such as "
-            "fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, resnet50 "
+            f"unknown arch {arch!r}{did_you_mean(arch, names)}; allowed: a torchvision "
+            "builder name such as fasterrcnn_resnet50_fpn, retinanet_resnet50_fpn, resnet50 "
             "(torchvision.models.list_models() lists all)"
         )
 
