@@ -19,6 +19,7 @@ from torch import nn
 from .hooks import OutputCallback, StageHooks, probing
 from .images import ImageLike, to_tensors
 from .stages import Stage, generic_stages, numbered
+from .targets import ScoreTap
 
 # (top-level package of the model's class, integration module). The integration module's
 # ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
@@ -139,6 +140,17 @@ class ModelAdapter:
         hooks = StageHooks(stages, on_output, root=module, exclusive=True, **hook_kwargs)
         with probing(module, hooks), hooks:
             return self.forward(probes.inputs, module, stages)
+
+    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> Any:
+        """The whole model on one batch of :meth:`prepare`'s inputs (of one size), for
+        class activation maps: the heads included."""
+        return self.forward(inputs, module)
+
+    def score_tap(self, module: nn.Module) -> ScoreTap:
+        """Hooks that collect the class scores of ``module``'s predictions during
+        :meth:`cam_forward` (see :mod:`tbfeat.targets`); the base reads a classifier's
+        ``(N, classes)`` output."""
+        return ScoreTap(module)
 
     def attach(self, logger: Any) -> Callable[[], None]:
         """Called when a logger's ``with`` block starts; returns what undoes it.

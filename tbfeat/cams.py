@@ -1,35 +1,50 @@
 """Class activation maps per stage: where each stage finds the evidence for the answer.
 
-:func:`stage_cams` runs a model once on probe images with its stages hooked and, for
-``method="layercam"``, takes the gradient of a target score (a class logit) with respect
-to each stage's output: LayerCAM weighs every activation by its positive gradient, sums
-over channels and clamps at 0. ``method="activation"`` needs no gradient: the channel
-mean of ``|activation|``. Each map is scaled to [0, 1] per image and resized to the input
-the model sees.
+:func:`stage_cams` runs a model on probe images with its stages hooked and, for
+``method="layercam"``, takes the gradient of the chosen predictions' class scores with
+respect to each stage's output: LayerCAM weighs every activation by its positive
+gradient, sums over channels and clamps at 0. A detector's predictions are chosen as
+Ultralytics' LayerCAM chooses them (:func:`tbfeat.targets.choose`); each costs one
+backward pass, and each stage's map is the maximum of the per-prediction maps, each
+scaled to its own maximum, so a strong prediction does not hide a weak one.
+``method="activation"`` needs no gradient: the channel mean of ``|activation|``. Each map
+is scaled to [0, 1] per image and resized to the input as the model sees it.
 
-The gradient is taken with ``torch.autograd.grad`` on the stage outputs alone, so no
-parameter's ``.grad`` is touched; the model runs in eval mode under the probe lock, and
-its hooks are removed and every module's mode restored afterwards.
+The gradient is taken with ``torch.autograd.grad`` towards the input alone, so no
+parameter's ``.grad`` is touched; the model runs in eval mode under the probe lock, out
+of ``torch.inference_mode``, and its hooks are removed, every module's mode and the
+heads' caches restored afterwards.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import adapt
+from .adapters import ModelAdapter, adapt
 from .hooks import StageHooks, probing
 from .images import ImageLike
-from .stages import StageSpec, resolve_stages
+from .stages import Stage, StageSpec, resolve_stages
+from .targets import CamTarget, ScoreTap, as_target, choose
 
 CAM_METHODS = ("layercam", "activation")
-Target = int | Callable[[Any], torch.Tensor] | None
-"""A classifier's class (``None``: each image's top-1), or a function of the model's
-output giving one score per image."""
+Target = int | Sequence[int] | Callable[[Any], torch.Tensor] | CamTarget | None
+"""A classifier's class (``None``: each image's top-1); a detector's class ids (``None``:
+every class); or a function of the model's output giving one score per image."""
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """Maps of one probe, one entry per image (images of different sizes may differ)."""
+
+    maps: dict[str, list[torch.Tensor]]
+    """``{stage key: [(H, W) map in [0, 1] per image]}``."""
+    seen: list[torch.Tensor]
+    """Per image, ``(3, H, W)`` in [0, 1]: the input as the model saw it."""
 
 
 def stage_cams(
@@ -39,23 +54,34 @@ def stage_cams(
     stages: StageSpec | Iterable[StageSpec] | None = None,
     method: str = "layercam",
     target: Target = None,
+    conf: float = 0.25,
+    topk: int = 16,
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    imgsz: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-stage class activation maps of a plain module or classifier.
+    """Per-stage class activation maps of a classifier, a detector or any module.
 
     Args:
-        model: An ``nn.Module`` whose output is ``(N, classes)`` scores, or any module
-            with a callable ``target``. Detectors and YOLO models are not handled yet.
+        model: What :class:`~tbfeat.FeatureLogger` takes: an ``nn.Module`` classifier
+            (``(N, classes)`` scores), an Ultralytics model (Detect, Segment, Pose, OBB,
+            Classify heads, RT-DETR), a torchvision detector (Faster/Mask/Keypoint R-CNN,
+            RetinaNet, FCOS, SSD), or any module with a callable ``target``.
         inputs: Probe images, as for :meth:`tbfeat.FeatureLogger.log`.
         stages: As for :class:`~tbfeat.FeatureLogger`; stages without a 4-D output are
             left out.
         method: ``"layercam"`` (gradients) or ``"activation"`` (no gradient).
-        target: ``None`` for each image's top-1 class, an ``int`` class, or a function of
-            the output returning ``(N,)`` scores.
-        preprocess: As for :class:`~tbfeat.FeatureLogger`.
+        target: A classifier: ``None`` for each image's top-1 class, or a class id. A
+            detector: ``None`` for every class, or class ids to keep. Any model: a function
+            of the output returning ``(N,)`` scores.
+        conf: A detector's predictions at or above this class probability are explained;
+            where none is, the single best one.
+        topk: At most this many predictions per image (one backward pass each).
+        preprocess: As for :class:`~tbfeat.FeatureLogger` (plain modules, classifiers).
+        imgsz: The letterbox size of Ultralytics models (default their training size).
 
     Returns:
-        ``{stage key: (N, H, W) float map in [0, 1]}`` at the input's size, on the CPU.
+        ``{stage key: (N, H, W) float map in [0, 1]}`` at the size the model sees (after
+        a letterbox or a detector's transform), on the CPU.
 
     Example:
         >>> import torch, torchvision
@@ -65,28 +91,70 @@ def stage_cams(
         >>> tuple(maps["05_layer2"].shape)
         (1, 64, 64)
     """
+    check_method(method)
+    cam_target = as_target(target, conf, topk)
+    adapter = adapt(model)
+    if preprocess is not None and not adapter.takes_preprocess:
+        raise ValueError(
+            f"preprocess= is for plain modules and classifiers; {type(adapter.module).__name__}"
+            " prepares its input itself (its transform or letterbox), so leave it out"
+        )
+    extra = {"preprocess": preprocess} if preprocess is not None else {}
+    probes = adapter.prepare(inputs, imgsz=imgsz, **extra)
+    module = adapter.module
+    chosen = resolve_stages(module, adapter.candidate_stages(), stages, adapter.default_stages())
+    result = compute_cams(adapter, probes.inputs, chosen, method, cam_target)
+    if len({tuple(s.shape) for s in result.seen}) > 1:
+        raise ValueError("stage_cams takes images of one size; resize them, or call it per image")
+    return {key: torch.stack(maps) for key, maps in result.maps.items()}
+
+
+def check_method(method: Any) -> None:
     if method not in CAM_METHODS:
         raise ValueError(
             f"method must be one of {', '.join(map(repr, CAM_METHODS))}, got {method!r}"
         )
-    _check_target(target)
-    adapter = adapt(model)
-    if not adapter.takes_preprocess:
-        raise ValueError(
-            f"stage_cams handles plain modules and classifiers; {type(adapter.module).__name__} "
-            "(a detector or YOLO model) is not supported yet"
-        )
-    extra = {"preprocess": preprocess} if preprocess is not None else {}
-    probes = adapter.prepare(inputs, **extra)
-    if len({tuple(t.shape) for t in probes.inputs}) > 1:
-        raise ValueError("stage_cams takes images of one size; resize them, or call it per image")
-    module = adapter.module
-    chosen = resolve_stages(module, adapter.candidate_stages(), stages, adapter.default_stages())
+
+
+def compute_cams(
+    adapter: ModelAdapter,
+    inputs: Sequence[torch.Tensor],
+    stages: Sequence[Stage],
+    method: str,
+    target: CamTarget,
+    module: nn.Module | None = None,
+) -> CamResult:
+    """The maps of prepared probe inputs (:meth:`ModelAdapter.prepare`), images of one
+    size batched together, for ``module`` (default the adapter's)."""
+    module = adapter.module if module is None else module
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(inputs):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    maps: dict[str, list[Any]] = {}
+    seen: list[Any] = [None] * len(inputs)
+    for indices in groups.values():
+        batch = [inputs[i] for i in indices]
+        group_maps, group_seen = _batch_cams(adapter, module, batch, stages, method, target)
+        for j, i in enumerate(indices):
+            seen[i] = group_seen[j]
+            for key, m in group_maps.items():
+                maps.setdefault(key, [None] * len(inputs))[i] = m[j]
+    return CamResult({k: v for k, v in maps.items() if all(m is not None for m in v)}, seen)
+
+
+def _batch_cams(
+    adapter: ModelAdapter,
+    module: nn.Module,
+    batch: list[torch.Tensor],
+    stages: Sequence[Stage],
+    method: str,
+    target: CamTarget,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     layercam = method == "layercam"
     acts: dict[str, torch.Tensor] = {}
     grads: dict[str, torch.Tensor] = {}
 
-    def keep(stage: Any, output: Any) -> None:
+    def keep(stage: Stage, output: Any) -> None:
         t = output[stage.output] if stage.output is not None else output
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             return
@@ -96,82 +164,81 @@ def stage_cams(
         if layercam and t.requires_grad:  # the gradient w.r.t. this value, as it is now
             t.register_hook(lambda g, key=stage.key: grads.__setitem__(key, g.detach()))
 
-    hooks = StageHooks(chosen, keep, root=module, exclusive=True)
-    gradients = torch.enable_grad() if layercam else contextlib.nullcontext()
-    with probing(module, hooks), hooks, torch.inference_mode(False), gradients:
+    hooks = StageHooks(stages, keep, root=module, exclusive=True)
+    tap = adapter.score_tap(module)
+    grad_mode = torch.enable_grad() if layercam else torch.no_grad()
+    with probing(module, hooks), hooks, tap, torch.inference_mode(False), grad_mode:
         # the input requires grad, so frozen parameters still give stage gradients
-        x = [t.detach().clone().requires_grad_(layercam) for t in probes.inputs]
-        out = adapter.forward(x, module, chosen)
+        x = [t.detach().clone().requires_grad_(layercam) for t in batch]
+        out = adapter.cam_forward(x, module)
+        seen = tap.seen(torch.stack(x)).detach()
         if layercam:
-            _backward(out, x, target)  # fills grads through the tensor hooks
-    size = tuple(probes.inputs[0].shape[-2:])
-    return {key: _cam(a, grads if layercam else None, key, size) for key, a in acts.items()}
+            cams = _layercam(out, x, tap, target, acts, grads)
+        else:
+            cams = {key: a.float().abs().mean(1) for key, a in acts.items()}
+    size = tuple(seen.shape[-2:])
+    return {key: _finish(c, size) for key, c in cams.items()}, _displayable(seen)
 
 
-def _check_target(target: Any) -> None:
-    if (
-        target is not None
-        and not callable(target)
-        and (isinstance(target, bool) or not isinstance(target, int) or target < 0)
-    ):
-        raise TypeError(
-            f"target must be None (top-1), a class index >= 0 or a function of the output, "
-            f"got {target!r}"
-        )
-
-
-def _backward(out: Any, inputs: list[torch.Tensor], target: Target) -> None:
-    """Backpropagate the summed target score to the inputs (never to a parameter's
-    ``.grad``); the stage outputs' tensor hooks keep their gradients on the way."""
-    score = _score(out, target)
-    if not score.requires_grad:
-        raise ValueError(
-            "the target score does not depend on the input through a gradient (a forward "
-            "under no_grad, or a target that detaches); use method='activation'"
-        )
-    torch.autograd.grad(score.sum(), inputs, allow_unused=True)
-
-
-def _score(out: Any, target: Target) -> torch.Tensor:
-    """One score per image: the target class's logit (top-1 by default) or ``target(out)``."""
-    if callable(target):
-        score = target(out)
-    elif isinstance(out, torch.Tensor) and out.dim() == 2:
-        classes = out.argmax(1)
-        if target is not None:
-            classes = torch.full_like(classes, target)
-        if int(classes.max()) >= out.shape[1]:
+def _layercam(
+    out: Any,
+    x: list[torch.Tensor],
+    tap: ScoreTap,
+    target: CamTarget,
+    acts: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """One backward pass per chosen prediction; per stage, the maximum of the passes'
+    LayerCAM maps, each scaled per image to its maximum."""
+    scores = [_score(out, target.score).sum()] if target.score else choose(tap.scores(out), target)
+    combined: dict[str, torch.Tensor] = {}
+    for k, score in enumerate(scores):
+        if not score.requires_grad:
             raise ValueError(
-                f"target class {target} is out of range; allowed 0..{out.shape[1] - 1}"
+                "the target score does not depend on the input through a gradient (a "
+                "forward under no_grad, or a target that detaches); use method='activation'"
             )
-        score = out.gather(1, classes[:, None])[:, 0]
-    else:
-        raise TypeError(
-            f"the model returned {type(out).__name__} "
-            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}, not (N, classes) "
-            "scores; pass target= a function of the output giving one score per image"
-        )
-    if not isinstance(score, torch.Tensor) or score.dim() != 1:
-        raise TypeError(f"target must give one score per image, a 1-D tensor, got {score!r}")
-    return score
+        grads.clear()
+        torch.autograd.grad(score, x, retain_graph=k < len(scores) - 1, allow_unused=True)
+        for key, a in acts.items():
+            g = grads.get(key)  # None: the score does not depend on this stage
+            cam = torch.zeros(a.shape[0], *a.shape[2:]) if g is None else _layer_map(a, g)
+            combined[key] = cam if key not in combined else torch.maximum(combined[key], cam)
+    return combined
 
 
 @torch.no_grad()
-def _cam(
-    act: torch.Tensor, grads: dict[str, torch.Tensor] | None, key: str, size: tuple[int, int]
-) -> torch.Tensor:
-    """LayerCAM (``grads`` given; a stage the score does not depend on gets zeros) or the
-    channel mean of |activation|, resized to ``size``, per image in [0, 1]."""
-    a = act.detach().float()
-    if grads is None:
-        cam = a.abs().mean(1)
-    else:
-        grad = grads.get(key, torch.zeros_like(a))
-        cam = (grad.float().clamp(min=0) * a).sum(1).clamp(min=0)
-    cam = nn.functional.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+def _layer_map(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    cam = (grad.float().clamp(min=0) * act.float()).sum(1).clamp(min=0)
+    return (cam / cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]).cpu()
+
+
+def _score(out: Any, score: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    s = score(out)
+    if not isinstance(s, torch.Tensor) or s.dim() != 1:
+        raise TypeError(f"target must give one score per image, a 1-D tensor, got {s!r}")
+    return s
+
+
+@torch.no_grad()
+def _finish(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize to ``size`` and scale each image's map to [0, 1]."""
+    cam = cam.float().cpu()[:, None]
+    cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
     flat = cam.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     cam = (cam - lo[:, None, None]) / (hi - lo).clamp(min=1e-12)[:, None, None]
-    return cam.clamp(0, 1).cpu()
+    return cam.clamp(0, 1)
+
+
+@torch.no_grad()
+def _displayable(seen: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, H, W)`` in [0, 1]: the first three channels (one repeated), each image
+    scaled to its own min/max when it lies outside [0, 1] (a normalized input)."""
+    x = seen.detach().float().cpu()
+    x = x[:, :1].expand(-1, 3, -1, -1) if x.shape[1] < 3 else x[:, :3]
+    lo = x.amin((1, 2, 3), keepdim=True)
+    hi = x.amax((1, 2, 3), keepdim=True)
+    outside = (lo < 0) | (hi > 1)
+    scaled = (x - lo) / (hi - lo).clamp(min=1e-12)
+    return torch.where(outside, scaled, x).contiguous()

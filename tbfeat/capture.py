@@ -38,6 +38,18 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class CamImages:
+    """Class activation maps of one probe: what the recorder blends and draws."""
+
+    step: int
+    seen: tuple[torch.Tensor, ...]
+    """Per image, ``(3, H, W)`` in [0, 1]: the input as the model saw it."""
+    maps: tuple[tuple[str, tuple[torch.Tensor, ...]], ...]
+    """``(stage key, one (H, W) map in [0, 1] per image)`` per stage."""
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class EndStep:
     """Everything captured at ``step`` so far is complete: summarize and write it."""
 
@@ -133,6 +145,7 @@ class CaptureSession:
         self._counts: dict[str, int] = {}
         self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
         self._forward_id = 0
+        self._cam_images = 0
         self._captured = False
         self._lock = threading.Lock()  # one model may run on several threads
         self.add_names(names)
@@ -146,6 +159,15 @@ class CaptureSession:
         """Name the next images of the step (sanitized; a repeat gets ``_1``, ``_2``...)."""
         with self._lock:
             self._names += unique_names((sanitize(n) for n in names), taken=self._names)
+
+    def claim_cam_images(self, n: int) -> tuple[str, ...]:
+        """Names of the next ``n`` images of the step to draw maps of (fewer once the
+        step has ``max_images``), counted apart from the stages' images."""
+        with self._lock:
+            done = self._cam_images
+            k = max(0, min(n, self.options.max_images - done))
+            self._cam_images = done + k
+            return tuple(self._image_name(done + i) for i in range(k))
 
     def on_forward(self) -> None:
         """A new forward of the hooked model begins (for calls of shared modules)."""
@@ -162,7 +184,7 @@ class CaptureSession:
         """Post :class:`EndStep` if anything was captured; reset the step's bookkeeping."""
         with self._lock:
             captured, self._captured = self._captured, False
-            self._names, self._counts = [], {}
+            self._names, self._counts, self._cam_images = [], {}, 0
         if captured:
             self._post(EndStep(self.step), 0)
         return captured

@@ -110,6 +110,11 @@ class StageHooks:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
+    def active(self) -> bool:
+        """Whether the forward running now is one these hooks pass on (their gate is
+        open, and it is not another probe's)."""
+        return self._open()
+
     def _open(self) -> bool:
         probe = _PROBE.get()
         if probe is not self and (probe is not None or self.exclusive):

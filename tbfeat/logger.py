@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .adapters import ModelAdapter, Probes, adapt
-from .capture import CaptureSession, Notes, Scalars, SetLogdir, capture_hooks_kwargs
+from .cams import compute_cams
+from .capture import CamImages, CaptureSession, Notes, Scalars, SetLogdir, capture_hooks_kwargs
 from .hooks import StageHooks
 from .images import ImageLike
 from .options import LogOptions
@@ -165,6 +167,7 @@ class FeatureLogger:
         self._finalizer: weakref.finalize | None = None
         self._session: CaptureSession | None = None
         self._hooks: StageHooks | None = None
+        self._cam_handle: Any = None
         self._detach: Callable[[], None] | None = None
         self._depth = 0
         self._closed = False
@@ -422,9 +425,43 @@ class FeatureLogger:
         )
         try:
             hooks = capture_hooks_kwargs(session, self._notes)
-            return adapter.run_probe(probes, stages, **hooks)
+            out = adapter.run_probe(probes, stages, **hooks)
+            if self.options.cam is not None:
+                self._log_cams(adapter, probes.inputs, session.names, stages, step)
+            return out
         finally:
             session.end_step()
+
+    def _log_cams(
+        self,
+        adapter: ModelAdapter,
+        inputs: Sequence[Any],
+        names: Sequence[str],
+        stages: Sequence[Stage],
+        step: int,
+        module: nn.Module | None = None,
+    ) -> None:
+        """Post the class activation maps of the step's first images; a failure is said
+        once and leaves the rest of the step as it is."""
+        n = min(self.options.max_images, len(inputs), len(names))
+        if not n:
+            return
+        try:
+            result = compute_cams(
+                adapter, inputs[:n], stages, self.options.cam, self.options.cam_target_spec(),
+                module=module,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a map never ends the user's run
+            self._notes(
+                f"cam-error:{type(e).__name__}",
+                f"tbfeat: class activation maps were not logged: {type(e).__name__}: {e}",
+                warn=True,
+            )
+            return
+        maps = tuple((key, tuple(m)) for key, m in result.maps.items())
+        nbytes = sum(t.numel() * t.element_size() for t in result.seen)
+        nbytes += sum(t.numel() * t.element_size() for _, m in maps for t in m)
+        self._post(CamImages(step, tuple(result.seen), maps, tuple(names[:n])), nbytes)
 
     # ----------------------------------------------------------------- captures
     def begin(
@@ -463,14 +500,37 @@ class FeatureLogger:
         )
         hooks.install()
         self._session, self._hooks = session, hooks
+        if self.options.cam is not None and self.options.cam_captures:
+            self._cam_handle = module.register_forward_hook(
+                self._captured_cams(module, stages, session, hooks)
+            )
         return session
+
+    def _captured_cams(
+        self, module: nn.Module, stages: list[Stage], session: CaptureSession, hooks: StageHooks
+    ) -> Callable[..., None]:
+        """A forward hook on the captured module: maps of the batch it just ran (one more
+        forward and backward), for ``cam_captures=True``."""
+        adapter = self._adapter_for(module)
+
+        def after_forward(m: nn.Module, args: Any, output: Any) -> None:
+            if not hooks.active() or not args:
+                return
+            images = _batch_images(args[0])
+            names = session.claim_cam_images(len(images)) if images else ()
+            if names:
+                self._log_cams(adapter, images, names, stages, session.step, module=module)
+
+        return after_forward
 
     def end(self) -> None:
         """End the capture begun by :meth:`begin`: remove its hooks, end its step. Safe
         to call twice."""
-        hooks, session = self._hooks, self._session
-        self._hooks = self._session = None
+        hooks, session, cam_handle = self._hooks, self._session, self._cam_handle
+        self._hooks = self._session = self._cam_handle = None
         try:
+            if cam_handle is not None:
+                cam_handle.remove()
             if hooks is not None:
                 hooks.remove()
         finally:
@@ -546,6 +606,18 @@ def _shutdown(worker: Worker, recorder: Recorder) -> None:
     """
     if worker.stop():
         recorder.close()
+
+
+def _batch_images(batch: Any) -> list[torch.Tensor]:
+    """The images of a captured forward's first argument: an ``(N, C, H, W)`` batch or
+    a list of ``(C, H, W)`` images (torchvision detectors); none for anything else."""
+    if isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.is_floating_point():
+        return list(batch.unbind(0))
+    if isinstance(batch, (list, tuple)) and all(
+        isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() for t in batch
+    ):
+        return list(batch)
+    return []
 
 
 def _check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:

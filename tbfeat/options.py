@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 NORMALIZE_CHOICES = ("channel", "stage")
 CHANNEL_CHOICES = ("first", "strongest")
+CAM_CHOICES = ("layercam", "activation", None)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,19 @@ class LogOptions:
         predictions: Also log the ``boxes``, ``scores``, ``labels`` (``masks``,
             ``keypoints``) tensors that a chosen detection head returns; off, they are
             left out (they are predictions, not activations).
+        cam: Class activation maps of each stage for the probe images (``log()``, the
+            training integrations, ``tbfeat sweep``), written as ``cam/<NN>_<Type>/<image>``:
+            ``"layercam"`` (gradients of the predictions' class scores; one extra forward
+            and one backward per explained prediction), ``"activation"`` (the channel
+            mean of ``|activation|``, no gradient) or ``None`` (off).
+        cam_target: What the maps explain: ``None`` (a classifier's top-1 class; every
+            class of a detector), a class id or a tuple of class ids, or a function of
+            the model's output giving one score per image.
+        cam_conf: A detector's predictions at or above this class probability are
+            explained (the single best one where none is).
+        cam_topk: At most this many predictions explained per image (one backward each).
+        cam_captures: Also compute maps for the forwards a ``with`` block captures
+            (predict, val): an extra forward and backward per batch, so off by default.
         every: Training integrations log every ``every``-th epoch (and the last).
         imgsz: Side of the square that integrations letterbox probe images to (Ultralytics);
             ``None`` for the model's own training size.
@@ -67,6 +82,11 @@ class LogOptions:
     evolution_steps: int = 32
     evolution_cell: int = 16
     predictions: bool = False
+    cam: str | None = "layercam"
+    cam_target: Any = None
+    cam_conf: float = 0.25
+    cam_topk: int = 4
+    cam_captures: bool = False
     every: int = 1
     imgsz: int | None = None
 
@@ -75,7 +95,7 @@ class LogOptions:
             isinstance(self.imgsz, bool) or not isinstance(self.imgsz, int) or self.imgsz < 1
         ):
             raise ValueError(f"imgsz must be None or an int >= 1, got {self.imgsz!r}")
-        ints = ("max_channels", "max_images", "tile", "ncols", "hist_bins", "every")
+        ints = ("max_channels", "max_images", "tile", "ncols", "hist_bins", "every", "cam_topk")
         for name in (*ints, "drift_samples", "evolution_steps", "evolution_cell"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -86,8 +106,12 @@ class LogOptions:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r}")
+        if not isinstance(self.cam_captures, bool):
+            raise TypeError(f"cam_captures must be True or False, got {self.cam_captures!r}")
         _check_choice("normalize", self.normalize, NORMALIZE_CHOICES)
         _check_choice("channels", self.channels, CHANNEL_CHOICES)
+        _check_choice("cam", self.cam, CAM_CHOICES)
+        self.cam_target_spec()  # raises for a bad cam_target or cam_conf
         if not isinstance(self.cmap, str):
             raise TypeError(f"cmap must be a colormap name, got {self.cmap!r}")
         from .render import colormap_names  # deferred: matplotlib loads only when needed
@@ -99,6 +123,21 @@ class LogOptions:
                 "allowed: any matplotlib colormap name, e.g. "
                 "'viridis', 'magma', 'inferno', 'plasma', 'cividis', 'gray', 'turbo'"
             )
+
+    def cam_target_spec(self) -> Any:
+        """The :class:`tbfeat.targets.CamTarget` of ``cam_target``, ``cam_conf`` and
+        ``cam_topk``."""
+        from .targets import as_target
+
+        try:
+            return as_target(self.cam_target, self.cam_conf, self.cam_topk)
+        except (TypeError, ValueError) as e:
+            message = str(e)
+            for name in ("target", "conf", "topk", "class ids"):
+                if message.startswith(name):
+                    message = f"cam_{message}" if name != "class ids" else f"cam_target {message}"
+                    break
+            raise type(e)(message) from None
 
     @classmethod
     def from_kwargs(cls, options: LogOptions | None = None, **kwargs: object) -> LogOptions:

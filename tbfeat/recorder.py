@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .capture import Capture, EndStep, Notes, Scalars, SetLogdir
+from .capture import CamImages, Capture, EndStep, Notes, Scalars, SetLogdir
 from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
 from .options import LogOptions
-from .render import feature_tiles, layout, select_channels
+from .render import CAM_CMAP, cam_overlay, feature_tiles, layout, select_channels
 from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
@@ -80,6 +80,8 @@ class Recorder:
         """Handle one message from the forward side (worker thread)."""
         if isinstance(message, Capture):
             self._capture(message)
+        elif isinstance(message, CamImages):
+            self._cams(message)
         elif isinstance(message, EndStep):
             self._end_step(message.step)
         elif isinstance(message, Scalars):
@@ -128,6 +130,19 @@ class Recorder:
             if t.size:
                 tag = f"features/{c.base}/{name}"
                 state.images.append(self.sink.encode_image(tag, layout(t, opts.ncols), opts.cmap))
+
+    def _cams(self, c: CamImages) -> None:
+        """``cam/<stage>/<image>``: each map blended over the image the model saw."""
+        started = time.thread_time()
+        state = self._steps.setdefault(c.step, _Step())
+        for key, maps in c.maps:
+            for name, image, cam in zip(c.names, c.seen, maps, strict=True):
+                tag = f"cam/{key}/{name}"
+                self._guard(f"CAM of stage {key}", self._cam, state, tag, image, cam)
+        state.busy_s += time.thread_time() - started
+
+    def _cam(self, state: _Step, tag: str, image: torch.Tensor, cam: torch.Tensor) -> None:
+        state.images.append(self.sink.encode_rgb(tag, cam_overlay(image, cam, CAM_CMAP)))
 
     def _track(self, c: Capture, state: _Step) -> None:
         opts, x = self.options, c.x

@@ -286,6 +286,25 @@ def encode_png(indices: np.ndarray, cmap: str = "viridis", compress_level: int =
     )
 
 
+def encode_rgb_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 RGB array as an 8-bit truecolour PNG (as
+    :func:`encode_png`, without a palette)."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.shape[2:] != (3,):
+        raise TypeError("rgb must be an (H, W, 3) uint8 numpy array")
+    height, width, _ = rgb.shape
+    rows = np.zeros((height, 3 * width + 1), dtype=np.uint8)  # filter byte 0 per row
+    rows[:, 1:] = rgb.reshape(height, 3 * width)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"".join(
+        (
+            _PNG_SIGNATURE,
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", _deflate()(rows.tobytes(), compress_level)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
+
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -306,6 +325,9 @@ def _deflate() -> Callable[[bytes, int], bytes]:
 
 CAM_ALPHA = 0.5
 """Weight of the colour-mapped class activation map over the image in :func:`cam_overlay`."""
+CAM_CMAP = "inferno"
+"""The perceptually uniform colormap of logged class activation maps: dark is no
+evidence, bright yellow the strongest."""
 
 
 @torch.no_grad()

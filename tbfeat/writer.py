@@ -328,6 +328,20 @@ class EventSink:
         image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
         return Summary.Value(tag=tag, image=image)
 
+    def encode_rgb(self, tag: str, rgb: np.ndarray) -> Any:
+        """An ``(H, W, 3)`` uint8 RGB picture as what :meth:`write` takes (see
+        :meth:`encode_image`)."""
+        if not self._raw:
+            return (tag, rgb)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from .render import encode_rgb_png
+
+        height, width, _ = rgb.shape
+        png = encode_rgb_png(rgb)
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+        return Summary.Value(tag=tag, image=image)
+
     # ---------------------------------------------------------------- writing
     def write(self, bundle: StepBundle) -> bool:
         """Write a finished step as one event and flush it; never raises for storage.

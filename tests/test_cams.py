@@ -1,12 +1,18 @@
 """Per-stage class activation maps against a model whose evidence sits where the test
 puts it, and a model left exactly as it was."""
 
+import matplotlib
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from tbfeat import stage_cams
+from tbfeat import FeatureLogger, stage_cams
+from tbfeat.render import CAM_ALPHA, cam_overlay
+from tbfeat.targets import CamTarget, choose
+
+from .helpers import decode, read_events
 
 
 class Spots(nn.Module):
@@ -90,13 +96,17 @@ def test_bad_arguments_raise_clear_errors():
         stage_cams(model, spots_image(), method="gradcam")
     with pytest.raises(TypeError, match="target must be None"):
         stage_cams(model, spots_image(), target="cat")
-    with pytest.raises(ValueError, match="target class 5 is out of range; allowed 0..1"):
+    with pytest.raises(ValueError, match=r"classes \[5\] are all outside the model's 2 classes"):
         stage_cams(model, spots_image(), target=5)
+    with pytest.raises(ValueError, match="conf must be in"):
+        stage_cams(model, spots_image(), conf=1.5)
+    with pytest.raises(ValueError, match="topk must be an int >= 1"):
+        stage_cams(model, spots_image(), topk=0)
     detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None
     )
-    with pytest.raises(ValueError, match="not supported yet"):
-        stage_cams(detector, spots_image())
+    with pytest.raises(ValueError, match="preprocess= is for plain modules"):
+        stage_cams(detector, spots_image(), preprocess=lambda t: t)
 
 
 def test_values_before_later_in_place_ops_and_exact_class_indices():
@@ -123,3 +133,212 @@ def test_what_cannot_give_a_layercam_says_so():
         stage_cams(model, [torch.rand(3, 16, 16), torch.rand(3, 20, 16)])
     with pytest.raises(ValueError, match="does not depend on the input through a gradient"):
         stage_cams(model, spots_image(), target=lambda out: out.detach()[:, 0])
+
+
+def test_predictions_are_chosen_as_ultralytics_chooses_them():
+    """Above conf, strongest first, at most topk, of the allowed classes; the single
+    best one where none passes; an image with fewer repeats its own."""
+    logits = torch.tensor([[4.0, -3.0, 1.0, 2.0], [0.0, 3.0, -5.0, -5.0]])  # (classes, preds)
+    probs = logits.sigmoid()
+    picked = choose([(logits, probs)], CamTarget(conf=0.6))  # preds 0, 1 (class 1), 3, 2
+    assert [float(s) for s in picked] == [4.0, 3.0, 2.0, 1.0]
+    assert [float(s) for s in choose([(logits, probs)], CamTarget(conf=0.6, topk=2))] == [4.0, 3.0]
+    only1 = choose([(logits, probs)], CamTarget(classes=(1,), conf=0.99))  # none pass: the best
+    assert [float(s) for s in only1] == [3.0]
+    weak = (logits - 10, (logits - 10).sigmoid())
+    both = choose([(logits, probs), weak], CamTarget(conf=0.6))
+    assert [float(s) for s in both] == [4.0 - 6.0, 3.0 - 6.0, 2.0 - 6.0, 1.0 - 6.0]
+
+
+def test_the_head_inputs_agree_with_ultralytics_own_layercam(tmp_path, monkeypatch):
+    """Ultralytics' ``class_activation_map`` (predict with visualize=True) and the
+    maximum of the maps of the stages its head reads, on one model and image."""
+    cv2 = pytest.importorskip("cv2")
+    import ultralytics.utils.plotting as plotting
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    torch.manual_seed(0)
+    yolo = YOLO("yolov8n.yaml")
+    for branch in yolo.model.model[-1].cv3:  # class scores that differ between anchors
+        nn.init.normal_(branch[-1].weight, std=0.02)
+        nn.init.zeros_(branch[-1].bias)
+    image = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (320, 320))  # no letterbox padding
+    theirs = []
+    colour = plotting.cv2.applyColorMap
+    monkeypatch.setattr(
+        plotting.cv2, "applyColorMap", lambda c, m: theirs.append(c.copy()) or colour(c, m)
+    )
+    yolo.predict(image, imgsz=320, visualize=True, save=False, verbose=False, project=tmp_path)
+    monkeypatch.undo()
+    assert len(theirs) == 1 and theirs[0].shape == (320, 320) and theirs[0].max() > 0
+    head = yolo.model.model[-1]
+    maps = stage_cams(yolo, image, stages=list(head.f), conf=0.25, topk=16, imgsz=320)
+    assert list(maps) == ["15_C2f", "18_C2f", "21_C2f"]
+    ours = torch.stack(list(maps.values())).amax(0)[0]
+    r = np.corrcoef(ours.flatten().numpy(), theirs[0].astype(np.float32).ravel())[0, 1]
+    assert r >= 0.95, r
+
+
+def model_state(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+    )
+
+
+def assert_unchanged(model, before, run, reference):
+    state, modes = before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert all(
+        not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+        for m in model.modules()
+    )
+    again = run()
+    assert all(torch.equal(a, b) for a, b in zip(flat(reference), flat(again), strict=True))
+
+
+def flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat(v)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "config", ["yolov8n.yaml", "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml",
+               "yolov8n-cls.yaml", "rtdetr-l.yaml"],
+)  # fmt: skip
+def test_every_yolo_head_gives_maps_and_is_left_as_it_was(config):
+    from ultralytics import RTDETR, YOLO
+    from ultralytics.utils import ASSETS
+
+    torch.manual_seed(0)
+    yolo = (RTDETR if config.startswith("rtdetr") else YOLO)(config)
+    model = yolo.model.eval()
+    x = torch.rand(1, 3, 96, 96)
+    with torch.inference_mode():  # anchors cached under inference mode, as in predict
+        reference = model(x)
+    head = model.model[-1]
+    caches = {a: getattr(head, a, None) for a in ("shape", "shapes", "anchors")}
+    before = model_state(model)
+    with torch.inference_mode():
+        maps = stage_cams(yolo, ASSETS / "bus.jpg", stages=[1, 4, len(model.model) - 2], imgsz=128)
+    assert len(maps) == 3
+    for cam in maps.values():
+        assert cam.shape[0] == 1 and cam.min() >= 0 and cam.max() == 1.0
+    assert all(getattr(head, a, None) is v for a, v in caches.items())
+
+    def run():
+        with torch.inference_mode():
+            return model(x)
+
+    assert_unchanged(model, before, run, reference)
+
+
+@pytest.mark.parametrize(
+    "builder", ["fasterrcnn_mobilenet_v3_large_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
+                "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn"],
+)  # fmt: skip
+def test_torchvision_detectors_give_maps_at_their_transforms_size(builder):
+    torch.manual_seed(0)
+    kwargs = {} if builder.startswith("ssd") else {"min_size": 128, "max_size": 160}
+    model = torchvision.models.get_model(
+        builder, weights=None, weights_backbone=None, num_classes=5, **kwargs
+    ).eval()
+    x = torch.rand(3, 100, 150)
+    with torch.no_grad():
+        reference = model([x])
+    before = model_state(model)
+    maps = stage_cams(model, x, topk=2)
+    with torch.no_grad():
+        seen = model.transform([x])[0].tensors
+    assert maps and all(m.shape == (1, *seen.shape[-2:]) for m in maps.values())
+    assert any(float(m.max()) == 1.0 for m in maps.values())
+
+    def run():
+        with torch.no_grad():
+            return model([x])
+
+    assert_unchanged(model, before, run, reference)
+
+
+def test_log_blends_each_stages_map_over_the_image_at_every_step(tmp_path):
+    """``cam/<NN>_<Type>/<image>``: the map of ``stage_cams`` over the image, through the
+    documented colormap and alpha, pixel for pixel, at each step."""
+    model, image = Spots(), spots_image()
+    logger = FeatureLogger(model, logdir=tmp_path, stages=["act"], max_channels=2)
+    for step in (1, 2):
+        logger.log([image], step=step, names=["spots"])
+    logger.close()
+    acc = read_events(tmp_path)
+    assert [t for t in acc.Tags()["images"] if t.startswith("cam/")] == ["cam/01_ReLU/spots"]
+    events = acc.Images("cam/01_ReLU/spots")
+    assert [e.step for e in events] == [1, 2]
+    expected = cam_overlay(image, stage_cams(model, image, stages=["act"])["01_ReLU"][0])
+    assert np.array_equal(decode(events[-1]), expected)
+    inferno = matplotlib.colormaps["inferno"]
+    red = np.array([255.0, 0.0, 0.0])
+    spot = (1 - CAM_ALPHA) * red + CAM_ALPHA * 255 * np.array(inferno(1.0)[:3])
+    assert np.abs(expected[5, 6] - spot).max() <= 1  # the top-1 class's spot, brightest
+    green = np.array([0.0, 0.6 * 255, 0.0])
+    dark = (1 - CAM_ALPHA) * green + CAM_ALPHA * 255 * np.array(inferno(0.0)[:3])
+    assert np.abs(expected[25, 22] - dark).max() <= 1  # the other class's spot: no evidence
+
+
+def test_cam_none_logs_no_maps_and_a_failing_map_warns_once(tmp_path):
+    model, image = Spots(), spots_image()
+    with FeatureLogger(model, logdir=tmp_path / "off", stages=["act"], cam=None) as logger:
+        logger.log(image, step=1)
+    assert not [t for t in read_events(tmp_path / "off").Tags()["images"] if t.startswith("cam")]
+    broken = FeatureLogger(model, logdir=tmp_path / "bad", stages=["act"], cam_target=7)
+    with pytest.warns(RuntimeWarning, match="class activation maps were not logged") as said:
+        for step in (1, 2):
+            broken.log(image, step=step)
+    broken.close()
+    assert len([w for w in said if "class activation" in str(w.message)]) == 1
+    tags = read_events(tmp_path / "bad").Tags()["images"]
+    assert tags == ["features/01_ReLU/0"]  # the rest of each step is logged
+    with pytest.raises(ValueError, match="cam must be one of 'layercam', 'activation', None"):
+        FeatureLogger(model, cam="gradcam")
+    with pytest.raises(TypeError, match="cam_target must be None"):
+        FeatureLogger(model, cam_target="dog")
+
+
+def test_captured_forwards_get_maps_only_when_asked(tmp_path):
+    model, image = Spots(), spots_image()
+    batch = torch.stack([image, image.flip(-1)])
+    with FeatureLogger(model, logdir=tmp_path / "plain", stages=["act"]):
+        model(batch)
+    assert not [t for t in read_events(tmp_path / "plain").Tags()["images"] if t.startswith("cam")]
+    logger = FeatureLogger(
+        model, logdir=tmp_path / "asked", stages=["act"], cam_captures=True, max_images=3
+    )
+    with logger:
+        with torch.inference_mode():  # as a predict loop runs
+            out = model(batch)
+        model(batch)  # one more image fits max_images
+    assert torch.equal(out, model(batch))
+    acc = read_events(tmp_path / "asked")
+    cams = sorted(t for t in acc.Tags()["images"] if t.startswith("cam/"))
+    assert cams == ["cam/01_ReLU/0", "cam/01_ReLU/1", "cam/01_ReLU/2"]
+    maps = stage_cams(model, batch, stages=["act"])["01_ReLU"]
+    for tag, image_, cam in zip(cams, [image, image.flip(-1), image], [*maps, maps[0]]):
+        assert np.array_equal(decode(acc.Images(tag)[-1]), cam_overlay(image_, cam))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_ultralytics_predict_gets_maps_when_asked(tmp_path):
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    yolo = YOLO("yolov8n.yaml")
+    with FeatureLogger(yolo, logdir=tmp_path, cam_captures=True, stages=[2, 15]):
+        yolo.predict(ASSETS / "bus.jpg", imgsz=64, save=False, verbose=False)
+    tags = read_events(tmp_path).Tags()["images"]
+    assert sorted(t for t in tags if t.startswith("cam/")) == ["cam/02_C2f/bus", "cam/15_C2f/bus"]

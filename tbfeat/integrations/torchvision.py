@@ -34,6 +34,7 @@ from ..adapters import ModelAdapter
 from ..hooks import probing
 from ..options import did_you_mean
 from ..stages import CONTAINERS, Stage, sanitize
+from ..targets import ScoreTap
 
 _EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
 
@@ -207,6 +208,82 @@ class DetectionAdapter(ModelAdapter):
         images = model.transform(list(inputs))
         images = images[0] if isinstance(images, tuple) else images  # (ImageList, targets)
         return model.backbone(getattr(images, "tensors", images))
+
+    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> Any:
+        """The whole detector, its transform first, on the probe images."""
+        return module(list(inputs))
+
+    def score_tap(self, module: nn.Module) -> ScoreTap:
+        return DetectionScoreTap(module)
+
+
+class DetectionScoreTap(ScoreTap):
+    """The class logits of a detector's predictions and its transformed input.
+
+    R-CNN models: the box predictor's logits of every proposal (softmax, background 0).
+    RetinaNet and FCOS: the head's ``cls_logits`` of every anchor (sigmoid); SSD: the
+    same with a softmax and a background class. What the model saw is the transform's
+    batch (resized, normalized, padded).
+    """
+
+    def install(self) -> None:
+        model = self.module
+        self._seen: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
+        self._counts: list[int] | None = None
+        transform = getattr(model, "transform", None)
+        if isinstance(transform, nn.Module):
+            self._handles.append(transform.register_forward_hook(self._keep_seen))
+        roi_heads = getattr(model, "roi_heads", None)
+        predictor = getattr(roi_heads, "box_predictor", None)
+        if isinstance(predictor, nn.Module):
+            self.probabilities, self.background = "softmax", True
+            self._handles.append(roi_heads.register_forward_pre_hook(self._keep_counts))
+            self._handles.append(predictor.register_forward_hook(self._keep_box_logits))
+            return
+        head = getattr(model, "head", None)
+        if isinstance(head, nn.Module):
+            from torchvision.models.detection.ssd import SSD
+
+            ssd = isinstance(model, SSD)
+            self.probabilities, self.background = ("softmax", True) if ssd else ("sigmoid", False)
+            self._handles.append(head.register_forward_hook(self._keep_head_logits))
+            return
+        raise TypeError(
+            f"{type(model).__name__} has neither roi_heads.box_predictor nor a head with "
+            "cls_logits; pass target= a function of the output giving one score per image"
+        )
+
+    def _keep_seen(self, module: nn.Module, args: Any, output: Any) -> None:
+        images = output[0] if isinstance(output, tuple) else output
+        self._seen = getattr(images, "tensors", images)
+
+    def _keep_counts(self, module: nn.Module, args: Any) -> None:
+        proposals = args[1] if len(args) > 1 else None
+        if isinstance(proposals, (list, tuple)):
+            self._counts = [len(p) for p in proposals]
+
+    def _keep_box_logits(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._logits = output[0] if isinstance(output, tuple) else output
+
+    def _keep_head_logits(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, dict) and "cls_logits" in output:
+            self._logits = output["cls_logits"]
+
+    def logits(self, output: Any) -> list[torch.Tensor]:
+        logits = self._logits
+        if logits is None:
+            raise TypeError(
+                f"{type(self.module).__name__}'s head gave no class logits; pass target= a "
+                "function of the output giving one score per image"
+            )
+        if logits.dim() == 3:  # (N, anchors, classes)
+            return list(logits.transpose(1, 2).unbind(0))
+        counts = self._counts or [logits.shape[0]]
+        return [chunk.t() for chunk in logits.split(counts)]  # (proposals, classes) each
+
+    def seen(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._seen if self._seen is not None else inputs
 
 
 def _stage(index: int, name: str, module: nn.Module, short: str | None = None) -> Stage:

@@ -34,6 +34,7 @@ from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
 from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
+from ..targets import ScoreTap
 from ..writer import global_rank
 
 
@@ -148,6 +149,76 @@ DDP_CALLBACKS_SINCE = (8, 4, 140)
 """The first Ultralytics release whose DDP launch (``generate_ddp_file``) pickles the
 trainer's callbacks into every rank; earlier ones re-import the trainer class by name in
 the ranks and drop every callback added in Python."""
+
+
+HEAD_CACHES = ("shape", "shapes", "anchors", "strides", "valid_mask")
+"""Attributes in which heads keep anchors between forwards (Detect: ``shape``,
+``anchors``, ``strides``; RT-DETR: ``shapes``, ``anchors``, ``valid_mask``). Made under
+inference mode they cannot enter an autograd graph, so a CAM forward rebuilds them."""
+
+
+class YoloScoreTap(ScoreTap):
+    """The class logits of a YOLO head's predictions, read where each release computes
+    them: the class branch of every level of Detect and its subclasses (Segment, Pose,
+    OBB; the one-to-one branch of end-to-end heads), Classify's linear layer, RT-DETR's
+    last decoder score head. The head's anchor caches are rebuilt for the forward and
+    given back afterwards."""
+
+    def install(self) -> None:
+        head = self.module.model[-1]
+        self._parts: list[torch.Tensor] = []
+        self._caches = {a: getattr(head, a) for a in HEAD_CACHES if hasattr(head, a)}
+        for a in ("shape", "shapes"):
+            if a in self._caches:
+                setattr(head, a, None)
+        linear = getattr(head, "linear", None)
+        if type(head).__name__.startswith("Classify") and isinstance(linear, nn.Linear):
+            self.probabilities = "softmax"
+            self._add(linear, lambda out: out[:, :, None])
+            return
+        scores = getattr(head, "dec_score_head", None)
+        if isinstance(scores, nn.ModuleList) and len(scores):
+            self.probabilities = "sigmoid"
+            self._add(scores[-1], lambda out: out.transpose(1, 2))  # (B, nc, queries)
+            return
+        branches = getattr(head, "one2one_cv3" if getattr(head, "end2end", False) else "cv3", None)
+        nc = getattr(head, "nc", None)
+        if isinstance(branches, nn.ModuleList) and nc:
+            self.probabilities = "sigmoid"
+            for branch in branches:
+                self._add(branch, lambda out, nc=nc: _level_logits(out, nc))
+            return
+        raise TypeError(
+            f"no class scores found in the {type(head).__name__} head; pass target= a "
+            "function of the output giving one score per image"
+        )
+
+    def _add(self, module: nn.Module, reshape: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        def hook(m: nn.Module, args: Any, output: Any) -> None:
+            self._parts.append(reshape(output))
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        super().remove()
+        head = self.module.model[-1]
+        for name, value in getattr(self, "_caches", {}).items():
+            setattr(head, name, value)
+        self._caches = {}
+
+    def logits(self, output: Any) -> list[torch.Tensor]:
+        if not self._parts:
+            raise TypeError("the YOLO head gave no class logits in this forward")
+        return list(torch.cat(self._parts, 2).unbind(0))
+
+
+def _level_logits(out: torch.Tensor, nc: int) -> torch.Tensor:
+    if out.dim() != 4 or out.shape[1] != nc:
+        raise TypeError(
+            f"a class branch gave shape {tuple(out.shape)}, not (B, {nc}, h, w) class "
+            "logits (an open-vocabulary head?); pass target= a function of the output"
+        )
+    return out.flatten(2)
 
 
 def ultralytics_version() -> str:
@@ -433,6 +504,9 @@ class UltralyticsAdapter(ModelAdapter):
         device, dtype = self.device(), self.dtype()
         tensors = tuple(t.to(device=device, dtype=dtype) for t, _ in boxed)
         return Probes(tensors, tuple(unique_names([sanitize(n) for n in names])))
+
+    def score_tap(self, module: nn.Module) -> ScoreTap:
+        return YoloScoreTap(module)
 
     def attach(self, logger: Any) -> Callable[[], None]:
         """Add :class:`UltralyticsCallbacks` to the ``YOLO`` object (shared by its trainer,
