@@ -16,6 +16,9 @@ plain and logged runs interleaved, medians):
   stage (about 150): ``log()`` and a ``with`` block until flushed, over the plain forward;
   event bytes per step and the size of the drift history rewritten at every step.
 - ``scale``: the predict overhead at 320, 640 and 1280 px, and with 1, 4 and 16 images.
+- ``cams``: a ``log()`` probe with class activation maps (LayerCAM, ``cam_topk`` 4 and
+  16) against the same probe without (``cam=None``), until flushed: yolov8n at 640 px
+  and Faster R-CNN R50-FPN at 800 px, one image.
 
     python scripts/bench.py                 # everything (about 5 minutes)
     python scripts/bench.py --quick         # one short case, as CI runs it
@@ -191,7 +194,7 @@ def case_frcnn(repeats: int) -> None:
         model([image])
     plain, logged, probe = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        logger = FeatureLogger(model, logdir=tmp)
+        logger = FeatureLogger(model, logdir=tmp, cam=None)  # maps: the ``cams`` case
         for i in range(repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -210,6 +213,53 @@ def case_frcnn(repeats: int) -> None:
     record("faster r-cnn r50-fpn 800 (plain)", p)
     record("  + FeatureLogger, until flushed", q, q / p, target="<=1.05x")
     record("  log() probe (backbone only)", r, r / p)
+
+
+def cam_probe_times(model: Any, image: Any, repeats: int, topks: tuple[int, ...]) -> dict:
+    """Median ``log()`` probe until flushed without maps and with them at each top-k,
+    interleaved; the ratios are medians of adjacent pairs."""
+    times: dict[Any, list[float]] = {None: [], **{k: [] for k in topks}}
+    with tempfile.TemporaryDirectory() as tmp:
+        loggers = {
+            k: FeatureLogger(model, logdir=f"{tmp}/{k}", cam=None if k is None else "layercam",
+                             cam_topk=k or 1)
+            for k in times
+        }  # fmt: skip
+        for step in range(-1, repeats):  # step -1 warms every path
+            for k, logger in loggers.items():
+                t0 = time.perf_counter()
+                logger.log(image, step=step)
+                logger.flush()
+                if step >= 0:
+                    times[k].append(time.perf_counter() - t0)
+        for logger in loggers.values():
+            logger.close()
+    base = times[None]
+    return {
+        "off": statistics.median(base),
+        **{k: statistics.median(times[k]) for k in topks},
+        **{
+            f"ratio{k}": statistics.median(t / b for t, b in zip(times[k], base, strict=True))
+            for k in topks
+        },
+    }
+
+
+def case_cams(repeats: int) -> None:
+    import torchvision
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    r = cam_probe_times(YOLO("yolov8n.yaml"), ASSETS / "bus.jpg", repeats, (4, 16))
+    record("yolov8n 640 log() probe, cam=None", r["off"])
+    record("  + LayerCAM, cam_topk=4", r[4], r["ratio4"])
+    record("  + LayerCAM, cam_topk=16", r[16], r["ratio16"])
+    model = torchvision.models.get_model(
+        "fasterrcnn_resnet50_fpn", weights=None, weights_backbone=None
+    ).eval()
+    r = cam_probe_times(model, torch.rand(3, 800, 1066), max(3, repeats // 5), (4,))
+    record("faster r-cnn 800 log() probe, cam=None", r["off"])
+    record("  + LayerCAM, cam_topk=4", r[4], r["ratio4"])
 
 
 MEMORY_CHILD = r"""
@@ -327,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         nargs="+",
-        default=["yolo", "seed", "frcnn", "memory", "scale", "stages"],
-        choices=["yolo", "seed", "frcnn", "memory", "scale", "stages"],
+        default=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams"],
+        choices=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams"],
     )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="one short case (CI smoke)")
@@ -356,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory": lambda: case_memory(500),
             "scale": lambda: case_scale(args.repeats),
             "stages": lambda: case_stages(max(3, args.repeats // 3)),
+            "cams": lambda: case_cams(max(3, args.repeats // 3)),
         }
         for case in args.cases:
             runners[case]()

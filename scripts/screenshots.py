@@ -7,7 +7,9 @@ Chromium; also the browser and server helpers of tests/test_tensorboard_e2e.py.
 
 Writes docs/grid_epoch1.png and docs/grid_epoch<last>.png (the Images dashboard filtered to
 a few stages of bus.jpg, every card's step slider at the first or the last epoch),
-docs/histograms.png (activation histograms) and docs/scalars.png (statistics scalars).
+docs/cams_epoch1.png and docs/cams_epoch<last>.png (the same stages' class activation
+maps), docs/histograms.png (activation histograms) and docs/scalars.png (statistics
+scalars).
 
 The browser is driven through chromedriver's W3C WebDriver HTTP API with urllib (about a
 hundred lines below, no Python dependency): the Debian packages ``chromium`` and
@@ -477,6 +479,27 @@ def take_screenshots(
             )
             time.sleep(0.5)  # the new image paints
             _save(browser, out / f"grid_epoch{step}.png")
+
+        # class activation maps: the training run's probes, validation shapes the model
+        # learns to find (the sweep's photos hold nothing it was trained on)
+        train = _accumulator(logdir / "train")
+        shape = sorted(t for t in train.Tags()["images"] if t.startswith(f"cam/{stages[0]}/"))[0]
+        shape = shape.rsplit("/", 1)[1]
+        train_steps = sorted(e.step for e in train.Images(f"cam/{stages[0]}/{shape}"))
+        cams = f"^cam/({'|'.join(stages)})/{shape}$"
+        browser.get(dashboard_url(tb, "images", cams, runs="^train$"))
+        wait_for_image_cards(browser, len(stages))
+        for index in (0, -1):
+            step = train_steps[index]
+            set_image_step(browser, index)
+            browser.wait_for(
+                "return imageCards().every((c) => c.step === arguments[0] && c.image"
+                " && c.image.src.includes('blob_key') && !c.loading);",
+                step,
+                what=f"every CAM card at step {step}",
+            )
+            time.sleep(0.5)
+            _save(browser, out / f"cams_epoch{step}.png")
 
         hist = f"^activations/({'|'.join(hist_stages)})$"
         browser.get(dashboard_url(tb, "histograms", hist, runs="^sweep$"))

@@ -30,8 +30,12 @@ from .images import ImageLike
 from .options import LogOptions
 from .recorder import RUN_MODES, Recorder
 from .stages import Stage, StageSpec, resolve_stages
+from .targets import NoScores, ScoreTap
 from .worker import WAIT_S, Worker
 from .writer import EventSink, NullWriter, check_logdir, check_writer, global_rank, writer_logdir
+
+CAM_MAX_PIXELS = 2048 * 2048
+"""Largest input (height x width) that probes draw class activation maps for."""
 
 
 @dataclass(frozen=True)
@@ -427,7 +431,7 @@ class FeatureLogger:
             hooks = capture_hooks_kwargs(session, self._notes)
             out = adapter.run_probe(probes, stages, **hooks)
             if self.options.cam is not None:
-                self._log_cams(adapter, probes.inputs, session.names, stages, step)
+                self._log_cams(adapter, probes.inputs, session.names, stages, step, output=out)
             return out
         finally:
             session.end_step()
@@ -440,17 +444,39 @@ class FeatureLogger:
         stages: Sequence[Stage],
         step: int,
         module: nn.Module | None = None,
+        output: Any = None,
     ) -> None:
         """Post the class activation maps of the step's first images; a failure is said
-        once and leaves the rest of the step as it is."""
+        once and leaves the rest of the step as it is. ``output``, the probe's, tells a
+        model without class scores before any pass of its own."""
         n = min(self.options.max_images, len(inputs), len(names))
         if not n:
             return
+        largest = max(t.shape[-2] * t.shape[-1] for t in inputs[:n])
+        if largest > CAM_MAX_PIXELS:
+            self._notes(
+                "cam-size",
+                f"tbfeat: no class activation maps for inputs of {largest} pixels (more than "
+                f"{CAM_MAX_PIXELS}): their backward passes would need several times the "
+                "memory of the forward; resize the probes, or pass cam=None",
+                warn=True,
+            )
+            return
         try:
+            if output is not None:
+                _check_scores(adapter, module or adapter.module, output, self.options)
             result = compute_cams(
                 adapter, inputs[:n], stages, self.options.cam, self.options.cam_target_spec(),
                 module=module,
             )  # fmt: skip
+        except NoScores as e:  # a model with no class scores: nothing to explain
+            self._notes(
+                "cam-no-scores",
+                f"tbfeat: no class activation maps: {str(e).replace('target=', 'cam_target=')} "
+                "(or cam='activation', which needs none; cam=None turns them off)",
+                warn=self.options.cam_target is not None,
+            )
+            return
         except Exception as e:  # noqa: BLE001 - a map never ends the user's run
             self._notes(
                 f"cam-error:{type(e).__name__}",
@@ -606,6 +632,16 @@ def _shutdown(worker: Worker, recorder: Recorder) -> None:
     """
     if worker.stop():
         recorder.close()
+
+
+def _check_scores(adapter: ModelAdapter, module: nn.Module, output: Any, options: Any) -> None:
+    """Raise :class:`NoScores` when a plain module's output holds no ``(N, classes)``
+    scores to explain by default (a detector's probe ran its backbone only: no verdict)."""
+    if options.cam != "layercam" or callable(options.cam_target):
+        return
+    tap = adapter.score_tap(module)
+    if type(tap) is ScoreTap:
+        tap.logits(output[0] if isinstance(output, list) and output else output)
 
 
 def _batch_images(batch: Any) -> list[torch.Tensor]:

@@ -73,6 +73,11 @@ def as_target(target: Any, conf: float = 0.25, topk: int = 16) -> CamTarget:
     )
 
 
+class NoScores(TypeError):
+    """The model gives no class scores to explain (not an ``(N, classes)`` output, nor a
+    head whose class logits a tap can read)."""
+
+
 class ScoreTap:
     """Collects, during one forward, what the model saw and its predictions' class logits.
 
@@ -122,7 +127,7 @@ class ScoreTap:
         if isinstance(output, torch.Tensor) and output.dim() == 2:
             return [row[:, None] for row in output]
         got = f"{type(output).__name__} {tuple(output.shape) if torch.is_tensor(output) else ''}"
-        raise TypeError(
+        raise NoScores(
             f"the model returned {got.strip()}, not (N, classes) scores; pass target= a "
             "function of the output giving one score per image"
         )

@@ -328,7 +328,9 @@ def test_captured_forwards_get_maps_only_when_asked(tmp_path):
     cams = sorted(t for t in acc.Tags()["images"] if t.startswith("cam/"))
     assert cams == ["cam/01_ReLU/0", "cam/01_ReLU/1", "cam/01_ReLU/2"]
     maps = stage_cams(model, batch, stages=["act"])["01_ReLU"]
-    for tag, image_, cam in zip(cams, [image, image.flip(-1), image], [*maps, maps[0]]):
+    for tag, image_, cam in zip(
+        cams, [image, image.flip(-1), image], [*maps, maps[0]], strict=True
+    ):
         assert np.array_equal(decode(acc.Images(tag)[-1]), cam_overlay(image_, cam))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 

@@ -101,7 +101,8 @@ def test_a_torchrun_loop_logs_once_per_epoch_from_rank_zero(tmp_path):
     ]
     by_rank = {r["rank"]: r for r in results}
     assert sorted(by_rank) == [0, 1]
-    assert by_rank[0]["epochs"] == [{"returned": True, "forwards": [False]}] * 3  # eval mode
+    # eval mode: the probe, then its class activation maps
+    assert by_rank[0]["epochs"] == [{"returned": True, "forwards": [False, False]}] * 3
     assert by_rank[1]["epochs"] == [{"returned": False, "forwards": []}] * 3
     # the DDP wrapper gives the bare model's stages and tags
     assert by_rank[0]["stages"] == by_rank[0]["bare"] == by_rank[1]["stages"]

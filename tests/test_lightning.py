@@ -79,10 +79,14 @@ def test_callback_logs_each_validation_epoch_into_lightnings_own_run(tmp_path):
     acc = read_events(tb.log_dir)
     tags = acc.Tags()
     assert sorted(t for t in tags["images"]) == [
-        f"features/{k}/{n}" for k in ("00_Conv2d", "01_BatchNorm2d", "02_ReLU") for n in ("a", "b")
+        f"{kind}/{k}/{n}"
+        for kind in ("cam", "features")
+        for k in ("00_Conv2d", "01_BatchNorm2d", "02_ReLU")
+        for n in ("a", "b")
     ]
     # every epoch, the sanity check skipped, next to Lightning's own metrics
-    assert [e.step for e in acc.Images("features/00_Conv2d/a")] == [0, 1, 2]
+    for kind in ("features", "cam"):
+        assert [e.step for e in acc.Images(f"{kind}/00_Conv2d/a")] == [0, 1, 2]
     assert "val_loss" in tags["scalars"] and "train_loss" in tags["scalars"]
     assert [e.step for e in acc.Scalars("stats/03_head/mean")] == [0, 1, 2]
     # the model trained between epochs: its first stage's statistics moved

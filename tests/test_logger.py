@@ -103,15 +103,15 @@ def test_same_tags_at_every_step_and_image_sizes(tmp_path):
     logger.close()
     acc = read_events(tmp_path)
     images = acc.Tags()["images"]
-    assert images == sorted(
-        f"features/{k}/{i}"
-        for k in ("00_Conv2d", "01_BatchNorm2d", "02_ReLU", "03_3")
-        for i in (0, 1)
-    )
+    keys = ("00_Conv2d", "01_BatchNorm2d", "02_ReLU", "03_3")
+    assert sorted(images) == sorted(f"{kind}/{k}/{i}" for kind in ("cam", "features")
+                                    for k in keys for i in (0, 1))  # fmt: skip
     for tag in images:
         events = acc.Images(tag)
         assert [e.step for e in events] == [1, 2, 3]
-        if tag.startswith("features/03"):  # 4 channels of 7x7
+        if tag.startswith("cam/"):  # each map over the 16x16 input
+            assert {(e.width, e.height) for e in events} == {(16, 16)}
+        elif tag.startswith("features/03"):  # 4 channels of 7x7
             assert {(e.width, e.height) for e in events} == {(4 * 8 - 1, 7)}
         else:  # 4 of 8 channels of 16x16
             assert {(e.width, e.height) for e in events} == {(4 * 17 - 1, 16)}
@@ -146,7 +146,7 @@ def test_log_restores_every_module_mode(tmp_path):
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
     logger.log(torch.rand(1, 3, 8, 8), step=1)
-    assert seen == [False]
+    assert seen == [False, False]  # the probe, then its class activation maps
     assert model.training and model[0].training and not model[1].training
     assert len(model[0]._forward_hooks) == 1  # the user's hook stays, ours is gone
     logger.close()
@@ -181,7 +181,9 @@ def test_resnet18_logs_one_grid_per_default_stage(tmp_path):
     logger.log(torch.rand(1, 3, 64, 64), step=3)
     logger.close()
     acc = read_events(tmp_path)
-    assert acc.Tags()["images"] == [f"features/{s.key}/0" for s in stages[:-1]]
+    assert sorted(acc.Tags()["images"]) == sorted(
+        f"{kind}/{s.key}/0" for kind in ("cam", "features") for s in stages[:-1]
+    )
     sizes = {t: (acc.Images(t)[0].width, acc.Images(t)[0].height) for t in acc.Tags()["images"]}
     assert sizes["features/07_layer4/0"] == (8 * 3 - 1, 4 * 3 - 1)  # 32 of 512 ch, 2x2 maps
     assert sizes["features/08_AdaptiveAvgPool2d/0"] == (8 * 2 - 1, 4 * 2 - 1)

@@ -75,9 +75,13 @@ def test_detector_logs_body_stages_and_every_feature_level(arch, tmp_path):
     feats = logger.log([image], step=2, names=["img"])
     logger.close()
     acc = read_events(tmp_path)
-    assert acc.Tags()["images"] == sorted(f"features/{k}/img" for k in keys)
+    assert sorted(acc.Tags()["images"]) == sorted(
+        f"{kind}/{k}/img" for kind in ("cam", "features") for k in keys
+    )
     # the levels are those of the transformed (resized, normalized, padded) image
     h, w = transformed_size(model, image)
+    # and each stage's class activation map lies over that image
+    assert {(e.width, e.height) for k in keys for e in acc.Images(f"cam/{k}/img")} == {(w, h)}
     first_level = next(iter(feats.values()))
     if not arch.startswith("ssd"):  # FPN levels: the transformed size over a power of two
         assert h / first_level.shape[-2] == w / first_level.shape[-1] in (4, 8, 16, 32)
@@ -134,7 +138,7 @@ def test_detector_inputs_batched_tensor_path_and_pil(tmp_path):
     logger.log([path, pil], step=1)
     logger.close()
     acc = read_events(tmp_path / "a")
-    assert acc.Tags()["images"] == [
+    assert [t for t in acc.Tags()["images"] if t.startswith("features/")] == [
         "features/17_fpn_0/0",
         "features/17_fpn_0/1",
         "features/17_fpn_0/street",
@@ -149,7 +153,7 @@ def test_heads_run_only_when_a_chosen_stage_is_in_them(tmp_path):
     logger.close()
     assert isinstance(out, list) and set(out[0]) == {"boxes", "labels", "scores"}
     # the RPN head runs once per FPN level (0, 1, pool) within one forward
-    assert read_events(tmp_path).Tags()["images"] == [
+    assert [t for t in read_events(tmp_path).Tags()["images"] if t.startswith("features/")] == [
         "features/20.00_rpn.head.conv/0",
         "features/20.00_rpn.head.conv/call1/0",
         "features/20.00_rpn.head.conv/call2/0",

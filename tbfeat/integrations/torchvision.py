@@ -34,7 +34,7 @@ from ..adapters import ModelAdapter
 from ..hooks import probing
 from ..options import did_you_mean
 from ..stages import CONTAINERS, Stage, sanitize
-from ..targets import ScoreTap
+from ..targets import NoScores, ScoreTap
 
 _EXPAND = ("features", "trunk_output")  # classifier children holding the real stages
 
@@ -249,7 +249,7 @@ class DetectionScoreTap(ScoreTap):
             self.probabilities, self.background = ("softmax", True) if ssd else ("sigmoid", False)
             self._handles.append(head.register_forward_hook(self._keep_head_logits))
             return
-        raise TypeError(
+        raise NoScores(
             f"{type(model).__name__} has neither roi_heads.box_predictor nor a head with "
             "cls_logits; pass target= a function of the output giving one score per image"
         )
@@ -273,7 +273,7 @@ class DetectionScoreTap(ScoreTap):
     def logits(self, output: Any) -> list[torch.Tensor]:
         logits = self._logits
         if logits is None:
-            raise TypeError(
+            raise NoScores(
                 f"{type(self.module).__name__}'s head gave no class logits; pass target= a "
                 "function of the output giving one score per image"
             )

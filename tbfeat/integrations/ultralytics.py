@@ -34,7 +34,7 @@ from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
 from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
-from ..targets import ScoreTap
+from ..targets import NoScores, ScoreTap
 from ..writer import global_rank
 
 
@@ -188,7 +188,7 @@ class YoloScoreTap(ScoreTap):
             for branch in branches:
                 self._add(branch, lambda out, nc=nc: _level_logits(out, nc))
             return
-        raise TypeError(
+        raise NoScores(
             f"no class scores found in the {type(head).__name__} head; pass target= a "
             "function of the output giving one score per image"
         )
@@ -208,13 +208,13 @@ class YoloScoreTap(ScoreTap):
 
     def logits(self, output: Any) -> list[torch.Tensor]:
         if not self._parts:
-            raise TypeError("the YOLO head gave no class logits in this forward")
+            raise NoScores("the YOLO head gave no class logits in this forward")
         return list(torch.cat(self._parts, 2).unbind(0))
 
 
 def _level_logits(out: torch.Tensor, nc: int) -> torch.Tensor:
     if out.dim() != 4 or out.shape[1] != nc:
-        raise TypeError(
+        raise NoScores(
             f"a class branch gave shape {tuple(out.shape)}, not (B, {nc}, h, w) class "
             "logits (an open-vocabulary head?); pass target= a function of the output"
         )
