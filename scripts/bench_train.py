@@ -1,10 +1,12 @@
 """Per-epoch wall time of a short YOLOv8n training with and without a FeatureLogger.
 
-Runs each variant in its own process, alternating, on the synthetic shapes data set,
-and reports the median epoch time (epoch start to the end of on_fit_epoch_end, so the
-logger's epoch-end probe is inside) and the overhead ratio.
+Runs each variant in its own process, alternating, on the synthetic shapes data set:
+plain, logged without class activation maps (``cam=None``) and logged with them (the
+default), and reports the median epoch time (epoch start to the end of on_fit_epoch_end,
+so the logger's epoch-end probe is inside) and the overheads.
 
     python scripts/bench_train.py --epochs 4 --repeats 2
+    python scripts/bench_train.py --n-train 256 --imgsz 160   # the demo's data set
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ yolo.add_callback("on_fit_epoch_end", lambda tr: times.append(time.perf_counter(
 kw = dict(data=data, epochs=int(epochs), imgsz=int(imgsz), batch=int(batch), workers=0,
           device="cpu", plots=False, project=project, name="exp", amp=False, verbose=False,
           seed=0, deterministic=False, val=True)
-if use == "1":
-    with FeatureLogger(yolo):
+if use != "0":
+    with FeatureLogger(yolo, cam=None if use == "1" else "layercam"):
         yolo.train(**kw)
 else:
     yolo.train(**kw)
@@ -52,9 +54,9 @@ def main() -> None:
         data = make_shapes_dataset(
             Path(tmp) / "data", n_train=args.n_train, n_val=8, imgsz=args.imgsz
         )
-        results: dict[str, list[float]] = {"plain": [], "logged": []}
+        results: dict[str, list[float]] = {"plain": [], "logged": [], "cams": []}
         for r in range(args.repeats):
-            for name, use in (("plain", "0"), ("logged", "1")):
+            for name, use in (("plain", "0"), ("logged", "1"), ("cams", "2")):
                 out = subprocess.run(
                     [
                         sys.executable,
@@ -74,9 +76,11 @@ def main() -> None:
                 # the first epoch carries start-up costs; compare the rest
                 results[name] += json.loads(out.stdout.strip().splitlines()[-1])[1:]
     plain, logged = statistics.median(results["plain"]), statistics.median(results["logged"])
+    cams = statistics.median(results["cams"])
     print(
-        f"median epoch: plain {plain:.3f}s, with FeatureLogger {logged:.3f}s, "
-        f"overhead {100 * (logged / plain - 1):+.1f}%"
+        f"median epoch: plain {plain:.3f}s, with FeatureLogger(cam=None) {logged:.3f}s "
+        f"({100 * (logged / plain - 1):+.1f}%), with class activation maps {cams:.3f}s "
+        f"({100 * (cams / plain - 1):+.1f}%; {100 * (cams / logged - 1):+.1f}% over cam=None)"
     )
 
 

@@ -468,17 +468,7 @@ def take_screenshots(
         grid = f"^features/({'|'.join(stages)})/{image}$"
         browser.get(dashboard_url(tb, "images", grid, runs="^sweep$"))
         wait_for_image_cards(browser, len(stages))
-        for index in (0, -1):
-            step = steps[index]
-            set_image_step(browser, index)
-            browser.wait_for(
-                "return imageCards().every((c) => c.step === arguments[0] && c.image"
-                " && c.image.src.includes('blob_key') && !c.loading);",
-                step,
-                what=f"every card at step {step}",
-            )
-            time.sleep(0.5)  # the new image paints
-            _save(browser, out / f"grid_epoch{step}.png")
+        save_first_and_last(browser, steps, out / "grid_epoch{step}.png")
 
         # class activation maps: the training run's probes, validation shapes the model
         # learns to find (the sweep's photos hold nothing it was trained on)
@@ -489,17 +479,7 @@ def take_screenshots(
         cams = f"^cam/({'|'.join(stages)})/{shape}$"
         browser.get(dashboard_url(tb, "images", cams, runs="^train$"))
         wait_for_image_cards(browser, len(stages))
-        for index in (0, -1):
-            step = train_steps[index]
-            set_image_step(browser, index)
-            browser.wait_for(
-                "return imageCards().every((c) => c.step === arguments[0] && c.image"
-                " && c.image.src.includes('blob_key') && !c.loading);",
-                step,
-                what=f"every CAM card at step {step}",
-            )
-            time.sleep(0.5)
-            _save(browser, out / f"cams_epoch{step}.png")
+        save_first_and_last(browser, train_steps, out / "cams_epoch{step}.png")
 
         hist = f"^activations/({'|'.join(hist_stages)})$"
         browser.get(dashboard_url(tb, "histograms", hist, runs="^sweep$"))
@@ -539,6 +519,22 @@ def take_screenshots(
         wait_for_image_cards(browser, len(stages[::2]))
         time.sleep(0.5)
         _save(browser, out / "evolution.png")
+
+
+def save_first_and_last(browser: Browser, steps: list[int], pattern: Path) -> None:
+    """Screenshots of the image cards with every step slider at the first step, then at
+    the last; ``pattern`` holds ``{step}``."""
+    for index in (0, -1):
+        step = steps[index]
+        set_image_step(browser, index)
+        browser.wait_for(
+            "return imageCards().every((c) => c.step === arguments[0] && c.image"
+            " && c.image.src.includes('blob_key') && !c.loading);",
+            step,
+            what=f"every card at step {step}",
+        )
+        time.sleep(0.5)  # the new image paints
+        _save(browser, Path(str(pattern).format(step=step)))
 
 
 def _accumulator(path: Path):

@@ -107,8 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         LOGGER.setLevel(level)
     train_dir = Path(yolo.trainer.save_dir)
     print(
-        f"[demo] trained {args.epochs} epochs; feature maps of 4 validation images "
-        f"logged every epoch into {train_dir}"
+        f"[demo] trained {args.epochs} epochs; feature maps and class activation maps "
+        f"(cam/...) of 4 validation images logged every epoch into {train_dir}"
     )
     probes = [Path(ASSETS) / "bus.jpg", Path(ASSETS) / "zidane.jpg"]
     result = sweep(

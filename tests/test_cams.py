@@ -158,6 +158,8 @@ def test_the_head_inputs_agree_with_ultralytics_own_layercam(tmp_path, monkeypat
     from ultralytics import YOLO
     from ultralytics.utils import ASSETS
 
+    if not hasattr(plotting, "class_activation_map"):  # releases before 8.4 have none
+        pytest.skip("this Ultralytics release has no class_activation_map to compare with")
     torch.manual_seed(0)
     yolo = YOLO("yolov8n.yaml")
     for branch in yolo.model.model[-1].cv3:  # class scores that differ between anchors

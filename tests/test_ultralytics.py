@@ -202,6 +202,11 @@ def test_training_logs_every_epoch_into_the_trainers_own_run(tmp_path, shapes):
     for tag in feature_tags:
         assert [e.step for e in acc.Images(tag)] == [1, 2]
     assert [e.step for e in acc.Scalars("stats/09_SPPF/mean")] == [1, 2]
+    # and each stage's class activation map of each probe image, at every epoch
+    cam_tags = [t for t in tags["images"] if t.startswith("cam/")]
+    assert sorted(cam_tags) == sorted(t.replace("features/", "cam/", 1) for t in feature_tags)
+    for tag in cam_tags:
+        assert [e.step for e in acc.Images(tag)] == [1, 2]
     # Ultralytics' own curves are in the same run
     assert "train/box_loss" in tags["scalars"] and "metrics/mAP50(B)" in tags["scalars"]
     # checkpoints were saved (hooks never stood in the way of pickling) and load back
