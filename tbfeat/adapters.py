@@ -174,6 +174,25 @@ def _preprocessed(preprocess: Callable[[Any], Any], image: torch.Tensor) -> torc
     return out
 
 
+def check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
+    """``preprocess`` checked for ``adapter``'s model: a function, and only for models
+    that take one (plain modules and classifiers)."""
+    if preprocess is None:
+        return None
+    if not callable(preprocess):
+        raise TypeError(
+            f"preprocess must be a function of one image tensor (such as "
+            f"weights.transforms()), got {type(preprocess).__name__}"
+        )
+    if not adapter.takes_preprocess:
+        raise ValueError(
+            f"preprocess= is for plain modules and classifiers; "
+            f"{type(adapter.module).__name__} prepares its input itself (its transform or "
+            "letterbox), so leave it out"
+        )
+    return preprocess
+
+
 def adapt(model: object) -> ModelAdapter:
     """The adapter for ``model``: an integration's for framework objects, else generic."""
     if isinstance(model, ModelAdapter):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, adapt
+from .adapters import ModelAdapter, adapt, check_preprocess
 from .hooks import StageHooks, probing
 from .images import ImageLike
 from .stages import Stage, StageSpec, resolve_stages
@@ -94,11 +94,7 @@ def stage_cams(
     check_method(method)
     cam_target = as_target(target, conf, topk)
     adapter = adapt(model)
-    if preprocess is not None and not adapter.takes_preprocess:
-        raise ValueError(
-            f"preprocess= is for plain modules and classifiers; {type(adapter.module).__name__}"
-            " prepares its input itself (its transform or letterbox), so leave it out"
-        )
+    check_preprocess(preprocess, adapter)
     extra = {"preprocess": preprocess} if preprocess is not None else {}
     probes = adapter.prepare(inputs, imgsz=imgsz, **extra)
     module = adapter.module

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import ModelAdapter, Probes, adapt
+from .adapters import ModelAdapter, Probes, adapt, check_preprocess
 from .cams import compute_cams
 from .capture import CamImages, CaptureSession, Notes, Scalars, SetLogdir, capture_hooks_kwargs
 from .hooks import StageHooks
@@ -152,7 +152,7 @@ class FeatureLogger:
         self._resolved: tuple[nn.Module, list[Stage]] | None = None
         self.stages  # noqa: B018 - resolve now: an unknown stage fails here, not mid-training
         self._step = _check_step(step)
-        self.preprocess = _check_preprocess(preprocess, self.adapter)
+        self.preprocess = check_preprocess(preprocess, self.adapter)
         if images is not None:  # bad probe images fail here too
             self.prepare(images)
         self.images = images
@@ -654,23 +654,6 @@ def _batch_images(batch: Any) -> list[torch.Tensor]:
     ):
         return list(batch)
     return []
-
-
-def _check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
-    if preprocess is None:
-        return None
-    if not callable(preprocess):
-        raise TypeError(
-            f"preprocess must be a function of one image tensor (such as "
-            f"weights.transforms()), got {type(preprocess).__name__}"
-        )
-    if not adapter.takes_preprocess:
-        raise ValueError(
-            f"preprocess= is for plain modules and classifiers; "
-            f"{type(adapter.module).__name__} prepares its input itself (its transform or "
-            "letterbox), so leave it out"
-        )
-    return preprocess
 
 
 def _check_step(value: Any) -> int:

@@ -110,10 +110,12 @@ def test_a_torchrun_loop_logs_once_per_epoch_from_rank_zero(tmp_path):
     (event_file,) = tbfeat_event_files(logdir)
     assert f".{by_rank[0]['pid']}." in event_file.name  # rank 0's process wrote it
     acc = read_events(logdir)
-    features = acc.Tags()["images"]
-    stages = by_rank[0]["stages"]  # grids of the 4-D outputs; statistics of all
-    assert sorted(features) == sorted(f"features/{k}/{n}" for k in stages[:5] for n in "01")
-    assert all([e.step for e in acc.Images(t)] == [1, 2, 3] for t in features)
+    images = acc.Tags()["images"]
+    stages = by_rank[0]["stages"]  # grids and maps of the 4-D outputs; statistics of all
+    assert sorted(images) == sorted(
+        f"{kind}/{k}/{n}" for kind in ("cam", "features") for k in stages[:5] for n in "01"
+    )
+    assert all([e.step for e in acc.Images(t)] == [1, 2, 3] for t in images)
     assert all([e.step for e in acc.Scalars(f"stats/{k}/mean")] == [1, 2, 3] for k in stages)
 
 
