@@ -100,8 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plots=False, verbose=False, amp=False, seed=0,
     )  # fmt: skip
     try:
-        with FeatureLogger(yolo, max_images=4, max_channels=16) as logger:
-            yolo.add_callback("on_fit_epoch_end", lambda trainer: _log_metrics(logger, trainer))
+        with FeatureLogger(yolo, max_images=4, max_channels=16):
+            yolo.add_callback("on_fit_epoch_end", _print_progress)
             yolo.train(**train_args)
     finally:
         LOGGER.setLevel(level)
@@ -132,13 +132,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_metrics(logger: Any, trainer: Any) -> None:
-    """Ultralytics' loss and mAP as scalars in the same run, at the 1-based epoch."""
+def _print_progress(trainer: Any) -> None:
+    """One line per epoch (the integration writes the curves into the run)."""
     epoch = trainer.epoch + 1
     if epoch > trainer.epochs:  # final_eval of best.pt reuses this callback
         return
     values = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.metrics}
-    logger.add_scalars(values, step=epoch)
     print(
         f"[demo] epoch {epoch}/{trainer.epochs}: box_loss {values.get('train/box_loss', 0):.3f}"
         f", mAP50 {values.get('metrics/mAP50(B)', 0):.3f}",

@@ -20,6 +20,7 @@ from ultralytics.utils import ASSETS  # noqa: E402
 from tbfeat import FeatureLogger, list_stages  # noqa: E402
 from tbfeat.integrations.ultralytics import UltralyticsCallbacks  # noqa: E402
 from tbfeat.synthetic import make_shapes_dataset  # noqa: E402
+from tbfeat.writer import FILE_SUFFIX  # noqa: E402
 
 from .helpers import read_events  # noqa: E402
 
@@ -155,7 +156,8 @@ TRAIN_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from ultralytics.utils import SETTINGS
-    SETTINGS.update(tensorboard=True)  # Ultralytics' own TensorBoard callback, in a temp config dir
+    # Ultralytics' own TensorBoard callback on or off, in a temp config dir
+    SETTINGS.update(tensorboard=sys.argv[4] == "1")
     from ultralytics import YOLO
     from tbfeat import FeatureLogger
 
@@ -177,11 +179,19 @@ TRAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def run_training(tmp_path, data, every=1) -> dict:
+def run_training(tmp_path, data, every=1, ultralytics_tensorboard=True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "GITHUB"))}
     env["YOLO_CONFIG_DIR"] = str(tmp_path / "config")  # keep the user's Ultralytics settings
     proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_SCRIPT, str(data), str(tmp_path / "runs"), str(every)],
+        [
+            sys.executable,
+            "-c",
+            TRAIN_SCRIPT,
+            str(data),
+            str(tmp_path / "runs"),
+            str(every),
+            "1" if ultralytics_tensorboard else "0",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         env=env,
@@ -207,13 +217,52 @@ def test_training_logs_every_epoch_into_the_trainers_own_run(tmp_path, shapes):
     assert sorted(cam_tags) == sorted(t.replace("features/", "cam/", 1) for t in feature_tags)
     for tag in cam_tags:
         assert [e.step for e in acc.Images(tag)] == [1, 2]
-    # Ultralytics' own curves are in the same run
+    # Ultralytics' own curves are in the same run, written once: by its callback
     assert "train/box_loss" in tags["scalars"] and "metrics/mAP50(B)" in tags["scalars"]
+    writers = scalar_writers(save_dir)
+    assert all(len(files) == 1 for files in writers.values()), writers
+    assert not any(f.name.endswith(FILE_SUFFIX) for f in writers[("train/box_loss", 1)])
     # checkpoints were saved (hooks never stood in the way of pickling) and load back
     for name in ("last.pt", "best.pt", "epoch1.pt"):
         reloaded = YOLO(save_dir / "weights" / name)
         assert len(reloaded.model.model) == 23
     assert out["hooks"] == 0 and out["ours"] == 0
+
+
+def scalar_writers(logdir) -> dict:
+    """``{(tag, step): [event files holding it]}`` over every event file of a run, read
+    raw (a reader merging files would hide a step written twice)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    found: dict = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag.startswith(("train/", "val/", "lr/", "metrics/")):
+                    found.setdefault((value.tag, event.step), []).append(path)
+    return found
+
+
+def test_curves_are_written_when_ultralytics_tensorboard_is_off(tmp_path, shapes):
+    """With its TensorBoard setting off (the default), Ultralytics writes no curves:
+    tbfeat writes them into the run, the same tags at the same steps as Ultralytics' own
+    callback writes with the setting on, each once."""
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    off = scalar_writers(run_training(tmp_path / "off", shapes, ultralytics_tensorboard=False)[
+        "save_dir"
+    ])  # fmt: skip
+    on = scalar_writers(run_training(tmp_path / "on", shapes)["save_dir"])
+    assert set(off) == set(on)
+    assert all(len(f) == 1 and f[0].name.endswith(FILE_SUFFIX) for f in off.values())
+    assert not any(f[0].name.endswith(FILE_SUFFIX) for f in on.values())
+    steps: dict = {}
+    for tag, step in off:
+        steps.setdefault(tag, []).append(step)
+    for tag in ("train/box_loss", "train/cls_loss", "lr/pg0", "val/box_loss"):
+        assert sorted(steps[tag]) == [1, 2], tag
+    # and the final validation of best.pt, one step on, as Ultralytics writes it
+    assert sorted(steps["metrics/mAP50(B)"]) == [1, 2, 3]
 
 
 def test_every_n_epochs_still_logs_the_last(tmp_path, shapes):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -110,6 +111,28 @@ def in_training(validator: Any, trainer: Any) -> bool:
 def epoch_of(trainer: Any) -> tuple[int, int]:
     """The 1-based epoch just finished (as in ``results.csv``) and the number of epochs."""
     return int(trainer.epoch) + 1, int(trainer.epochs)
+
+
+def epoch_curves(trainer: Any) -> dict[str, float]:
+    """The epoch's mean losses and learning rates, under Ultralytics' own tags
+    (``train/box_loss``, ``lr/pg0``), as its TensorBoard callback writes them."""
+    return {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
+
+
+def fit_metrics(trainer: Any) -> dict[str, float]:
+    """The epoch's validation metrics and losses (``metrics/mAP50(B)``, ``val/box_loss``)."""
+    return dict(trainer.metrics or {})
+
+
+def writes_own_tensorboard(trainer: Any) -> bool:
+    """Whether Ultralytics' TensorBoard callback is on for this trainer and can write
+    (the ``tensorboard`` setting, and TensorBoard importable)."""
+    for fns in getattr(trainer, "callbacks", {}).values():
+        for fn in fns:
+            module = getattr(fn, "__module__", "") or ""
+            if module.endswith("callbacks.tensorboard"):
+                return getattr(sys.modules.get(module), "SummaryWriter", None) is not None
+    return False
 
 
 def probe_model(trainer: Any) -> nn.Module:
@@ -552,6 +575,7 @@ class UltralyticsCallbacks:
         self._probes: tuple[int, int, Probes] | None = None
         self._warned_no_probes = False
         self._stopped = False
+        self._curves = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
@@ -583,6 +607,7 @@ class UltralyticsCallbacks:
             "on_val_end": self.on_end,
             "on_pretrain_routine_start": self.on_pretrain_routine_start,
             "on_train_epoch_end": self.on_train_epoch_end,
+            "on_fit_epoch_end": self.on_fit_epoch_end,
             "on_train_end": self.on_train_end,
             "teardown": self.teardown,
         }
@@ -708,10 +733,15 @@ class UltralyticsCallbacks:
         self._trainer = trainer
         self._probes = None
         self._stopped = False
+        # the curves go into the run unless Ultralytics' own TensorBoard callback writes them
+        self._curves = not writes_own_tensorboard(trainer)
 
     def on_train_epoch_end(self, trainer: Any) -> None:
-        if global_rank() != 0 or self._stopped:
+        if global_rank() != 0:
             return  # another DDP rank: no model run, no file, no collective call
+        self._write_curves(trainer, epoch_curves)
+        if self._stopped:
+            return
         epoch, epochs = epoch_of(trainer)
         if epoch % self.options.every and epoch < epochs:
             return
@@ -721,6 +751,27 @@ class UltralyticsCallbacks:
             self._stopped = True
             warnings.warn(
                 f"tbfeat: stopped logging this training at epoch {epoch}: {type(e).__name__}: {e}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def on_fit_epoch_end(self, trainer: Any) -> None:
+        if global_rank() == 0:
+            self._write_curves(trainer, fit_metrics)
+
+    def _write_curves(self, trainer: Any, read: Callable[[Any], dict[str, float]]) -> None:
+        """Ultralytics' curves at the 1-based epoch, as its own TensorBoard callback
+        writes them; an error turns them off for this training with one warning."""
+        if not self._curves:
+            return
+        try:
+            values = {k: float(v) for k, v in read(trainer).items()}
+            logger = self._rank_logger(trainer, probe_model(trainer))
+            logger.add_scalars(values, step=int(trainer.epoch) + 1)
+        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+            self._curves = False
+            warnings.warn(
+                f"tbfeat: stopped writing this training's curves: {type(e).__name__}: {e}",
                 RuntimeWarning,
                 stacklevel=2,
             )
