@@ -155,9 +155,17 @@ def board_command(logdir: str | Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+BOARD_START = "#custom_scalars"
+"""Where ``tbfeat board`` opens: the custom scalars overview that every run carries."""
+
+
 def run_board(logdir: Path, port: int) -> int:
     cmd = board_command(logdir, port)
-    print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl-C stops it)", flush=True)
+    print(
+        f"TensorBoard at http://127.0.0.1:{port}/{BOARD_START} (Ctrl-C stops it): the drift "
+        "overview of every stage; the Images tab holds the grids, maps and overview/drift",
+        flush=True,
+    )
     sys.stderr.flush()
     # Become TensorBoard: signals (Ctrl-C, a terminate) reach it directly, no orphan left.
     os.execv(sys.executable, cmd)

@@ -143,6 +143,8 @@ class StageHistory:
     last: torch.Tensor | None = None
     last_step: int | None = None
     cells: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    drifts: dict[int, float] = field(default_factory=dict)
+    """Drift against the step before, by step (the overview's columns)."""
     grams: dict[str, torch.Tensor] = field(default_factory=dict)
     sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -225,7 +227,25 @@ class History:
             h.cells[step] = cells
             for old in sorted(h.cells)[: -self.keep]:
                 del h.cells[old]
-        return {k: max(0.0, min(1.0, v)) for k, v in out.items()}
+        out = {k: max(0.0, min(1.0, v)) for k, v in out.items()}
+        if "" in out:
+            h.drifts[step] = out[""]
+            for old in sorted(h.drifts)[: -self.keep]:
+                del h.drifts[old]
+        return out
+
+    def overview(self) -> tuple[list[str], list[int], np.ndarray] | None:
+        """Every stage's drift against the step before, over the kept steps: the stage
+        keys in order (rows), the steps (columns) and the values (NaN where none)."""
+        bases = sorted(b for b, h in self.stages.items() if h.drifts)
+        if not bases:
+            return None
+        steps = sorted({s for b in bases for s in self.stages[b].drifts})[-self.keep :]
+        values = np.full((len(bases), len(steps)), np.nan, np.float32)
+        for i, base in enumerate(bases):
+            for j, step in enumerate(steps):
+                values[i, j] = self.stages[base].drifts.get(step, np.nan)
+        return bases, steps, values
 
     def strip(self, base: str) -> np.ndarray | None:
         """The evolution strip: columns = the kept steps in order, rows = probe images."""
@@ -313,6 +333,8 @@ def _stage_record(h: StageHistory) -> dict[str, Any]:
         "cell_steps": steps,
         "cell_names": names,
         "cells": block,
+        "drift_steps": sorted(h.drifts),
+        "drift_values": [h.drifts[s] for s in sorted(h.drifts)],
     }
 
 
@@ -338,6 +360,7 @@ def _stage_from_record(d: dict[str, Any]) -> StageHistory:
             h.sizes[which] = tuple(size)
             if gram is not None:
                 h.grams[which] = gram
+    h.drifts = dict(zip(map(int, d.get("drift_steps", [])), d.get("drift_values", []), strict=True))
     block = d["cells"]
     if block is not None:
         for i, s in enumerate(d["cell_steps"]):

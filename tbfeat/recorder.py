@@ -23,7 +23,7 @@ import torch
 from .capture import CamImages, Capture, EndStep, Notes, Scalars, SetLogdir
 from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
 from .options import LogOptions
-from .render import CAM_CMAP, cam_overlay, feature_tiles, layout, select_channels
+from .render import CAM_CMAP, cam_overlay, drift_overview, feature_tiles, layout, select_channels
 from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
@@ -55,6 +55,23 @@ class _Step:
     """CPU seconds the writer thread has spent on this step so far."""
 
 
+def overview_layout(drift_bases: list[str], stats_bases: list[str]) -> dict[str, Any]:
+    """The custom scalars layout of a run: one multiline chart of every stage's drift,
+    one against the first step, one of each stage's zero fraction and non-finite count."""
+
+    def chart(tags: list[str]) -> list[Any]:
+        return ["Multiline", tags]
+
+    charts = {
+        "drift vs the step before": chart([f"drift/{b}" for b in drift_bases]),
+        "drift vs the first step": chart([f"drift/{b}_vs_first" for b in drift_bases]),
+    }
+    if stats_bases:
+        charts["zero fraction"] = chart([f"stats/{b}/zero_fraction" for b in stats_bases])
+        charts["non-finite count"] = chart([f"stats/{b}/nonfinite_count" for b in stats_bases])
+    return {"tbfeat overview": charts}
+
+
 class Recorder:
     """Summarizes captures and writes finished steps; call :meth:`handle` from one thread.
 
@@ -75,6 +92,7 @@ class Recorder:
         self._history: History | None = None
         self._note = Notes()
         self._costed = False
+        self._layout: dict[str, Any] | None = None
 
     def handle(self, message: Any) -> None:
         """Handle one message from the forward side (worker thread)."""
@@ -169,6 +187,8 @@ class Recorder:
             )
         for base, stats in state.stats.items():
             self._guard(f"statistics of stage {base}", self._summarize, base, stats, bundle)
+        if any(tag.startswith("drift/") for tag, _ in bundle.scalars):
+            self._guard("the drift overview", self._overview, history, bundle)
         self._write(bundle)
         outputs = len(state.stats.keys() | state.tracks.keys())
         self._report_cost(step, outputs, state.busy_s + time.thread_time() - started)
@@ -200,6 +220,19 @@ class Recorder:
             bundle.images.append(
                 self.sink.encode_image(f"evolution/{base}", strip, self.options.cmap)
             )
+
+    def _overview(self, history: History, bundle: StepBundle) -> None:
+        """``overview/drift`` (every stage's drift over the steps, one picture) and, when
+        the stages changed, the custom scalars layout that charts them together."""
+        overview = history.overview()
+        if overview is None:
+            return
+        bundle.images.append(self.sink.encode_rgb("overview/drift", drift_overview(*overview)))
+        stats = sorted({tag.rsplit("/", 1)[0][len("stats/") :] for tag, _ in bundle.scalars
+                        if tag.startswith("stats/")})  # fmt: skip
+        layout = overview_layout(overview[0], stats)
+        if layout != self._layout:
+            bundle.layout = self._layout = layout
 
     def _summarize(self, base: str, stats: RunningStats, bundle: StepBundle) -> None:
         summary = stats.summary()
@@ -237,6 +270,7 @@ class Recorder:
     def _set_logdir(self, logdir: str) -> None:
         for step in sorted(self._steps):  # what was captured belongs to the old folder
             self._end_step(step)
+        self._layout = None  # the new folder's run gets its own
         self._save_history()
         self.sink.set_logdir(logdir)
         if self.sink.logdir == logdir:

@@ -370,3 +370,51 @@ def cam_overlay(
     colour = lut[np.rint(values.clamp(0, 1).numpy() * 255).astype(np.int64)]
     rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
     return np.rint((1.0 - alpha) * rgb + alpha * colour).clip(0, 255).astype(np.uint8)
+
+
+DRIFT_CMAP = "magma"
+"""Colormap of the drift overview: black is a stage that did not change, bright a stage
+that changed entirely (1 - linear CKA against the step before)."""
+
+
+def drift_overview(stages: list[str], steps: list[int], values: np.ndarray) -> np.ndarray:
+    """One picture of which stages are still learning: a row per stage (labelled, in
+    order), a column per step, colour = drift against the step before, with a legend.
+
+    Args:
+        stages: Stage keys, one per row of ``values``.
+        steps: Steps, one per column.
+        values: ``(stages, steps)`` drift in [0, 1]; NaN where a stage has none.
+
+    Returns:
+        An ``(H, W, 3)`` uint8 RGB picture, drawn with matplotlib's Agg canvas.
+
+    Example:
+        >>> import numpy as np
+        >>> drift_overview(["00_Conv"], [1, 2], np.array([[0.1, 0.0]])).shape[2]
+        3
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != (len(stages), len(steps)):
+        raise ValueError(f"values must be (stages, steps), got {values.shape}")
+    height = 1.2 + 0.18 * len(stages)
+    width = 3.2 + min(0.3 * len(steps), 9.0)
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.32, 1.0 / height * 0.55, 0.55, 1 - 1.0 / height))
+    image = ax.imshow(
+        np.ma.masked_invalid(values), cmap=DRIFT_CMAP, vmin=0.0, vmax=1.0, aspect="auto",
+        interpolation="nearest",
+    )  # fmt: skip
+    ax.set_yticks(range(len(stages)), stages, fontsize=7)
+    every = max(1, len(steps) // 12)
+    ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]], fontsize=7)
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_title("drift per stage (1 - CKA vs the step before)", fontsize=8)
+    bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    bar.ax.tick_params(labelsize=7)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy()

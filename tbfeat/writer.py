@@ -134,15 +134,21 @@ class StepBundle:
     images: list[Any] = field(default_factory=list)
     scalars: list[tuple[str, float]] = field(default_factory=list)
     histograms: list[tuple[str, Any]] = field(default_factory=list)
+    layout: dict[str, Any] | None = None
+    """A custom scalars layout (``SummaryWriter.add_custom_scalars``'s argument)."""
 
     def __bool__(self) -> bool:
-        return bool(self.images or self.scalars or self.histograms)
+        return bool(self.images or self.scalars or self.histograms or self.layout)
 
     def summary(self) -> Any:
         """The step as one TensorBoard ``Summary`` (images already encoded)."""
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
         values = list(self.images)
+        if self.layout:
+            from torch.utils.tensorboard.summary import custom_scalars
+
+            values += list(custom_scalars(self.layout).value)
         for tag, value in self.scalars:
             values.append(Summary.Value(tag=tag, simple_value=float(value)))
         for tag, stats in self.histograms:
@@ -395,6 +401,8 @@ class EventSink:
         if self._raw:
             writer._get_file_writer().add_summary(bundle.summary(), step)
         else:  # a writer without torch's raw access: its public API
+            if bundle.layout:
+                writer.add_custom_scalars(bundle.layout)
             for tag, rgb in bundle.images:
                 writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
             for tag, value in bundle.scalars:

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-DERIVED = ("drift/", "evolution/")
+DERIVED = ("drift/", "evolution/", "overview/")
 
 
 class Events(EventAccumulator):

@@ -267,5 +267,7 @@ def test_board_serves_the_logdir_on_localhost(tmp_path):
         assert body is not None and "run" in body
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        output, _ = proc.communicate(timeout=30)
+    # it opens where the story starts: the overview of every stage's drift
+    assert f"http://127.0.0.1:{port}/#custom_scalars" in output
     assert_usage_error(tbfeat("board", tmp_path / "missing"), "logdir not found")

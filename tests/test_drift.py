@@ -11,7 +11,7 @@ from torch import nn
 from tbfeat import FeatureLogger
 from tbfeat.drift import HISTORY_FILE, linear_cka
 
-from .helpers import read_events
+from .helpers import decode, read_events
 
 
 def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -130,3 +130,41 @@ def test_a_sweep_extended_with_a_checkpoint_continues(tmp_path):
     assert [e.step for e in acc.Scalars("drift/00_Conv2d")] == [2, 3]
     # 24 px maps, 12 px cells
     assert acc.Images("evolution/00_Conv2d")[-1].width == 3 * (12 + 1) - 1
+
+
+def test_one_overview_of_every_stages_drift_in_the_run(tmp_path):
+    """The custom scalars layout charts every stage's drift tags together; the image
+    ``overview/drift`` is, at each step, the picture of the drift scalars read back."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from tbfeat.render import drift_overview
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten())
+    x = torch.rand(2, 3, 12, 12)
+    for steps in ((1, 2, 3), (4,)):  # a second logger continues the run
+        logger = FeatureLogger(model, logdir=tmp_path, max_channels=2)
+        for step in steps:
+            with torch.no_grad():
+                model[0].weight.mul_(1.5 if step % 2 else -0.5)
+            logger.log(x, step=step)
+        logger.close()
+    acc = read_events(tmp_path, derived=True)
+    drift_tags = sorted(t for t in acc.Tags()["scalars"] if t.startswith("drift/"))
+    bases = sorted({t[len("drift/") :].removesuffix("_vs_first") for t in drift_tags})
+    assert bases == ["00_Conv2d", "01_ReLU", "02_Conv2d"]  # 4-D outputs only
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
+    assert layout.category[0].title == "tbfeat overview"
+    assert sorted(charts["drift vs the step before"] + charts["drift vs the first step"]) == (
+        drift_tags
+    )
+    assert charts["zero fraction"][0] == "stats/00_Conv2d/zero_fraction"
+    events = acc.Images("overview/drift")
+    assert [e.step for e in events] == [2, 3, 4]
+    values = np.array(
+        [[e.value for e in acc.Scalars(f"drift/{b}")] for b in bases], dtype=np.float32
+    )
+    expected = drift_overview(bases, [2, 3, 4], values)
+    assert np.array_equal(decode(events[-1]), expected)
