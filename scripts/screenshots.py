@@ -8,8 +8,9 @@ Chromium; also the browser and server helpers of tests/test_tensorboard_e2e.py.
 Writes docs/grid_epoch1.png and docs/grid_epoch<last>.png (the Images dashboard filtered to
 a few stages of bus.jpg, every card's step slider at the first or the last epoch),
 docs/cams_epoch1.png and docs/cams_epoch<last>.png (the same stages' class activation
-maps), docs/histograms.png (activation histograms) and docs/scalars.png (statistics
-scalars).
+maps), docs/histograms.png (activation histograms), docs/scalars.png (statistics
+scalars), docs/overview_drift.png (the training run's drift overview, as logged) and
+docs/export_grid.png (``tbfeat export``'s figure of one stage of the sweep).
 
 The browser is driven through chromedriver's W3C WebDriver HTTP API with urllib (about a
 hundred lines below, no Python dependency): the Debian packages ``chromium`` and
@@ -537,6 +538,33 @@ def save_first_and_last(browser: Browser, steps: list[int], pattern: Path) -> No
         _save(browser, Path(str(pattern).format(step=step)))
 
 
+def save_overview(logdir: Path, out: Path) -> None:
+    """The training run's last ``overview/drift`` picture, as logged (no browser)."""
+    events = _accumulator(logdir / "train").Images("overview/drift")
+    path = out / "overview_drift.png"
+    path.write_bytes(events[-1].encoded_image_string)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
+
+
+def save_export(logdir: Path, out: Path, stage: str, image: str) -> None:
+    """``tbfeat export``'s figure of one stage of the sweep at its first, middle and last
+    step (150 dpi for the README; exports default to 300)."""
+    from tbfeat.export import export
+
+    steps = sorted(
+        e.step for e in _accumulator(logdir / "sweep").Images(f"features/{stage}/{image}")
+    )
+    chosen = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
+    with tempfile.TemporaryDirectory() as tmp:
+        written = export(
+            logdir / "sweep", tmp, stages=[stage], steps=chosen, images=[image], dpi=150
+        )
+        (figure,) = [p for p in written if p.name.startswith("features_")]
+        path = out / "export_grid.png"
+        shutil.copyfile(figure, path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
+
+
 def _accumulator(path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -580,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             logdir = args.demo_dir or Path(tmp)
             run_demo(logdir, args.epochs, args.train_images, args.imgsz)
         take_screenshots(logdir, args.out, args.stages, args.image, args.hist_stages, args.stats)
+        save_overview(logdir, args.out)
+        save_export(logdir, args.out, args.stages[1], args.image)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

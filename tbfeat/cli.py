@@ -1,4 +1,4 @@
-"""The ``tbfeat`` command: ``sweep``, ``demo``, ``board`` and ``stages``.
+"""The ``tbfeat`` command: ``sweep``, ``demo``, ``board``, ``stages`` and ``export``.
 
 Errors the user can fix (a missing file, a corrupt checkpoint, an unknown architecture or
 stage) print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
@@ -239,6 +239,20 @@ def _shape(output: Any) -> str:
     return type(output).__name__
 
 
+# ------------------------------------------------------------------------- export
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    paths = export(
+        args.logdir, args.out, stages=args.stages, steps=args.steps, images=args.images,
+        fmt=args.format, dpi=args.dpi,
+    )  # fmt: skip
+    for path in paths:
+        print(path)
+    print(f"exported {len(paths)} figures ({args.format}, {args.dpi} dpi) to {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------- main
 def positive_int(text: str) -> int:
     """An ``argparse`` type: an int >= 1 (the subcommand's usage names the flag)."""
@@ -347,6 +361,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", default=None, help="mark what these select")
     add_trust_flag(p)
     p.set_defaults(func=cmd_stages)
+
+    p = subcommand(sub, "export", "figures of a logdir's grids, maps and strips, step by step")
+    p.add_argument("logdir", help="a run folder, or a folder of runs")
+    p.add_argument("--out", required=True, help="folder the figures go to")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="keys (09_SPPF), indices (9) or types (SPPF); default all")  # fmt: skip
+    p.add_argument("--steps", nargs="+", type=int, default=None, metavar="STEP",
+                   help="logged steps; default all")  # fmt: skip
+    p.add_argument("--images", nargs="+", default=None, metavar="NAME",
+                   help="image names; default all")  # fmt: skip
+    p.add_argument("--format", default="png", metavar="{png,pdf,svg}",
+                   help="png at --dpi, or vector pdf/svg with the panels embedded")  # fmt: skip
+    p.add_argument("--dpi", type=int, default=300, help="resolution, at least 72")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

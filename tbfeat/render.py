@@ -373,8 +373,8 @@ def cam_overlay(
 
 
 DRIFT_CMAP = "magma"
-"""Colormap of the drift overview: black is a stage that did not change, bright a stage
-that changed entirely (1 - linear CKA against the step before)."""
+"""Colormap of the drift overview: black is a stage that did not change, bright the
+largest drift of the run (1 - linear CKA against the step before)."""
 
 
 def drift_overview(stages: list[str], steps: list[int], values: np.ndarray) -> np.ndarray:
@@ -405,9 +405,12 @@ def drift_overview(stages: list[str], steps: list[int], values: np.ndarray) -> n
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_axes((0.32, 1.0 / height * 0.55, 0.55, 1 - 1.0 / height))
+    # the scale ends at the run's largest drift, so the stages still moving stand out
+    # even when every drift is small; the legend gives the values
+    top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
     image = ax.imshow(
-        np.ma.masked_invalid(values), cmap=DRIFT_CMAP, vmin=0.0, vmax=1.0, aspect="auto",
-        interpolation="nearest",
+        np.ma.masked_invalid(values), cmap=DRIFT_CMAP, vmin=0.0, vmax=max(top, 0.01),
+        aspect="auto", interpolation="nearest",
     )  # fmt: skip
     ax.set_yticks(range(len(stages)), stages, fontsize=7)
     every = max(1, len(steps) // 12)
