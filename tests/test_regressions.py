@@ -146,7 +146,7 @@ def test_close_inside_a_block_removes_the_callbacks(tmp_path):
         )
 
     with FeatureLogger(yolo, logdir=tmp_path) as logger:
-        assert ours(logger) == 12 and {"predict", "train"} <= set(vars(yolo))
+        assert ours(logger) == 13 and {"predict", "train"} <= set(vars(yolo))
         logger.close()
         assert ours(logger) == 0 and not {"predict", "train"} & set(vars(yolo))
 

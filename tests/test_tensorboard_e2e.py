@@ -57,6 +57,12 @@ STAGE = "09_SPPF"  # the stage the browser filters to
 PLUGINS = ("images", "histograms", "scalars")
 
 
+def expected_steps(tag: str) -> list[int]:
+    """Every epoch; Ultralytics' metrics also at the final validation of best.pt, one
+    step on (as its own TensorBoard callback writes them)."""
+    return [*STEPS, STEPS[-1] + 1] if tag.startswith("metrics/") else STEPS
+
+
 def expected_tags(run: str) -> dict[str, set[str]]:
     return {
         "images": {f"features/{s}/{p}" for s in STAGES for p in PROBES[run]},
@@ -173,7 +179,7 @@ def test_demo_logs_every_stage_at_every_epoch(events):
             missing = sorted(tags - {t for p, r, t in got if (p, r) == (plugin, run)})
             assert not missing, (run, plugin, missing[:10])
             for tag in tags:
-                assert got[(plugin, run, tag)] == STEPS, (run, plugin, tag)
+                assert got[(plugin, run, tag)] == expected_steps(tag), (run, plugin, tag)
 
 
 def test_tensorboard_serves_every_tag_and_step(board, events):
@@ -184,7 +190,7 @@ def test_tensorboard_serves_every_tag_and_step(board, events):
     for run in RUNS:
         for plugin, tags in expected_tags(run).items():
             for tag in tags:
-                assert served[(plugin, run, tag)] == STEPS, (plugin, run, tag)
+                assert served[(plugin, run, tag)] == expected_steps(tag), (plugin, run, tag)
     images = board.json("/data/plugin/images/tags")
     assert images["sweep"][f"features/{STAGE}/bus"]["samples"] == 1
 
@@ -292,3 +298,18 @@ def test_images_dashboard_in_headless_chromium(browser, board, events, tmp_path)
     box += [round(r["x"] + r["width"]) - 1, round(r["y"] + r["height"]) - 1]
     grid = np.unique(np.asarray(rgb.crop(box)).reshape(-1, 3), axis=0)
     assert len(grid) >= 8, grid
+
+
+def test_the_overview_layout_is_served_and_charts_every_stages_drift(board, demo):
+    """TensorBoard's custom scalars plugin serves the run's layout (where ``tbfeat board``
+    opens), and its drift charts name every drift tag the training logged."""
+    layout = board.json("/data/plugin/custom_scalars/layout")
+    (category,) = [c for c in layout["category"] if c["title"] == "tbfeat overview"]
+    charts = {c["title"]: set(c["multiline"]["tag"]) for c in category["chart"]}
+    for run in RUNS:
+        tags = read_events(demo / run).Tags()["scalars"]
+        drift = {t for t in tags if t.startswith("drift/")}
+        assert (
+            drift
+            and drift <= charts["drift vs the step before"] | charts["drift vs the first step"]
+        ), run

@@ -749,11 +749,7 @@ class UltralyticsCallbacks:
             self._probe_epoch(trainer, epoch)
         except Exception as e:  # noqa: BLE001 - logging never ends the user's training
             self._stopped = True
-            warnings.warn(
-                f"tbfeat: stopped logging this training at epoch {epoch}: {type(e).__name__}: {e}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _stopped_warning(f"logging this training at epoch {epoch}", e)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
         if global_rank() == 0:
@@ -770,11 +766,7 @@ class UltralyticsCallbacks:
             logger.add_scalars(values, step=int(trainer.epoch) + 1)
         except Exception as e:  # noqa: BLE001 - logging never ends the user's training
             self._curves = False
-            warnings.warn(
-                f"tbfeat: stopped writing this training's curves: {type(e).__name__}: {e}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _stopped_warning("writing this training's curves", e)
 
     def _probe_epoch(self, trainer: Any, epoch: int) -> None:
         model = probe_model(trainer)
@@ -824,6 +816,13 @@ class UltralyticsCallbacks:
             self._config = logger.config()
             self._probes = None
             logger.close()
+
+
+def _stopped_warning(what: str, error: Exception) -> None:
+    """The one warning of a part of the logging that stops for the rest of a training."""
+    warnings.warn(
+        f"tbfeat: stopped {what}: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=3
+    )
 
 
 def _warn_if_callbacks_dropped(trainer: Any) -> None:
