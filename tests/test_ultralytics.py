@@ -220,8 +220,9 @@ def test_training_logs_every_epoch_into_the_trainers_own_run(tmp_path, shapes):
     # Ultralytics' own curves are in the same run, written once: by its callback
     assert "train/box_loss" in tags["scalars"] and "metrics/mAP50(B)" in tags["scalars"]
     writers = scalar_writers(save_dir)
-    assert all(len(files) == 1 for files in writers.values()), writers
-    assert not any(f.name.endswith(FILE_SUFFIX) for f in writers[("train/box_loss", 1)])
+    assert ("train/box_loss", 1) in writers
+    # (Ultralytics 8.3 may open two writers of its own; tbfeat adds none of these tags)
+    assert not any(f.name.endswith(FILE_SUFFIX) for fs in writers.values() for f in fs)
     # checkpoints were saved (hooks never stood in the way of pickling) and load back
     for name in ("last.pt", "best.pt", "epoch1.pt"):
         reloaded = YOLO(save_dir / "weights" / name)
@@ -254,15 +255,21 @@ def test_curves_are_written_when_ultralytics_tensorboard_is_off(tmp_path, shapes
     ])  # fmt: skip
     on = scalar_writers(run_training(tmp_path / "on", shapes)["save_dir"])
     assert set(off) == set(on)
-    assert all(len(f) == 1 and f[0].name.endswith(FILE_SUFFIX) for f in off.values())
-    assert not any(f[0].name.endswith(FILE_SUFFIX) for f in on.values())
+    others = {k: [p.name for p in f] for k, f in off.items()
+              if len(f) != 1 or not f[0].name.endswith(FILE_SUFFIX)}  # fmt: skip
+    assert not others, others
+    assert not any(f.name.endswith(FILE_SUFFIX) for fs in on.values() for f in fs)
     steps: dict = {}
     for tag, step in off:
         steps.setdefault(tag, []).append(step)
     for tag in ("train/box_loss", "train/cls_loss", "lr/pg0", "val/box_loss"):
         assert sorted(steps[tag]) == [1, 2], tag
-    # and the final validation of best.pt, one step on, as Ultralytics writes it
-    assert sorted(steps["metrics/mAP50(B)"]) == [1, 2, 3]
+    # and the final validation of best.pt where Ultralytics writes it: one step on (8.4),
+    # or the last epoch's step again (8.3; written once, as set(off) == set(on) says)
+    assert sorted(steps["metrics/mAP50(B)"]) == sorted(
+        {s for t, s in on if t == "metrics/mAP50(B)"}
+    )
+    assert sorted(steps["metrics/mAP50(B)"])[:2] == [1, 2]
 
 
 def test_every_n_epochs_still_logs_the_last(tmp_path, shapes):

@@ -576,6 +576,7 @@ class UltralyticsCallbacks:
         self._warned_no_probes = False
         self._stopped = False
         self._curves = False
+        self._metric_steps = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
@@ -735,6 +736,7 @@ class UltralyticsCallbacks:
         self._stopped = False
         # the curves go into the run unless Ultralytics' own TensorBoard callback writes them
         self._curves = not writes_own_tensorboard(trainer)
+        self._metric_steps: set[int] = set()
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         if global_rank() != 0:
@@ -752,7 +754,10 @@ class UltralyticsCallbacks:
             _stopped_warning(f"logging this training at epoch {epoch}", e)
 
     def on_fit_epoch_end(self, trainer: Any) -> None:
-        if global_rank() == 0:
+        step = int(trainer.epoch) + 1
+        if global_rank() == 0 and step not in self._metric_steps:
+            # (releases before 8.4 validate best.pt at the last epoch's step again)
+            self._metric_steps.add(step)
             self._write_curves(trainer, fit_metrics)
 
     def _write_curves(self, trainer: Any, read: Callable[[Any], dict[str, float]]) -> None:
