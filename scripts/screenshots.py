@@ -540,7 +540,9 @@ def save_first_and_last(browser: Browser, steps: list[int], pattern: Path) -> No
 
 def save_overview(logdir: Path, out: Path) -> None:
     """The training run's last ``overview/drift`` picture, as logged (no browser)."""
-    events = _accumulator(logdir / "train").Images("overview/drift")
+    from tbfeat.drift import OVERVIEW_TAG
+
+    events = _accumulator(logdir / "train").Images(OVERVIEW_TAG)
     path = out / "overview_drift.png"
     path.write_bytes(events[-1].encoded_image_string)
     print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)

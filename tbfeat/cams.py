@@ -167,7 +167,7 @@ def _batch_cams(
         # the input requires grad, so frozen parameters still give stage gradients
         x = [t.detach().clone().requires_grad_(layercam) for t in batch]
         out = adapter.cam_forward(x, module)
-        seen = tap.seen(torch.stack(x)).detach()
+        seen = tap.seen(x).detach()
         if layercam:
             cams = _layercam(out, x, tap, target, acts, grads)
         else:

@@ -128,6 +128,10 @@ def mean_map_cell(x: torch.Tensor, size: int) -> np.ndarray:
     return quantize(m.contiguous(), dims=(2, 3))[:, 0].cpu().numpy()
 
 
+OVERVIEW_TAG = "overview/drift"
+"""The image of every stage's drift over the steps (:meth:`History.overview`)."""
+
+
 @dataclass
 class StageHistory:
     """What drift and the evolution strip of one stage remember between steps.

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .drift import OVERVIEW_TAG
 from .options import did_you_mean
 
 FORMATS = ("png", "pdf", "svg")
 MIN_DPI = 72
-OVERVIEW_TAG = "overview/drift"
 PANEL_INCHES = 2.0
 """A panel is upscaled (integer factor) to at least this width, where the cap allows."""
 MAX_SCALE = 24

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .capture import CamImages, Capture, EndStep, Notes, Scalars, SetLogdir
-from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
+from .drift import HISTORY_FILE, OVERVIEW_TAG, History, mean_map_cell, sample_rows
 from .options import LogOptions
 from .render import CAM_CMAP, cam_overlay, drift_overview, feature_tiles, layout, select_channels
 from .stats import RunningStats
@@ -227,7 +227,7 @@ class Recorder:
         overview = history.overview()
         if overview is None:
             return
-        bundle.images.append(self.sink.encode_rgb("overview/drift", drift_overview(*overview)))
+        bundle.images.append(self.sink.encode_rgb(OVERVIEW_TAG, drift_overview(*overview)))
         stats = sorted({tag.rsplit("/", 1)[0][len("stats/") :] for tag, _ in bundle.scalars
                         if tag.startswith("stats/")})  # fmt: skip
         layout = overview_layout(overview[0], stats)

@@ -132,10 +132,11 @@ class ScoreTap:
             "function of the output giving one score per image"
         )
 
-    def seen(self, inputs: torch.Tensor) -> torch.Tensor:
-        """What the model saw of ``inputs``, ``(N, C, H, W)``: the batch, unless a hook
-        caught the model's own transform of it."""
-        return inputs
+    def seen(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """What the model saw of the batch's ``inputs`` (one ``(C, H, W)`` each), as
+        ``(N, C, H, W)``: the inputs themselves, unless a hook caught the model's own
+        transform of them."""
+        return torch.stack(list(inputs))
 
     def scores(self, output: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image, the ``(classes, predictions)`` logits and probabilities, without a

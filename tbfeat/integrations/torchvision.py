@@ -282,8 +282,8 @@ class DetectionScoreTap(ScoreTap):
         counts = self._counts or [logits.shape[0]]
         return [chunk.t() for chunk in logits.split(counts)]  # (proposals, classes) each
 
-    def seen(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self._seen if self._seen is not None else inputs
+    def seen(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self._seen if self._seen is not None else super().seen(inputs)
 
 
 def _stage(index: int, name: str, module: nn.Module, short: str | None = None) -> Stage:
