@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .images import unique_names
+from .notes import Notes
 from .options import LogOptions
 from .stages import Stage, sanitize
 
@@ -73,26 +74,6 @@ class SetLogdir:
 
 Post = Callable[[Any, int], bool]
 """``post(message, nbytes)``: hand a message to the recorder; False if it was dropped."""
-
-
-class Notes:
-    """Messages said once per key: ``warnings.warn`` for problems, the log for the rest."""
-
-    def __init__(self) -> None:
-        self._said: set[str] = set()
-
-    def __call__(self, key: str, message: str, warn: bool = False) -> None:
-        if key in self._said:
-            return
-        self._said.add(key)
-        if warn:
-            import warnings
-
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-        else:
-            import logging
-
-            logging.getLogger("tbfeat").info(message)
 
 
 class CaptureSession:

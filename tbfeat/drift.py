@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .notes import warn
 from .render import SEPARATOR_INDEX, quantize
 
 HISTORY_FILE = "tbfeat-history.pt"
@@ -303,13 +304,7 @@ class History:
                 if self.last_step is None and d["last_step"] is not None:  # version 2 files
                     self.last_step = max(d["last_step"], *d["cell_steps"])
         except Exception as e:  # a damaged history starts over; the events are unaffected
-            import warnings
-
-            warnings.warn(
-                f"tbfeat: history {str(path)!r} unreadable ({type(e).__name__}); starting over",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            warn(f"history {str(path)!r} unreadable ({type(e).__name__}); starting over")
             self.stages, self.first_step, self.last_step = {}, None, None
 
 

@@ -24,9 +24,10 @@ from torch import nn
 
 from .adapters import ModelAdapter, Probes, adapt, check_preprocess
 from .cams import compute_cams
-from .capture import CamImages, CaptureSession, Notes, Scalars, SetLogdir, capture_hooks_kwargs
+from .capture import CamImages, CaptureSession, Scalars, SetLogdir, capture_hooks_kwargs
 from .hooks import StageHooks
 from .images import ImageLike
+from .notes import Notes
 from .options import LogOptions
 from .recorder import RUN_MODES, Recorder
 from .stages import Stage, StageSpec, resolve_stages

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from .capture import CamImages, Capture, EndStep, Notes, Scalars, SetLogdir
+from .capture import CamImages, Capture, EndStep, Scalars, SetLogdir
 from .drift import HISTORY_FILE, OVERVIEW_TAG, History, mean_map_cell, sample_rows
+from .notes import Notes
 from .options import LogOptions
 from .render import CAM_CMAP, cam_overlay, drift_overview, feature_tiles, layout, select_channels
 from .stats import RunningStats

@@ -15,11 +15,12 @@ import contextlib
 import os
 import threading
 import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from .notes import Notes
 
 MAX_INFLIGHT_BYTES = 256 * 2**20
 """Bytes of stage copies that may wait for the worker before a forward waits for room."""
@@ -87,7 +88,7 @@ class Worker:
         self._inflight = 0
         self._unfinished = 0
         self._thread: threading.Thread | None = None
-        self._warned: set[str] = set()
+        self._notes = Notes()
 
     @property
     def on_worker_thread(self) -> bool:
@@ -208,6 +209,4 @@ class Worker:
             self._warn("discard", f"{dropped} messages were not written: {why}")
 
     def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"tbfeat: {message}", RuntimeWarning, stacklevel=2)
+        self._notes(key, message, warn=True)

@@ -25,7 +25,6 @@ import shutil
 import socket
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _crc
+from .notes import warn
 
 MIN_FREE_BYTES = 16 * 2**20
 FILE_SUFFIX = ".tbfeat"
@@ -420,7 +420,7 @@ class EventSink:
         if not self._failing:
             self._failing = True
             retry = "" if self._given is not None else ", in a new event file"
-            _warn(
+            warn(
                 f"cannot write step {step} to {self._where()} ({type(error).__name__}: "
                 f"{error}); steps are dropped until it can be written again{retry}"
             )
@@ -447,15 +447,11 @@ class EventSink:
             except Exception as e:
                 e.__traceback__ = None
                 if not self._failing:  # else said already: the same fault
-                    _warn(f"closing the writer of {self._where()} failed: {type(e).__name__}: {e}")
+                    warn(f"closing the writer of {self._where()} failed: {type(e).__name__}: {e}")
 
     def _flush_given(self) -> None:
         if self._given is not None:
             self._given.flush()
-
-
-def _warn(message: str) -> None:
-    warnings.warn(f"tbfeat: {message}", RuntimeWarning, stacklevel=3)
 
 
 def histogram_args(stats: Any) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import itertools
 import os
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
+from ..notes import Notes, warn
 from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 from ..targets import NoScores, ScoreTap
@@ -573,7 +573,7 @@ class UltralyticsCallbacks:
         self._finder: _ModelFinder | None = None
         self._trainer: Any = None
         self._probes: tuple[int, int, Probes] | None = None
-        self._warned_no_probes = False
+        self._notes = Notes()
         self._stopped = False
         self._curves = False
         self._metric_steps = set()
@@ -711,11 +711,9 @@ class UltralyticsCallbacks:
             return
         self._source_names = None  # the next predict records its own
         if self._finder is not None and self._session is None:
-            warnings.warn(
-                "tbfeat: found no PyTorch Ultralytics model in this val() run; nothing was "
-                "logged (exported formats cannot be hooked)",
-                RuntimeWarning,
-                stacklevel=2,
+            warn(
+                "found no PyTorch Ultralytics model in this val() run; nothing was "
+                "logged (exported formats cannot be hooked)"
             )
         self._end_capture()
 
@@ -798,14 +796,12 @@ class UltralyticsCallbacks:
         return self.logger
 
     def _warn_no_probes(self) -> None:
-        if not self._warned_no_probes:
-            self._warned_no_probes = True
-            warnings.warn(
-                "tbfeat: no probe images for this training (the trainer's validation set "
-                "lists none); pass images=[...] to FeatureLogger. Nothing is logged.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        self._notes(
+            "no-probes",
+            "no probe images for this training (the trainer's validation set "
+            "lists none); pass images=[...] to FeatureLogger. Nothing is logged.",
+            warn=True,
+        )
 
     def on_train_end(self, trainer: Any) -> None:
         self._trainer = None
@@ -825,9 +821,7 @@ class UltralyticsCallbacks:
 
 def _stopped_warning(what: str, error: Exception) -> None:
     """The one warning of a part of the logging that stops for the rest of a training."""
-    warnings.warn(
-        f"tbfeat: stopped {what}: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=3
-    )
+    warn(f"stopped {what}: {type(error).__name__}: {error}", stacklevel=3)
 
 
 def _warn_if_callbacks_dropped(trainer: Any) -> None:
@@ -836,12 +830,11 @@ def _warn_if_callbacks_dropped(trainer: Any) -> None:
         return
     since = ".".join(map(str, DDP_CALLBACKS_SINCE))
     weights = Path(save_dir(trainer) or "runs/detect/train") / "weights"
-    warnings.warn(
-        f"tbfeat: Ultralytics {ultralytics_version()} ran this train() on several devices "
+    warn(
+        f"Ultralytics {ultralytics_version()} ran this train() on several devices "
         "in DDP subprocesses, which drop callbacks added in Python, so no feature maps "
         f"were logged (Ultralytics {since} and later keep them). Log the checkpoints "
         f"instead: train with save_period=1, then `tbfeat sweep {weights} --images ... "
         "--logdir ...`",
-        RuntimeWarning,
         stacklevel=3,
     )

@@ -1,0 +1,62 @@
+"""One home for what tbfeat says while it logs: never an exception, each thing once.
+
+:func:`warn` is the one place a ``RuntimeWarning`` of tbfeat's is raised; :class:`Notes`
+says each message once per key, as a warning (a problem: something was not logged) or in
+the ``tbfeat`` log (a choice the user may want to know of). Every part that can fail
+while logging (the capture, the worker thread, the sink, the integrations) owns one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+
+PREFIX = "tbfeat: "
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Raise tbfeat's ``RuntimeWarning``, prefixed ``tbfeat: `` (``stacklevel`` as for
+    ``warnings.warn``, counted from the caller)."""
+    _warning(message, stacklevel + 1)
+
+
+def _text(message: str) -> str:
+    return message if message.startswith(PREFIX) else PREFIX + message
+
+
+def _warning(message: str, stacklevel: int) -> None:
+    warnings.warn(_text(message), RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+class Notes:
+    """Messages said once per key, from any thread.
+
+    Example:
+        >>> from tbfeat.notes import Notes
+        >>> notes = Notes()
+        >>> notes("skip:conv", "stage conv gives no tensor; not logged")
+        True
+        >>> notes("skip:conv", "said once only")
+        False
+    """
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, message: str, warn: bool = False, stacklevel: int = 2) -> bool:
+        """Say ``message`` unless ``key`` was said; True when it was said now."""
+        with self._lock:
+            if key in self._said:
+                return False
+            self._said.add(key)
+        if warn:
+            _warning(message, stacklevel + 1)
+        else:
+            logging.getLogger("tbfeat").info(_text(message))
+        return True
+
+    def said(self, key: str) -> bool:
+        """Whether ``key`` was said."""
+        return key in self._said
