@@ -26,10 +26,13 @@ import torch
 from torch import nn
 
 from .adapters import ModelAdapter, adapt, check_preprocess
+from .capture import CamImages, CaptureSession
 from .hooks import StageHooks, probing
 from .images import ImageLike
+from .notes import Notes
+from .options import LogOptions
 from .stages import Stage, StageSpec, resolve_stages
-from .targets import CamTarget, ScoreTap, as_target, choose
+from .targets import CamTarget, NoScores, ScoreTap, as_target, choose
 
 CAM_METHODS = ("layercam", "activation")
 Target = int | Sequence[int] | Callable[[Any], torch.Tensor] | CamTarget | None
@@ -238,3 +241,118 @@ def _displayable(seen: torch.Tensor) -> torch.Tensor:
     outside = (lo < 0) | (hi > 1)
     scaled = (x - lo) / (hi - lo).clamp(min=1e-12)
     return torch.where(outside, scaled, x).contiguous()
+
+
+# ---------------------------------------------------------------------- the logger's policy
+CAM_MAX_PIXELS = 2048 * 2048
+"""Largest input (height x width) that probes draw class activation maps for."""
+
+
+def probe_cams(
+    adapter: ModelAdapter,
+    inputs: Sequence[torch.Tensor],
+    names: Sequence[str],
+    stages: Sequence[Stage],
+    step: int,
+    options: LogOptions,
+    notes: Notes,
+    *,
+    module: nn.Module | None = None,
+    output: Any = None,
+) -> tuple[CamImages, int] | None:
+    """The maps of a probe's first ``max_images`` images, as the message the recorder
+    draws and its size in bytes; ``None`` when there are none to draw, said once through
+    ``notes`` (a map never ends the user's run). ``output``, the probe's own, tells a
+    model without class scores before any pass of the maps' own."""
+    n = min(options.max_images, len(inputs), len(names))
+    if not n or _too_large(inputs[:n], notes):
+        return None
+    try:
+        if output is not None:
+            _check_scores(adapter, module or adapter.module, output, options)
+        target = options.cam_target_spec()
+        result = compute_cams(adapter, inputs[:n], stages, options.cam, target, module=module)
+    except NoScores as e:  # a model with no class scores: nothing to explain
+        notes(
+            "cam-no-scores",
+            f"no class activation maps: {str(e).replace('target=', 'cam_target=')} "
+            "(or cam='activation', which needs none; cam=None turns them off)",
+            warn=options.cam_target is not None,
+        )
+        return None
+    except Exception as e:  # noqa: BLE001 - a map never ends the user's run
+        notes(
+            f"cam-error:{type(e).__name__}",
+            f"class activation maps were not logged: {type(e).__name__}: {e}",
+            warn=True,
+        )
+        return None
+    maps = tuple((key, tuple(m)) for key, m in result.maps.items())
+    nbytes = sum(t.numel() * t.element_size() for t in result.seen)
+    nbytes += sum(t.numel() * t.element_size() for _, m in maps for t in m)
+    return CamImages(step, tuple(result.seen), maps, tuple(names[:n])), nbytes
+
+
+def captured_cams(
+    adapter: ModelAdapter,
+    stages: Sequence[Stage],
+    session: CaptureSession,
+    active: Callable[[], bool],
+    post: Callable[[Any, int], bool],
+    notes: Notes,
+) -> Callable[..., None]:
+    """A forward hook for the module a ``with`` block captures (``cam_captures=True``):
+    the maps of the batch it just ran (one more forward and backward), while ``active()``
+    says the block's hooks record."""
+    module = adapter.module
+
+    def after_forward(m: nn.Module, args: Any, output: Any) -> None:
+        if not active() or not args:
+            return
+        images = _batch_images(args[0])
+        names = session.claim_cam_images(len(images)) if images else ()
+        if names:
+            found = probe_cams(
+                adapter, images, names, stages, session.step, session.options, notes, module=module
+            )
+            if found is not None:
+                post(*found)
+
+    return after_forward
+
+
+def _too_large(inputs: Sequence[torch.Tensor], notes: Notes) -> bool:
+    largest = max(t.shape[-2] * t.shape[-1] for t in inputs)
+    if largest <= CAM_MAX_PIXELS:
+        return False
+    notes(
+        "cam-size",
+        f"no class activation maps for inputs of {largest} pixels (more than "
+        f"{CAM_MAX_PIXELS}): their backward passes would need several times the "
+        "memory of the forward; resize the probes, or pass cam=None",
+        warn=True,
+    )
+    return True
+
+
+def _check_scores(adapter: ModelAdapter, module: nn.Module, output: Any, options: Any) -> None:
+    """Raise :class:`NoScores` when a model whose scores are its output holds no
+    ``(N, classes)`` scores to explain by default (a detector's probe ran its backbone
+    only: its tap reads the heads, and the probe's output says nothing)."""
+    if options.cam != "layercam" or callable(options.cam_target):
+        return
+    tap = adapter.score_tap(module)
+    if tap.reads_output:
+        tap.logits(output[0] if isinstance(output, list) and output else output)
+
+
+def _batch_images(batch: Any) -> list[torch.Tensor]:
+    """The images of a captured forward's first argument: an ``(N, C, H, W)`` batch or
+    a list of ``(C, H, W)`` images (torchvision detectors); none for anything else."""
+    if isinstance(batch, torch.Tensor) and batch.dim() == 4 and batch.is_floating_point():
+        return list(batch.unbind(0))
+    if isinstance(batch, (list, tuple)) and all(
+        isinstance(t, torch.Tensor) and t.dim() == 3 and t.is_floating_point() for t in batch
+    ):
+        return list(batch)
+    return []

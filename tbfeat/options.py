@@ -155,6 +155,13 @@ class LogOptions:
         return dataclasses.replace(base, **kwargs) if kwargs else base
 
 
+def check_step(value: Any) -> int:
+    """A step as given: an int (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"step must be an int, got {value!r}")
+    return value
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(

@@ -110,14 +110,8 @@ class Recorder:
         else:
             raise TypeError(f"unknown message {type(message).__name__}")
 
-    def writer(self, step: int) -> Any:
-        """A ``SummaryWriter`` into the run's folder, opening the run at ``step`` if it
-        is not open yet."""
-        self._open(step)
-        return self.sink.summary_writer()
-
     def close(self) -> None:
-        """Write the steps still open, save the history, close the sink's own writer."""
+        """Write the steps still open, save the history, close the sink's event file."""
         for step in sorted(self._steps):
             self._end_step(step)
         self._save_history()

@@ -97,6 +97,9 @@ class ScoreTap:
     """How the logits become class probabilities: ``"softmax"`` or ``"sigmoid"``."""
     background = False
     """Whether class 0 of the softmax is a background class, left out of the choice."""
+    reads_output = True
+    """Whether the logits are the model's output (so a probe's output tells whether there
+    are any); False for taps that hook a head, which a probe may not run."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -258,7 +258,6 @@ class EventSink:
         self._given = writer
         self._raw = writer is None or callable(getattr(writer, "_get_file_writer", None))
         self._file: EventFile | None = None
-        self._summary_writer: Any = None  # one made for the user (``FeatureLogger.writer``)
         self._failing = False
         _crc.install()
         self.flushed_step: int | None = None
@@ -291,17 +290,6 @@ class EventSink:
             return
         self.close()
         self.logdir = logdir
-
-    def summary_writer(self) -> Any:
-        """A ``SummaryWriter`` for the user's own events in the run folder (its own file,
-        closed by :meth:`close`), or the writer given."""
-        if self._given is not None:
-            return self._given
-        if self._summary_writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._summary_writer = SummaryWriter(log_dir=str(self.run_dir()))
-        return self._summary_writer
 
     def drop_steps(self, first: int | None) -> int:
         """Remove the steps from ``first`` on (all with ``None``) from the event files
@@ -435,23 +423,17 @@ class EventSink:
         return f"logdir {str(folder)!r}" if folder is not None else "the writer"
 
     def close(self) -> None:
-        """Close the files this sink created, flush a given writer. Safe to call twice;
+        """Close the file this sink created, flush a given writer. Safe to call twice;
         never raises (a storage error is warned about)."""
         self._drop_file()
-        writer, self._summary_writer = self._summary_writer, None
-        for fn in (writer.close if writer is not None else None, self._flush_given):
-            if fn is None:
-                continue
-            try:
-                fn()
-            except Exception as e:
-                e.__traceback__ = None
-                if not self._failing:  # else said already: the same fault
-                    warn(f"closing the writer of {self._where()} failed: {type(e).__name__}: {e}")
-
-    def _flush_given(self) -> None:
-        if self._given is not None:
+        if self._given is None:
+            return
+        try:
             self._given.flush()
+        except Exception as e:
+            e.__traceback__ = None
+            if not self._failing:  # else said already: the same fault
+                warn(f"closing the writer of {self._where()} failed: {type(e).__name__}: {e}")
 
 
 def histogram_args(stats: Any) -> dict[str, Any]:

@@ -351,6 +351,27 @@ def test_integrations_use_only_the_public_api():
         assert "_getframe" not in path.read_text(), path.name
 
 
+def test_only_the_run_reaches_the_worker_side():
+    """The writer side (worker thread, recorder, sink) is built and read by the Run alone;
+    everything else posts messages to it."""
+    owned = {"Worker", "Recorder", "EventSink"}
+    reads = {"_worker", "_recorder", "sink"}
+    found = []
+    for path in sorted((ROOT / "tbfeat").rglob("*.py")):
+        if path.name in ("run.py", "recorder.py"):  # the owner; the recorder owns the sink
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in owned:
+                found.append(f"{path.name}:{node.lineno} builds {node.func.id}")
+            if isinstance(node, ast.Attribute) and node.attr in reads:
+                found.append(f"{path.name}:{node.lineno} reads .{node.attr}")
+    assert not found, found
+    run_py = ast.parse((ROOT / "tbfeat" / "run.py").read_text())
+    built = {n.func.id for n in ast.walk(run_py) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", None) in owned}  # fmt: skip
+    assert built == owned  # the check looks where the parts really are built
+
+
 def test_the_cka_of_many_samples_is_computed_in_feature_space():
     from tbfeat.drift import linear_cka
 

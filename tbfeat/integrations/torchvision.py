@@ -226,6 +226,8 @@ class DetectionScoreTap(ScoreTap):
     batch (resized, normalized, padded).
     """
 
+    reads_output = False
+
     def install(self) -> None:
         model = self.module
         self._seen: torch.Tensor | None = None

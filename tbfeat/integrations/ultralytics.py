@@ -187,6 +187,8 @@ class YoloScoreTap(ScoreTap):
     last decoder score head. The head's anchor caches are rebuilt for the forward and
     given back afterwards."""
 
+    reads_output = False
+
     def install(self) -> None:
         head = self.module.model[-1]
         self._parts: list[torch.Tensor] = []
