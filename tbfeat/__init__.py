@@ -1,9 +1,16 @@
 """tbfeat: see what a vision model sees, stage by stage, in TensorBoard.
 
 Example:
-    >>> from tbfeat import FeatureLogger                       # doctest: +SKIP
-    >>> with FeatureLogger(model, logdir="runs/exp", step=epoch):  # doctest: +SKIP
-    ...     model(images)
+    Log the stages of the forwards made inside a block, at step 1::
+
+    >>> import tempfile, torch
+    >>> from tbfeat import FeatureLogger
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    >>> with tempfile.TemporaryDirectory() as logdir:
+    ...     with FeatureLogger(model, logdir=logdir, step=1) as logger:
+    ...         _ = model(torch.rand(1, 3, 16, 16))
+    ...     logger.flushed_step
+    1
 """
 
 from .adapters import Probes, list_stages

@@ -71,6 +71,7 @@ class Worker:
         >>> w.post("a"), w.join(), seen
         (True, True, ['a'])
         >>> w.stop()
+        True
     """
 
     def __init__(
