@@ -113,8 +113,17 @@ class Capturer:
         return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz, **extra)
 
     def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
-        """Run ``probes`` through ``model``'s hooked stages and end the step (see
-        :meth:`tbfeat.FeatureLogger.probe`)."""
+        """Run ``probes`` through ``model``'s hooked stages, log them at ``step``, and end
+        the step: the integration API for fixed probes (the EMA model at an epoch's end, a
+        checkpoint of a sweep).
+
+        Eval mode and ``torch.no_grad()`` for the forward; every module's train/eval mode
+        is restored and the hooks are removed afterwards, also when the forward raises.
+        Probes of one model, by any logger on any thread, run one at a time; a probe's
+        forward is recorded by this probe only, not by captures begun with :meth:`begin`
+        (this logger's or another's ``with`` block). With ``cam`` set, the class
+        activation maps of the probe images follow (:func:`tbfeat.cams.probe_cams`).
+        """
         step = self._step if step is None else check_step(step)
         adapter = self.adapter_for(model)
         stages = self.resolve(adapter.module)
@@ -142,8 +151,11 @@ class Capturer:
         gate: Callable[[], bool] | None = None,
         names: Iterable[str] = (),
     ) -> CaptureSession:
-        """Capture the forwards of ``module`` (default the model) until :meth:`end`;
-        any capture begun before ends first."""
+        """Capture the forwards of ``module`` (default the model) until :meth:`end`: the
+        integration API for the user's own forwards (predict, validation). Another copy of
+        the model (a predictor's or validator's) is hooked by the same stage choice; forwards
+        are captured only while ``gate()`` returns True; ``names`` name the first images.
+        Any capture begun before ends first."""
         self.end()
         module = self.adapter.module if module is None else module
         stages = self.resolve(module)

@@ -349,35 +349,17 @@ class FeatureLogger:
         names: Sequence[str] | None = None,
         imgsz: int | None = None,
     ) -> Probes:
-        """Check and convert probe images for :meth:`probe`, before anything is hooked.
-
-        Args:
-            images: As for :meth:`log`.
-            model: The model they are for (default the logger's; an EMA copy, a checkpoint).
-            names: One name per image for the tags.
-            imgsz: Letterbox size for integrations that letterbox (default the option).
-        """
+        """Check and convert probe images (as for :meth:`log`) for :meth:`probe`, before
+        anything is hooked: for ``model`` (default the logger's; an EMA copy, a checkpoint),
+        named ``names``, letterboxed at ``imgsz`` where the model letterboxes."""
         return self._capturer.prepare(images, model=model, names=names, imgsz=imgsz)
 
     def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
-        """Run prepared probes through ``model`` with its stages hooked, and end the step.
-
-        This is the integration API for fixed probes: the EMA model at an epoch's end, a
-        checkpoint of a sweep. Eval mode and ``torch.no_grad()`` for the forward; every
-        module's train/eval mode is restored and the hooks are removed afterwards, also when
-        the forward raises. Probes of one model, by any logger on any thread, run one at a
-        time; a probe's forward is recorded by this probe only, not by captures begun with
-        :meth:`begin` (this logger's or another's ``with`` block). With ``cam`` set, the
-        class activation maps of the probe images follow.
-
-        Args:
-            probes: What :meth:`prepare` returned.
-            model: The model to run (default the logger's): anything the logger accepts.
-            step: The step to log at (default :attr:`step`).
-
-        Returns:
-            The model's output, or ``None`` on processes other than rank 0.
-        """
+        """Run prepared probes through ``model`` (default the logger's: an EMA copy, a
+        checkpoint) with its stages hooked, log them at ``step`` (default :attr:`step`)
+        with their class activation maps, and end the step; see
+        :meth:`tbfeat.capturer.Capturer.probe`. Returns the model's output, or ``None`` on
+        processes other than rank 0."""
         self._check_open()
         return self._capturer.probe(probes, model=model, step=step) if self.enabled else None
 
@@ -388,21 +370,10 @@ class FeatureLogger:
         gate: Callable[[], bool] | None = None,
         names: Iterable[str] = (),
     ) -> CaptureSession | None:
-        """Capture the forwards of ``module`` at :attr:`step` until :meth:`end`.
-
-        The integration API for the user's own forwards (predict, validation). Any capture
-        begun before ends first.
-
-        Args:
-            module: The module that runs (default the logger's model): another copy of it
-                (a predictor's or validator's) is hooked by the same stage choice.
-            gate: A predicate; forwards are captured only while it returns True.
-            names: Names of the first images.
-
-        Returns:
-            The session, whose ``add_names(...)`` names further images; ``None`` on
-            processes other than rank 0.
-        """
+        """Capture the forwards of ``module`` (default the model; a predictor's or
+        validator's copy) at :attr:`step` until :meth:`end`, while ``gate()`` allows; see
+        :meth:`tbfeat.capturer.Capturer.begin`. Returns the session, whose
+        ``add_names(...)`` names further images; ``None`` on processes other than rank 0."""
         self._check_open()
         if not self.enabled:
             self._capturer.end()
