@@ -160,6 +160,28 @@ def test_heads_run_only_when_a_chosen_stage_is_in_them(tmp_path):
     ]
 
 
+def test_adapt_raises_for_what_no_adapter_takes_and_integrations_decline():
+    import torchvision
+    from torch import nn
+
+    from tbfeat.adapters import ModelAdapter, adapt
+    from tbfeat.integrations import torchvision as integration
+
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got builtins\.str$"):
+        adapt("resnet18")
+    transform = torchvision.transforms.ToTensor()  # torchvision's, but no model
+    assert integration.adapter_for(transform) is None
+    with pytest.raises(TypeError, match=r"got torchvision\.transforms\.transforms\.ToTensor$"):
+        adapt(transform)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert integration.adapter_for(plain) is None
+    assert integration.adapter_for_structure(plain) is None
+    assert type(adapt(plain)) is ModelAdapter and adapt(plain).module is plain
+    resnet = build("resnet18")
+    assert type(integration.adapter_for(resnet)) is integration.ClassifierAdapter
+    assert type(adapt(resnet)) is integration.ClassifierAdapter
+
+
 def test_checkpoints_load_safely_and_mismatches_name_the_keys(tmp_path):
     model = build("fasterrcnn_mobilenet_v3_large_fpn", weights_backbone=None, num_classes=4)
     ref = tmp_path / "model_3.pth"

@@ -48,8 +48,9 @@ def _detection_types() -> tuple[type, ...]:
     return (GeneralizedRCNN, RetinaNet, FCOS, SSD)
 
 
-def adapt(obj: object) -> ModelAdapter | None:
-    """The adapter for a torchvision detection or classification model, else ``None``."""
+def adapter_for(obj: object) -> ModelAdapter | None:
+    """The adapter for a torchvision detection or classification model; ``None`` (not one
+    of this integration's) for anything else."""
     if not isinstance(obj, nn.Module):
         return None
     if isinstance(obj, _detection_types()):
@@ -64,11 +65,11 @@ _DETECTORS: weakref.WeakKeyDictionary[nn.Module, list[str] | None] = weakref.Wea
 ``None`` when it is not a detector. Read once, with one small forward."""
 
 
-def adapt_structure(obj: nn.Module) -> ModelAdapter | None:
+def adapter_for_structure(obj: nn.Module) -> ModelAdapter | None:
     """A detector of any package built like torchvision's: a ``transform`` and a
     ``backbone`` with a ``body`` and an ``fpn``; or a ``transform`` that batches images
     into an ``ImageList`` (``.tensors``, ``.image_sizes``) and a ``backbone`` that returns
-    a dict, list or tensor of features. Anything else is a plain module."""
+    a dict, list or tensor of features. ``None`` for anything else (a plain module)."""
     transform, backbone = getattr(obj, "transform", None), getattr(obj, "backbone", None)
     if not isinstance(transform, nn.Module) or not isinstance(backbone, nn.Module):
         return None

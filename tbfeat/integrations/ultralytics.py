@@ -391,8 +391,9 @@ def load_checkpoint(path: Path, *, trust: bool = False) -> tuple[Any, Any]:
 
 
 # ==================================================================== adapter
-def adapt(obj: object) -> ModelAdapter | None:
-    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``."""
+def adapter_for(obj: object) -> ModelAdapter | None:
+    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``;
+    ``None`` (not one of this integration's) for anything else."""
     model_cls, base_cls = _classes()
     if isinstance(obj, model_cls):
         if not isinstance(obj.model, nn.Module):
