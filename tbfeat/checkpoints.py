@@ -1,6 +1,9 @@
 """Checkpoints and models: find them, tell Ultralytics from state dicts, load them, read
 their epoch; build a model from a checkpoint, an Ultralytics yaml or a builder name.
 
+Every checkpoint loader (:func:`load_checkpoint` here, ``load_checkpoint`` of the
+Ultralytics and torchvision integrations) returns a :class:`LoadedCheckpoint`.
+
 Nothing a checkpoint names runs without the user's consent. Before any load, the pickle
 inside the file is inspected without executing it (:mod:`tbfeat.safeload`): the globals
 it references decide its kind (an ``ultralytics.`` class makes it an Ultralytics
@@ -20,8 +23,8 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,8 @@ from .safeload import (
 __all__ = [
     "TRUST_HINT",
     "CheckpointError",
-    "Checkpoint",
     "Inspection",
+    "LoadedCheckpoint",
     "UnsafeCheckpointError",
     "allowed_global",
     "check_checkpoint",
@@ -51,10 +54,10 @@ __all__ = [
     "find_checkpoints",
     "inspect_checkpoint",
     "kind_of",
-    "load_checkpoint_model",
+    "load_checkpoint",
     "load_model",
-    "load_state_dict_model",
-    "load_ultralytics",
+    "load_state_dict_checkpoint",
+    "load_ultralytics_checkpoint",
     "model_factory",
     "natural_key",
     "read_epoch_step",
@@ -67,13 +70,31 @@ _EPOCH_NAME = re.compile(r"^(?:epoch|model_)(\d+)$")  # Ultralytics epochN, torc
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 
-@dataclass
-class Checkpoint:
-    """A checkpoint file and the step it is logged at."""
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What loading a checkpoint file gives, whichever loader and kind.
 
-    path: Path
-    step: int | None = None
-    kind: str = ""  # "ultralytics" or "state_dict"
+    Example:
+        >>> import torch
+        >>> loaded = LoadedCheckpoint.of(torch.nn.ReLU(), {"epoch": 2, "lr": 0.1})
+        >>> loaded.epoch, dict(loaded.extras)
+        (2, {'epoch': 2, 'lr': 0.1})
+    """
+
+    model: Any
+    """The model: Ultralytics' task model (``YOLO``/``RTDETR`` when loaded with
+    ``trust``), or the torchvision or your own model with the weights, in eval mode."""
+    epoch: int | None = None
+    """The 0-based epoch the file stores (Ultralytics and torchvision's reference
+    format); ``None`` when it stores none, or -1 (stripped at the end of a training)."""
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    """The checkpoint's entries other than the weights (``epoch``, ``args``,
+    ``optimizer``, Ultralytics' ``train_args``...); empty for a bare state dict."""
+
+    @classmethod
+    def of(cls, model: Any, extras: Mapping[str, Any]) -> LoadedCheckpoint:
+        """``model`` with the checkpoint's other entries, its epoch read from them."""
+        return cls(model, _stored_epoch(extras.get("epoch")), dict(extras))
 
 
 # ------------------------------------------------------------------ files and steps
@@ -120,9 +141,10 @@ def step_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _step(epoch: Any) -> int | None:
-    """The 1-based step of a stored epoch (0-based; -1 once stripped)."""
-    return int(epoch) + 1 if isinstance(epoch, int) and epoch >= 0 else None
+def _stored_epoch(value: Any) -> int | None:
+    """A checkpoint's ``epoch`` entry as a 0-based epoch: ``None`` when it is no epoch
+    (missing, or -1 once stripped)."""
+    return int(value) if isinstance(value, int) and value >= 0 else None
 
 
 def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
@@ -142,11 +164,12 @@ def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
             f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         ) from None
-    return _step(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
+    epoch = _stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
+    return None if epoch is None else epoch + 1
 
 
-def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | None]:
-    """An Ultralytics model and the checkpoint's 1-based epoch.
+def load_ultralytics_checkpoint(path: Path, *, trust: bool = False) -> LoadedCheckpoint:
+    """An Ultralytics checkpoint: its model, stored epoch and other entries.
 
     Without ``trust`` the checkpoint loads within the allow-list (Ultralytics' restricted
     loader where it has one, else ``torch.load(weights_only=True)``) and the model is the
@@ -158,14 +181,14 @@ def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | Non
         CheckpointError: Ultralytics is not installed, or the file does not load.
     """
     try:
-        from .integrations.ultralytics import load_checkpoint
+        from .integrations import ultralytics as integration
     except ImportError:
         raise CheckpointError(
             f"{str(path)!r} is an Ultralytics checkpoint; install the extra: "
             "pip install 'tbfeat[ultralytics]'"
         ) from None
     try:
-        model, epoch = load_checkpoint(path, trust=trust)
+        return integration.load_checkpoint(path, trust=trust)
     except CheckpointError:
         raise
     except Exception as e:
@@ -173,7 +196,6 @@ def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | Non
             f"cannot load Ultralytics checkpoint {str(path)!r}: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:200] if str(e) else ''}"
         ) from None
-    return model, _step(epoch)
 
 
 # ------------------------------------------------------------------ models
@@ -295,29 +317,27 @@ def check_model_args(path: Path, kind: str, arch: str | None, model: Any) -> Non
         )
 
 
-def load_state_dict_model(
+def load_state_dict_checkpoint(
     path: Path,
     arch: str | None,
     *,
     trust: bool = False,
     model: Callable[[], Any] | None = None,
     **kwargs: Any,
-) -> tuple[Any, int | None]:
-    """A model from a state-dict checkpoint and its 1-based epoch, if stored: the
-    torchvision builder ``arch``, or what ``model`` (see :func:`model_factory`) returns."""
+) -> LoadedCheckpoint:
+    """A state-dict checkpoint loaded into the torchvision builder ``arch``, or into what
+    ``model`` (see :func:`model_factory`) returns."""
     check_model_args(path, "state_dict", arch, model)
-    from .integrations.torchvision import load_checkpoint
+    from .integrations import torchvision as integration
 
     try:
         if model is not None:
-            net, meta = load_checkpoint(path, model(), trust=trust)
-        else:
-            net, meta = load_checkpoint(path, arch, trust=trust, **kwargs)
+            return integration.load_checkpoint(path, model(), trust=trust)
+        return integration.load_checkpoint(path, arch, trust=trust, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(str(e)) from None
-    return net, _step(meta.get("epoch"))
 
 
 def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
@@ -338,7 +358,7 @@ def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
     return {}
 
 
-def load_checkpoint_model(
+def load_checkpoint(
     path: Path,
     kind: str,
     arch: str | None,
@@ -346,9 +366,9 @@ def load_checkpoint_model(
     *,
     trust: bool = False,
     model: Callable[[], Any] | None = None,
-) -> Any:
-    """The model a checkpoint file holds: Ultralytics' own, or ``arch`` / ``model`` with
-    the state dict.
+) -> LoadedCheckpoint:
+    """A checkpoint file of ``kind`` loaded: Ultralytics' own model, or ``arch`` /
+    ``model`` with the state dict.
 
     Without ``trust`` the file is checked against the allow-list before anything else.
     """
@@ -356,9 +376,9 @@ def load_checkpoint_model(
         kind = check_checkpoint(path).kind
     check_model_args(path, kind, arch, model)
     if kind == "ultralytics":
-        return load_ultralytics(path, trust=trust)[0]
+        return load_ultralytics_checkpoint(path, trust=trust)
     size = detector_size(arch, imgsz) if model is None else {}
-    return load_state_dict_model(path, arch, trust=trust, model=model, **size)[0]
+    return load_state_dict_checkpoint(path, arch, trust=trust, model=model, **size)
 
 
 def load_model(
@@ -395,7 +415,7 @@ def load_model(
     path = Path(path_or_name)
     if path.is_file() and path.suffix in SUFFIXES:
         kind = kind_of(path, trust=trust)
-        return load_checkpoint_model(path, kind, arch, imgsz, trust=trust, model=factory)
+        return load_checkpoint(path, kind, arch, imgsz, trust=trust, model=factory).model
     if factory is not None:
         raise CheckpointError(f"{_not_a_checkpoint(path)}; --model / model= takes a checkpoint")
     if arch is not None and (path.is_file() or path_or_name.endswith((".yaml", ".yml"))):

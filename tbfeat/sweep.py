@@ -34,7 +34,7 @@ from .checkpoints import (
     check_model_args,
     find_checkpoints,
     kind_of,
-    load_checkpoint_model,
+    load_checkpoint,
     model_factory,
     natural_key,
     read_epoch_step,
@@ -332,8 +332,8 @@ def sweep(
             try:
                 unreadable = p.kind == "unreadable"  # kind_of raises its reason
                 kind = kind_of(p.path, trust=trust) if unreadable else p.kind
-                net = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust, model=source)
-                run.log(net, image_files, imgsz, p)
+                loaded = load_checkpoint(p.path, kind, arch, imgsz, trust=trust, model=source)
+                run.log(loaded.model, image_files, imgsz, p)
             except Exception as e:
                 raise _failed(e, p, sorted(kept + result.logged), folder) from e
             result.logged.append(p.step)

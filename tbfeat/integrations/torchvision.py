@@ -14,7 +14,8 @@ lies in them. Classification models (ResNet, MobileNet, EfficientNet, ConvNeXt, 
 get their ``features``/``trunk_output`` blocks as stages instead of one opaque block.
 
 :func:`load_checkpoint` reads state dicts saved by training scripts, torchvision's
-reference format (``{"model": state_dict, "epoch": ...}``) included.
+reference format (``{"model": state_dict, "epoch": ...}``) included, into a
+:class:`~tbfeat.checkpoints.LoadedCheckpoint`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
+from ..checkpoints import LoadedCheckpoint
 from ..hooks import probing
 from ..options import did_you_mean
 from ..stages import CONTAINERS, Stage, sanitize
@@ -300,7 +302,7 @@ def load_checkpoint(
     *,
     trust: bool = False,
     **builder_kwargs: Any,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> LoadedCheckpoint:
     """Load a state-dict checkpoint into a torchvision model, safely.
 
     Reads a bare ``state_dict``, torchvision's reference format ``{"model": state_dict,
@@ -321,7 +323,8 @@ def load_checkpoint(
             are the defaults).
 
     Returns:
-        The model in eval mode and the checkpoint's other entries (``epoch`` etc.).
+        The model in eval mode, the epoch the file stores (``None`` for a bare state
+        dict) and the checkpoint's other entries (``epoch``, ``args``, ``optimizer``...).
 
     Raises:
         FileNotFoundError: no such file.
@@ -356,7 +359,7 @@ def load_checkpoint(
                 kwargs["num_classes"] = n
         model = build(arch, **kwargs)
     _load_state(model, state, name, path, builder=not isinstance(arch, nn.Module))
-    return model.eval(), meta
+    return LoadedCheckpoint.of(model.eval(), meta)
 
 
 def check_arch(arch: str) -> None:
