@@ -23,8 +23,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,13 @@ from .safeload import (
     TRUST_HINT,
     CheckpointError,
     Inspection,
+    LoadedCheckpoint,
     UnsafeCheckpointError,
     allowed_global,
     check_checkpoint,
     inspect_checkpoint,
     kind_of,
+    stored_epoch,
     torch_load,
 )
 
@@ -68,33 +69,6 @@ __all__ = [
 SUFFIXES = (".pt", ".pth", ".ckpt")
 _EPOCH_NAME = re.compile(r"^(?:epoch|model_)(\d+)$")  # Ultralytics epochN, torchvision model_N
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
-
-
-@dataclass(frozen=True)
-class LoadedCheckpoint:
-    """What loading a checkpoint file gives, whichever loader and kind.
-
-    Example:
-        >>> import torch
-        >>> loaded = LoadedCheckpoint.of(torch.nn.ReLU(), {"epoch": 2, "lr": 0.1})
-        >>> loaded.epoch, dict(loaded.extras)
-        (2, {'epoch': 2, 'lr': 0.1})
-    """
-
-    model: Any
-    """The model: Ultralytics' task model (``YOLO``/``RTDETR`` when loaded with
-    ``trust``), or the torchvision or your own model with the weights, in eval mode."""
-    epoch: int | None = None
-    """The 0-based epoch the file stores (Ultralytics and torchvision's reference
-    format); ``None`` when it stores none, or -1 (stripped at the end of a training)."""
-    extras: Mapping[str, Any] = field(default_factory=dict)
-    """The checkpoint's entries other than the weights (``epoch``, ``args``,
-    ``optimizer``, Ultralytics' ``train_args``...); empty for a bare state dict."""
-
-    @classmethod
-    def of(cls, model: Any, extras: Mapping[str, Any]) -> LoadedCheckpoint:
-        """``model`` with the checkpoint's other entries, its epoch read from them."""
-        return cls(model, _stored_epoch(extras.get("epoch")), dict(extras))
 
 
 # ------------------------------------------------------------------ files and steps
@@ -141,12 +115,6 @@ def step_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _stored_epoch(value: Any) -> int | None:
-    """A checkpoint's ``epoch`` entry as a 0-based epoch: ``None`` when it is no epoch
-    (missing, or -1 once stripped)."""
-    return int(value) if isinstance(value, int) and value >= 0 else None
-
-
 def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
     """The 1-based epoch a checkpoint stores (Ultralytics and torchvision store 0-based,
     -1 once stripped), read with a memory-mapped :func:`torch_load`.
@@ -164,7 +132,7 @@ def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
             f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         ) from None
-    epoch = _stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
+    epoch = stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
     return None if epoch is None else epoch + 1
 
 

@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..checkpoints import LoadedCheckpoint
 from ..hooks import probing
 from ..options import did_you_mean
+from ..safeload import LoadedCheckpoint
 from ..stages import CONTAINERS, Stage, sanitize
 from ..targets import NoScores, ScoreTap
 

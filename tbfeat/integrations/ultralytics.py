@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, Probes
-from ..checkpoints import LoadedCheckpoint
 from ..images import ImageLike, unique_names
 from ..notes import Notes, warn
-from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
+from ..safeload import CheckpointError, LoadedCheckpoint, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 from ..targets import NoScores, ScoreTap
 from ..writer import global_rank
