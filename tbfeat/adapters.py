@@ -22,7 +22,7 @@ from .stages import Stage, generic_stages, numbered
 from .targets import ScoreTap
 
 # (top-level package of the model's class, integration module). The integration module's
-# ``adapt(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
+# ``adapter_for(obj)`` returns a ModelAdapter, or None when the object is not one it handles.
 INTEGRATIONS: list[tuple[str, str]] = [
     ("ultralytics", "tbfeat.integrations.ultralytics"),
     ("torchvision", "tbfeat.integrations.torchvision"),
@@ -30,7 +30,7 @@ INTEGRATIONS: list[tuple[str, str]] = [
 
 # (children a model must have, integration module): integrations that also recognise
 # models of any package by their structure, such as a user's own detector written like
-# torchvision's. The module's ``adapt_structure(obj)`` returns a ModelAdapter or None.
+# torchvision's. The module's ``adapter_for_structure(obj)`` returns a ModelAdapter or None.
 STRUCTURAL: list[tuple[tuple[str, ...], str]] = [
     (("transform", "backbone"), "tbfeat.integrations.torchvision"),
 ]
@@ -194,21 +194,28 @@ def check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
 
 
 def adapt(model: object) -> ModelAdapter:
-    """The adapter for ``model``: an integration's for framework objects, else generic."""
+    """The adapter for ``model``: an integration's for framework objects, else generic.
+
+    Integrations may decline an object (their ``adapter_for`` returns ``None``); this
+    never does.
+
+    Raises:
+        TypeError: ``model`` is no ``nn.Module`` that any adapter takes (naming its type).
+    """
     if isinstance(model, ModelAdapter):
         return model
     model = unwrap(model)
     package = type(model).__module__.split(".", 1)[0]
     for owner, module_name in INTEGRATIONS:
         if package == owner:
-            adapter = importlib.import_module(module_name).adapt(model)
+            adapter = importlib.import_module(module_name).adapter_for(model)
             if adapter is not None:
                 return adapter
     if isinstance(model, nn.Module):
         children = dict(model.named_children())
         for names, module_name in STRUCTURAL:
             if all(name in children for name in names):
-                adapter = importlib.import_module(module_name).adapt_structure(model)
+                adapter = importlib.import_module(module_name).adapter_for_structure(model)
                 if adapter is not None:
                     return adapter
         return ModelAdapter(model)

@@ -1,6 +1,9 @@
 """Checkpoints and models: find them, tell Ultralytics from state dicts, load them, read
 their epoch; build a model from a checkpoint, an Ultralytics yaml or a builder name.
 
+Every checkpoint loader (:func:`load_checkpoint` here, ``load_checkpoint`` of the
+Ultralytics and torchvision integrations) returns a :class:`LoadedCheckpoint`.
+
 Nothing a checkpoint names runs without the user's consent. Before any load, the pickle
 inside the file is inspected without executing it (:mod:`tbfeat.safeload`): the globals
 it references decide its kind (an ``ultralytics.`` class makes it an Ultralytics
@@ -21,7 +24,6 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +32,21 @@ from .safeload import (
     TRUST_HINT,
     CheckpointError,
     Inspection,
+    LoadedCheckpoint,
     UnsafeCheckpointError,
     allowed_global,
     check_checkpoint,
     inspect_checkpoint,
     kind_of,
+    stored_epoch,
     torch_load,
 )
 
 __all__ = [
     "TRUST_HINT",
     "CheckpointError",
-    "Checkpoint",
     "Inspection",
+    "LoadedCheckpoint",
     "UnsafeCheckpointError",
     "allowed_global",
     "check_checkpoint",
@@ -51,10 +55,10 @@ __all__ = [
     "find_checkpoints",
     "inspect_checkpoint",
     "kind_of",
-    "load_checkpoint_model",
+    "load_checkpoint",
     "load_model",
-    "load_state_dict_model",
-    "load_ultralytics",
+    "load_state_dict_checkpoint",
+    "load_ultralytics_checkpoint",
     "model_factory",
     "natural_key",
     "read_epoch_step",
@@ -65,15 +69,6 @@ __all__ = [
 SUFFIXES = (".pt", ".pth", ".ckpt")
 _EPOCH_NAME = re.compile(r"^(?:epoch|model_)(\d+)$")  # Ultralytics epochN, torchvision model_N
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint file and the step it is logged at."""
-
-    path: Path
-    step: int | None = None
-    kind: str = ""  # "ultralytics" or "state_dict"
 
 
 # ------------------------------------------------------------------ files and steps
@@ -120,11 +115,6 @@ def step_from_name(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _step(epoch: Any) -> int | None:
-    """The 1-based step of a stored epoch (0-based; -1 once stripped)."""
-    return int(epoch) + 1 if isinstance(epoch, int) and epoch >= 0 else None
-
-
 def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
     """The 1-based epoch a checkpoint stores (Ultralytics and torchvision store 0-based,
     -1 once stripped), read with a memory-mapped :func:`torch_load`.
@@ -142,11 +132,12 @@ def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
             f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
             f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         ) from None
-    return _step(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
+    epoch = stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
+    return None if epoch is None else epoch + 1
 
 
-def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | None]:
-    """An Ultralytics model and the checkpoint's 1-based epoch.
+def load_ultralytics_checkpoint(path: Path, *, trust: bool = False) -> LoadedCheckpoint:
+    """An Ultralytics checkpoint: its model, stored epoch and other entries.
 
     Without ``trust`` the checkpoint loads within the allow-list (Ultralytics' restricted
     loader where it has one, else ``torch.load(weights_only=True)``) and the model is the
@@ -158,14 +149,14 @@ def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | Non
         CheckpointError: Ultralytics is not installed, or the file does not load.
     """
     try:
-        from .integrations.ultralytics import load_checkpoint
+        from .integrations import ultralytics as integration
     except ImportError:
         raise CheckpointError(
             f"{str(path)!r} is an Ultralytics checkpoint; install the extra: "
             "pip install 'tbfeat[ultralytics]'"
         ) from None
     try:
-        model, epoch = load_checkpoint(path, trust=trust)
+        return integration.load_checkpoint(path, trust=trust)
     except CheckpointError:
         raise
     except Exception as e:
@@ -173,7 +164,6 @@ def load_ultralytics(path: Path, *, trust: bool = False) -> tuple[Any, int | Non
             f"cannot load Ultralytics checkpoint {str(path)!r}: {type(e).__name__}: "
             f"{str(e).splitlines()[0][:200] if str(e) else ''}"
         ) from None
-    return model, _step(epoch)
 
 
 # ------------------------------------------------------------------ models
@@ -295,29 +285,27 @@ def check_model_args(path: Path, kind: str, arch: str | None, model: Any) -> Non
         )
 
 
-def load_state_dict_model(
+def load_state_dict_checkpoint(
     path: Path,
     arch: str | None,
     *,
     trust: bool = False,
     model: Callable[[], Any] | None = None,
     **kwargs: Any,
-) -> tuple[Any, int | None]:
-    """A model from a state-dict checkpoint and its 1-based epoch, if stored: the
-    torchvision builder ``arch``, or what ``model`` (see :func:`model_factory`) returns."""
+) -> LoadedCheckpoint:
+    """A state-dict checkpoint loaded into the torchvision builder ``arch``, or into what
+    ``model`` (see :func:`model_factory`) returns."""
     check_model_args(path, "state_dict", arch, model)
-    from .integrations.torchvision import load_checkpoint
+    from .integrations import torchvision as integration
 
     try:
         if model is not None:
-            net, meta = load_checkpoint(path, model(), trust=trust)
-        else:
-            net, meta = load_checkpoint(path, arch, trust=trust, **kwargs)
+            return integration.load_checkpoint(path, model(), trust=trust)
+        return integration.load_checkpoint(path, arch, trust=trust, **kwargs)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(str(e)) from None
-    return net, _step(meta.get("epoch"))
 
 
 def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
@@ -338,7 +326,7 @@ def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
     return {}
 
 
-def load_checkpoint_model(
+def load_checkpoint(
     path: Path,
     kind: str,
     arch: str | None,
@@ -346,9 +334,9 @@ def load_checkpoint_model(
     *,
     trust: bool = False,
     model: Callable[[], Any] | None = None,
-) -> Any:
-    """The model a checkpoint file holds: Ultralytics' own, or ``arch`` / ``model`` with
-    the state dict.
+) -> LoadedCheckpoint:
+    """A checkpoint file of ``kind`` loaded: Ultralytics' own model, or ``arch`` /
+    ``model`` with the state dict.
 
     Without ``trust`` the file is checked against the allow-list before anything else.
     """
@@ -356,9 +344,9 @@ def load_checkpoint_model(
         kind = check_checkpoint(path).kind
     check_model_args(path, kind, arch, model)
     if kind == "ultralytics":
-        return load_ultralytics(path, trust=trust)[0]
+        return load_ultralytics_checkpoint(path, trust=trust)
     size = detector_size(arch, imgsz) if model is None else {}
-    return load_state_dict_model(path, arch, trust=trust, model=model, **size)[0]
+    return load_state_dict_checkpoint(path, arch, trust=trust, model=model, **size)
 
 
 def load_model(
@@ -395,7 +383,7 @@ def load_model(
     path = Path(path_or_name)
     if path.is_file() and path.suffix in SUFFIXES:
         kind = kind_of(path, trust=trust)
-        return load_checkpoint_model(path, kind, arch, imgsz, trust=trust, model=factory)
+        return load_checkpoint(path, kind, arch, imgsz, trust=trust, model=factory).model
     if factory is not None:
         raise CheckpointError(f"{_not_a_checkpoint(path)}; --model / model= takes a checkpoint")
     if arch is not None and (path.is_file() or path_or_name.endswith((".yaml", ".yml"))):

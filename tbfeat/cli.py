@@ -183,9 +183,9 @@ def cmd_board(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .adapters import adapt
+    from .adapters import adapt, list_stages
     from .checkpoints import load_model
-    from .stages import numbered, resolve_stages
+    from .logger import FeatureLogger
 
     if args.checkpoint is None and args.model is None:
         raise UsageError("give a model: a checkpoint, an Ultralytics yaml, a torchvision "
@@ -193,23 +193,33 @@ def cmd_stages(args: argparse.Namespace) -> int:
     model = load_model(
         args.checkpoint, args.arch, args.imgsz, trust=args.trust_checkpoints, model=args.model
     )
-    adapter = adapt(model)
-    candidates = adapter.candidate_stages()
-    stages = numbered(candidates, len(candidates))
-    # the default stages, or those --stages selects
-    spec = parse_stages(args.stages)
-    marked = resolve_stages(adapter.module, candidates, spec, adapter.default_stages())
-    shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
-    shapes: dict[tuple[str, Any], str] = {}
+    # the logger's own stage choice and probe: the stages and shapes it would log
+    logger = FeatureLogger(model, stages=parse_stages(args.stages))
+    try:
+        adapter = adapt(model)
+        stages = list_stages(model)
+        marked = logger.resolve(adapter.module)  # the default stages, or those --stages selects
+        shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
+        size = args.imgsz or 640
+        probes = logger.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
+        shapes: dict[tuple[str, Any], str] = {}
 
-    def record(stage: Any, output: Any) -> None:
-        if stage.output is not None:
-            output = output[stage.output]
-        shapes.setdefault((stage.name, stage.output), _shape(output))
+        def record(stage: Any, output: Any) -> None:
+            if stage.output is not None:
+                output = output[stage.output]
+            shapes.setdefault((stage.name, stage.output), _shape(output))
 
-    size = args.imgsz or 640
-    probes = adapter.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
-    adapter.run_probe(probes, shown, record)
+        adapter.run_probe(probes, shown, record)
+    finally:
+        logger.close()
+    _print_table(shown, marked, shapes)
+    what = "selected by --stages" if args.stages else "logged by default"
+    print(f"* {what}; probe input {size}x{size}")
+    return 0
+
+
+def _print_table(shown: list[Any], marked: list[Any], shapes: dict[tuple[str, Any], str]) -> None:
+    """One row per stage shown, ``*`` marking those logged."""
     rows = [("", "index", "tag key", "name", "type", "output shape")]
     for s in shown:
         mark = "*" if (s.name, s.output) in _keys(marked) else ""
@@ -218,9 +228,6 @@ def cmd_stages(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    what = "selected by --stages" if args.stages else "logged by default"
-    print(f"* {what}; probe input {size}x{size}")
-    return 0
 
 
 def _keys(stages: Any) -> set[tuple[str, Any]]:

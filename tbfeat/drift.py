@@ -53,39 +53,11 @@ def cka_from_grams(kx: torch.Tensor, ky: torch.Tensor) -> float:
     return float((kx * ky).sum()) / norm
 
 
-@torch.no_grad()
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA of two ``(samples, features)`` matrices with the same rows.
-
-    ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred ``Xc``, ``Yc``,
-    computed in float64 from whichever products are smaller: the features x features
-    cross-covariances when there are more samples than features, else the samples x
-    samples Gram matrices (``<Kx, Ky> / (||Kx|| ||Ky||)``, the same number).
-
-    Example:
-        >>> import torch
-        >>> x = torch.randn(200, 8)
-        >>> round(linear_cka(x, x[:, torch.randperm(8)] * 3.0), 6)
-        1.0
-    """
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"x and y must be (samples, features) with the same samples, got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] <= max(x.shape[1], y.shape[1]):
-        return cka_from_grams(centred_gram(x.double()), centred_gram(y.double()))
-    xc = x.double() - x.double().mean(0, keepdim=True)
-    yc = y.double() - y.double().mean(0, keepdim=True)
-    cross = float((yc.T @ xc).square().sum())
-    norm = float(torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc))
-    if norm == 0.0:  # a constant stage: nothing to compare
-        return 1.0 if torch.equal(xc, yc) else 0.0
-    return cross / norm
-
-
 @functools.lru_cache(maxsize=256)
 def _positions(height: int, width: int, count: int) -> torch.Tensor:
+    """``count`` fixed flat positions of an ``height x width`` map (all when fewer):
+    the same for the same size at every step, spread by a seeded permutation. Cached:
+    callers must not change it."""
     total = height * width
     if total <= count:
         return torch.arange(total)
@@ -93,15 +65,10 @@ def _positions(height: int, width: int, count: int) -> torch.Tensor:
     return torch.randperm(total, generator=g)[:count].sort().values
 
 
-def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
-    """``count`` fixed flat positions of an ``height x width`` map (all when fewer):
-    the same for the same size at every step, spread by a seeded permutation."""
-    return _positions(height, width, count).clone()  # cached: the caller may change its copy
-
-
 @torch.no_grad()
 def sample_rows(x: torch.Tensor, per_image: int) -> torch.Tensor:
-    """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at :func:`sample_positions`.
+    """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at fixed positions, the same
+    for a map size at every step.
 
     Row ``i * P + j`` holds the channels of image ``i`` at its ``j``-th position. Only
     the sampled positions are read, whatever the layout of ``x``: nothing of the size of

@@ -56,7 +56,3 @@ class Notes:
         else:
             logging.getLogger("tbfeat").info(_text(message))
         return True
-
-    def said(self, key: str) -> bool:
-        """Whether ``key`` was said."""
-        return key in self._said

@@ -16,8 +16,8 @@ import importlib
 import pickle
 import pickletools
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,42 @@ class Inspection:
         return (
             "ultralytics" if any(n.startswith("ultralytics.") for n in self.names) else "state_dict"
         )
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What loading a checkpoint file gives, whichever loader and kind.
+
+    Every checkpoint loader returns it (:mod:`tbfeat.checkpoints`, which exports it, and
+    the integrations' ``load_checkpoint``); it lives here, below the integrations.
+
+    Example:
+        >>> import torch
+        >>> loaded = LoadedCheckpoint.of(torch.nn.ReLU(), {"epoch": 2, "lr": 0.1})
+        >>> loaded.epoch, dict(loaded.extras)
+        (2, {'epoch': 2, 'lr': 0.1})
+    """
+
+    model: Any
+    """The model: Ultralytics' task model (``YOLO``/``RTDETR`` when loaded with
+    ``trust``), or the torchvision or your own model with the weights, in eval mode."""
+    epoch: int | None = None
+    """The 0-based epoch the file stores (Ultralytics and torchvision's reference
+    format); ``None`` when it stores none, or -1 (stripped at the end of a training)."""
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    """The checkpoint's entries other than the weights (``epoch``, ``args``,
+    ``optimizer``, Ultralytics' ``train_args``...); empty for a bare state dict."""
+
+    @classmethod
+    def of(cls, model: Any, extras: Mapping[str, Any]) -> LoadedCheckpoint:
+        """``model`` with the checkpoint's other entries, its epoch read from them."""
+        return cls(model, stored_epoch(extras.get("epoch")), dict(extras))
+
+
+def stored_epoch(value: Any) -> int | None:
+    """A checkpoint's ``epoch`` entry as a 0-based epoch: ``None`` when it is no epoch
+    (missing, or -1 once stripped)."""
+    return int(value) if isinstance(value, int) and value >= 0 else None
 
 
 def _import_attr(module: str, attr: str) -> Any:

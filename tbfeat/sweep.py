@@ -34,7 +34,7 @@ from .checkpoints import (
     check_model_args,
     find_checkpoints,
     kind_of,
-    load_checkpoint_model,
+    load_checkpoint,
     model_factory,
     natural_key,
     read_epoch_step,
@@ -332,8 +332,8 @@ def sweep(
             try:
                 unreadable = p.kind == "unreadable"  # kind_of raises its reason
                 kind = kind_of(p.path, trust=trust) if unreadable else p.kind
-                net = load_checkpoint_model(p.path, kind, arch, imgsz, trust=trust, model=source)
-                run.log(net, image_files, imgsz, p)
+                loaded = load_checkpoint(p.path, kind, arch, imgsz, trust=trust, model=source)
+                run.log(loaded.model, image_files, imgsz, p)
             except Exception as e:
                 raise _failed(e, p, sorted(kept + result.logged), folder) from e
             result.logged.append(p.step)
@@ -383,8 +383,9 @@ def _plan(
 
 
 class _Run:
-    """The sweep's logger and manifest: the logger (and with it the logdir) is created
-    when the first model has loaded and the stages resolve on it."""
+    """The sweep's logger and manifest: the logger is created when the first model has
+    loaded; it resolves the stages on each model (an unknown stage fails as it is
+    created, before the logdir exists)."""
 
     def __init__(
         self, folder: Path, manifest: dict[str, Any], stages: Any, run: str, options: dict
@@ -394,13 +395,9 @@ class _Run:
         self.logger: Any = None
 
     def log(self, model: Any, images: list[Path], imgsz: int | None, p: PlannedStep) -> None:
-        from .adapters import adapt
         from .logger import FeatureLogger
-        from .stages import resolve_stages
 
         if self.logger is None:
-            adapter = adapt(model)  # an unknown stage fails here, before the logdir exists
-            resolve_stages(adapter.module, adapter.candidate_stages(), self.stages)
             self.logger = FeatureLogger(
                 model, self.folder, stages=self.stages, run=self.run, **self.options
             )

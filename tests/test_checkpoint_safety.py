@@ -193,8 +193,8 @@ def test_kind_comes_from_globals_and_state_dicts_load_weights_only(
     assert b"ultralytics." in path.read_bytes()
     assert kind_of(path) == "state_dict"
     spy = LoadSpy(monkeypatch)
-    model, meta = load_checkpoint(path, ARCH)
-    assert meta["epoch"] == 0 and meta["args"].data.startswith("ultralytics.")
+    loaded = load_checkpoint(path, ARCH)
+    assert loaded.epoch == 0 and loaded.extras["args"].data.startswith("ultralytics.")
     result = tbfeat.sweep([path], images=[BUS], logdir=tmp_path / "run", arch=ARCH, stages=[0])
     assert result.logged == [1]
     assert spy.calls and all(w is True for w in spy.calls), spy.calls
@@ -337,6 +337,65 @@ def test_rerun_with_nothing_to_do_unpickles_nothing(tmp_path, state_dict):
     assert not marker.exists()
 
 
+def test_every_loader_returns_a_loaded_checkpoint_with_its_stored_epoch(
+    tmp_path, yolo_weights, state_dict
+):
+    import dataclasses
+
+    from tbfeat.checkpoints import (
+        LoadedCheckpoint,
+        load_state_dict_checkpoint,
+        load_ultralytics_checkpoint,
+    )
+    from tbfeat.checkpoints import load_checkpoint as load_file
+    from tbfeat.integrations import ultralytics as yolo
+
+    sd, bare = tmp_path / "model_4.pth", tmp_path / "bare.pth"
+    torch.save({"model": state_dict, "epoch": 4, "args": argparse.Namespace(lr=0.5)}, sd)
+    torch.save(state_dict, bare)
+    epoch0, epoch1, last = (yolo_weights / f for f in ("epoch0.pt", "epoch1.pt", "last.pt"))
+
+    def own_model():
+        return build(ARCH, num_classes=3)
+
+    assert torch.load(last, weights_only=False)["epoch"] == -1  # stripped: it stores none
+    cases = [
+        ("ultralytics", lambda: yolo.load_checkpoint(epoch0), 0),
+        ("ultralytics", lambda: yolo.load_checkpoint(epoch1), 1),
+        ("ultralytics", lambda: yolo.load_checkpoint(epoch1, trust=True), 1),
+        ("ultralytics", lambda: yolo.load_checkpoint(last), None),
+        ("ultralytics", lambda: load_ultralytics_checkpoint(epoch1), 1),
+        ("ultralytics", lambda: load_file(epoch1, "ultralytics", None, None), 1),
+        ("state_dict", lambda: load_checkpoint(sd, ARCH), 4),
+        ("state_dict", lambda: load_checkpoint(sd, own_model()), 4),
+        ("bare", lambda: load_checkpoint(bare, ARCH), None),
+        ("state_dict", lambda: load_state_dict_checkpoint(sd, ARCH), 4),
+        ("state_dict", lambda: load_file(sd, "state_dict", ARCH, None), 4),
+        ("state_dict", lambda: load_file(sd, "state_dict", None, None, model=own_model), 4),
+    ]
+    ema = torch.load(epoch1, weights_only=False)["ema"].float().state_dict()
+    for i, (kind, load, epoch) in enumerate(cases):
+        loaded = load()
+        assert type(loaded) is LoadedCheckpoint, i
+        assert loaded.epoch == epoch, (i, loaded.epoch)
+        assert isinstance(loaded.model, torch.nn.Module), i
+        if kind == "ultralytics":
+            assert loaded.extras["train_args"]["imgsz"] == 64, i
+            assert not {"model", "ema"} & set(loaded.extras), i
+        else:
+            weights = loaded.model.state_dict()
+            assert all(torch.equal(weights[k], v) for k, v in state_dict.items()), i
+            if kind == "bare":
+                assert loaded.extras == {}, i
+            else:
+                assert set(loaded.extras) == {"epoch", "args"} and loaded.extras["epoch"] == 4, i
+                assert loaded.extras["args"].lr == 0.5, i
+    weights = yolo.load_checkpoint(epoch1).model.state_dict()
+    assert weights.keys() == ema.keys() and all(torch.equal(weights[k], ema[k]) for k in ema)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loaded.epoch = 0
+
+
 def test_trust_loads_a_checkpoint_with_a_custom_global(tmp_path, yolo_weights, state_dict):
     ckpt = torch.load(yolo_weights / "epoch0.pt", map_location="cpu", weights_only=False)
     ckpt["extra"] = Harmless(3)
@@ -353,5 +412,4 @@ def test_trust_loads_a_checkpoint_with_a_custom_global(tmp_path, yolo_weights, s
     torch.save({"model": state_dict, "epoch": 0, "extra": Harmless(4)}, sd)
     with pytest.raises(UnsafeCheckpointError, match="Harmless"):
         load_checkpoint(sd, ARCH)
-    _, meta = load_checkpoint(sd, ARCH, trust=True)
-    assert meta["extra"].value == 4
+    assert load_checkpoint(sd, ARCH, trust=True).extras["extra"].value == 4

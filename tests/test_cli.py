@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tbfeat import FeatureLogger
 from tbfeat.integrations.torchvision import build
 
 from .helpers import read_events
@@ -219,6 +220,34 @@ def test_stages_prints_the_table():
     assert tv.returncode == 0, tv.stderr[-2000:]
     assert "09_fpn_pool" in tv.stdout and "00_stem" in tv.stdout
     assert_usage_error(tbfeat("stages", "resnet_9000"), "unknown model 'resnet_9000'")
+
+
+def test_stages_marks_and_measures_the_stages_the_logger_logs():
+    spec = ["layer*", "layer1.0.conv1", "fc"]
+    proc = tbfeat("stages", "resnet18", "--imgsz", 64, "--stages", *spec)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split() for line in proc.stdout.splitlines()[1:-1]]
+    marked = {r[2]: r[5] for r in rows if r[0] == "*"}  # tag key: output shape
+    model = build("resnet18")
+    logger = FeatureLogger(model, stages=spec)
+    chosen = {s.key: s.name for s in logger.stages}
+    logger.close()
+    shapes = {}  # measured with plain forward hooks on the same 64x64 input
+
+    def measure(name):
+        def hook(module, args, out):
+            shapes.setdefault(name, "x".join(map(str, out.shape)))
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(measure(name)) for name in chosen.values()]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 64, 64))
+    for h in handles:
+        h.remove()
+    assert marked == {key: shapes[name] for key, name in chosen.items()}
+    assert marked["07_layer4"] == "1x512x2x2" and marked["09_Linear"] == "1x1000"
 
 
 def test_demo_runs_end_to_end_with_few_epochs(tmp_path):

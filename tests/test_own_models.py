@@ -113,9 +113,9 @@ def test_tutorial_checkpoints_load_into_torchvision_as_pytorch_loads_them(
     path = tutorial_checkpoints / "resNetFpn-model-1.pth"
     saved = torch.load(path, weights_only=True)["model"]
     assert "backbone.fpn.inner_blocks.0.weight" in saved and "rpn.head.conv.weight" in saved
-    ours, meta = load_checkpoint(path, tutorial.resnet50_fpn())
-    theirs, _ = load_checkpoint(path, "fasterrcnn_resnet50_fpn")
-    assert meta["epoch"] == 1 and set(meta) == {"optimizer", "lr_scheduler", "epoch"}
+    loaded = load_checkpoint(path, tutorial.resnet50_fpn())
+    ours, theirs = loaded.model, load_checkpoint(path, "fasterrcnn_resnet50_fpn").model
+    assert loaded.epoch == 1 and set(loaded.extras) == {"optimizer", "lr_scheduler", "epoch"}
     x = torch.rand(1, 3, 128, 160)
     with torch.no_grad():
         a, b = ours.backbone(x), theirs.backbone(x)

@@ -178,7 +178,7 @@ def test_num_classes_is_inferred_from_more_heads(arch, tmp_path):
     model = build(arch, num_classes=5, **kwargs)
     path = tmp_path / "m.pth"
     torch.save(model.state_dict(), path)
-    loaded, _ = load_checkpoint(path, arch)
+    loaded = load_checkpoint(path, arch).model
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
 

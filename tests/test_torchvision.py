@@ -160,18 +160,42 @@ def test_heads_run_only_when_a_chosen_stage_is_in_them(tmp_path):
     ]
 
 
+def test_adapt_raises_for_what_no_adapter_takes_and_integrations_decline():
+    import torchvision
+    from torch import nn
+
+    from tbfeat.adapters import ModelAdapter, adapt
+    from tbfeat.integrations import torchvision as integration
+
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got builtins\.str$"):
+        adapt("resnet18")
+    transform = torchvision.transforms.ToTensor()  # torchvision's, but no model
+    assert integration.adapter_for(transform) is None
+    with pytest.raises(TypeError, match=r"got torchvision\.transforms\.transforms\.ToTensor$"):
+        adapt(transform)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert integration.adapter_for(plain) is None
+    assert integration.adapter_for_structure(plain) is None
+    assert type(adapt(plain)) is ModelAdapter and adapt(plain).module is plain
+    resnet = build("resnet18")
+    assert type(integration.adapter_for(resnet)) is integration.ClassifierAdapter
+    assert type(adapt(resnet)) is integration.ClassifierAdapter
+
+
 def test_checkpoints_load_safely_and_mismatches_name_the_keys(tmp_path):
     model = build("fasterrcnn_mobilenet_v3_large_fpn", weights_backbone=None, num_classes=4)
     ref = tmp_path / "model_3.pth"
     torch.save({"model": model.state_dict(), "epoch": 3, "args": argparse.Namespace(lr=0.1)}, ref)
     bare = tmp_path / "bare.pth"
     torch.save(model.state_dict(), bare)
-    loaded, meta = load_checkpoint(ref, "fasterrcnn_mobilenet_v3_large_fpn")
-    assert meta["epoch"] == 3 and meta["args"].lr == 0.1
+    loaded = load_checkpoint(ref, "fasterrcnn_mobilenet_v3_large_fpn")
+    assert loaded.epoch == 3 and loaded.extras["epoch"] == 3 and loaded.extras["args"].lr == 0.1
+    assert not loaded.model.training
     for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    loaded2, meta2 = load_checkpoint(bare, "fasterrcnn_mobilenet_v3_large_fpn")
-    assert meta2 == {} and loaded2.roi_heads.box_predictor.cls_score.out_features == 4
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    loaded2 = load_checkpoint(bare, "fasterrcnn_mobilenet_v3_large_fpn")
+    assert loaded2.extras == {} and loaded2.epoch is None
+    assert loaded2.model.roi_heads.box_predictor.cls_score.out_features == 4
     with pytest.raises(
         ValueError, match=r"does not fit fasterrcnn_resnet50_fpn: missing \d+ keys, e\.g\. "
     ):
@@ -218,13 +242,13 @@ def test_training_loop_example_logs_every_epoch_and_saves_reference_checkpoints(
     assert [e.step for e in acc.Images("features/19_fpn_pool/probe1")] == [1, 2]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     for epoch in (0, 1):
-        model, meta = load_checkpoint(
+        loaded = load_checkpoint(
             out / f"model_{epoch}.pth",
             "fasterrcnn_mobilenet_v3_large_fpn",
             min_size=96,
             max_size=96,
         )
-        assert meta["epoch"] == epoch and "optimizer" in meta
+        assert loaded.epoch == epoch and "optimizer" in loaded.extras
     w0 = torch.load(out / "model_0.pth", weights_only=False)["model"]
     w1 = torch.load(out / "model_1.pth", weights_only=False)["model"]
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it really trained

@@ -63,6 +63,21 @@ def test_stages_are_layers_keyed_by_index_and_type_with_the_head_skipped(tmp_pat
         FeatureLogger(yolo, stages=["SPFF"])
 
 
+def test_adapter_for_declines_what_is_not_an_ultralytics_model():
+    from ultralytics.utils import IterableSimpleNamespace
+
+    from tbfeat.adapters import adapt
+    from tbfeat.integrations.ultralytics import UltralyticsAdapter, adapter_for
+
+    other = IterableSimpleNamespace(imgsz=64)  # Ultralytics', but no model
+    assert adapter_for(other) is None and adapter_for(torch.nn.Linear(2, 2)) is None
+    with pytest.raises(TypeError, match=r"got ultralytics\.utils\.IterableSimpleNamespace$"):
+        adapt(other)
+    yolo = YOLO("yolov8n.yaml")
+    assert type(adapter_for(yolo)) is UltralyticsAdapter
+    assert adapt(yolo).module is yolo.model and adapt(yolo.model).module is yolo.model
+
+
 def test_predict_logs_each_image_by_file_stem_and_leaves_nothing_behind(tmp_path):
     yolo = YOLO("yolov8n.yaml")
     with FeatureLogger(yolo, logdir=tmp_path, step=3) as logger:

@@ -14,7 +14,8 @@ lies in them. Classification models (ResNet, MobileNet, EfficientNet, ConvNeXt, 
 get their ``features``/``trunk_output`` blocks as stages instead of one opaque block.
 
 :func:`load_checkpoint` reads state dicts saved by training scripts, torchvision's
-reference format (``{"model": state_dict, "epoch": ...}``) included.
+reference format (``{"model": state_dict, "epoch": ...}``) included, into a
+:class:`~tbfeat.checkpoints.LoadedCheckpoint`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from ..adapters import ModelAdapter
 from ..hooks import probing
 from ..options import did_you_mean
+from ..safeload import LoadedCheckpoint
 from ..stages import CONTAINERS, Stage, sanitize
 from ..targets import NoScores, ScoreTap
 
@@ -48,8 +50,9 @@ def _detection_types() -> tuple[type, ...]:
     return (GeneralizedRCNN, RetinaNet, FCOS, SSD)
 
 
-def adapt(obj: object) -> ModelAdapter | None:
-    """The adapter for a torchvision detection or classification model, else ``None``."""
+def adapter_for(obj: object) -> ModelAdapter | None:
+    """The adapter for a torchvision detection or classification model; ``None`` (not one
+    of this integration's) for anything else."""
     if not isinstance(obj, nn.Module):
         return None
     if isinstance(obj, _detection_types()):
@@ -64,11 +67,11 @@ _DETECTORS: weakref.WeakKeyDictionary[nn.Module, list[str] | None] = weakref.Wea
 ``None`` when it is not a detector. Read once, with one small forward."""
 
 
-def adapt_structure(obj: nn.Module) -> ModelAdapter | None:
+def adapter_for_structure(obj: nn.Module) -> ModelAdapter | None:
     """A detector of any package built like torchvision's: a ``transform`` and a
     ``backbone`` with a ``body`` and an ``fpn``; or a ``transform`` that batches images
     into an ``ImageList`` (``.tensors``, ``.image_sizes``) and a ``backbone`` that returns
-    a dict, list or tensor of features. Anything else is a plain module."""
+    a dict, list or tensor of features. ``None`` for anything else (a plain module)."""
     transform, backbone = getattr(obj, "transform", None), getattr(obj, "backbone", None)
     if not isinstance(transform, nn.Module) or not isinstance(backbone, nn.Module):
         return None
@@ -301,7 +304,7 @@ def load_checkpoint(
     *,
     trust: bool = False,
     **builder_kwargs: Any,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> LoadedCheckpoint:
     """Load a state-dict checkpoint into a torchvision model, safely.
 
     Reads a bare ``state_dict``, torchvision's reference format ``{"model": state_dict,
@@ -322,7 +325,8 @@ def load_checkpoint(
             are the defaults).
 
     Returns:
-        The model in eval mode and the checkpoint's other entries (``epoch`` etc.).
+        The model in eval mode, the epoch the file stores (``None`` for a bare state
+        dict) and the checkpoint's other entries (``epoch``, ``args``, ``optimizer``...).
 
     Raises:
         FileNotFoundError: no such file.
@@ -357,7 +361,7 @@ def load_checkpoint(
                 kwargs["num_classes"] = n
         model = build(arch, **kwargs)
     _load_state(model, state, name, path, builder=not isinstance(arch, nn.Module))
-    return model.eval(), meta
+    return LoadedCheckpoint.of(model.eval(), meta)
 
 
 def check_arch(arch: str) -> None:

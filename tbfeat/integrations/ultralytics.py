@@ -33,7 +33,7 @@ from torch import nn
 from ..adapters import ModelAdapter, Probes
 from ..images import ImageLike, unique_names
 from ..notes import Notes, warn
-from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
+from ..safeload import CheckpointError, LoadedCheckpoint, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 from ..targets import NoScores, ScoreTap
 from ..writer import global_rank
@@ -374,8 +374,9 @@ def _load_yolo(path: Path) -> Any:
     return model
 
 
-def load_checkpoint(path: Path, *, trust: bool = False) -> tuple[Any, Any]:
-    """An Ultralytics checkpoint's model and its stored (0-based) epoch.
+def load_checkpoint(path: Path, *, trust: bool = False) -> LoadedCheckpoint:
+    """An Ultralytics checkpoint: its model, its stored epoch and its other entries
+    (``train_args``, ``date``...; ``model`` and ``ema`` left out).
 
     Without ``trust`` the file loads within tbfeat's allow-list (Ultralytics' restricted
     loader where it has one, else ``torch.load(weights_only=True)``) and the model is the
@@ -387,14 +388,18 @@ def load_checkpoint(path: Path, *, trust: bool = False) -> tuple[Any, Any]:
     """
     if trust:
         model = _load_yolo(path)
-        return model, (getattr(model, "ckpt", None) or {}).get("epoch")
-    ckpt = _ultralytics_dict(path)
-    return ultralytics_model(ckpt, path), ckpt.get("epoch")
+        ckpt = getattr(model, "ckpt", None) or {}
+    else:
+        ckpt = _ultralytics_dict(path)
+        model = ultralytics_model(ckpt, path)
+    extras = {k: v for k, v in ckpt.items() if k not in ("model", "ema")}
+    return LoadedCheckpoint.of(model, extras)
 
 
 # ==================================================================== adapter
-def adapt(obj: object) -> ModelAdapter | None:
-    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``."""
+def adapter_for(obj: object) -> ModelAdapter | None:
+    """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``;
+    ``None`` (not one of this integration's) for anything else."""
     model_cls, base_cls = _classes()
     if isinstance(obj, model_cls):
         if not isinstance(obj.model, nn.Module):
