@@ -80,12 +80,16 @@ class Capturer:
         swaps in its trained model after ``train()``), resolved once per model."""
         module = self.adapter.module
         if self._resolved is None or self._resolved[0] is not module:
-            self._resolved = (module, self.resolve(module))
+            self._resolved = (module, self._resolve(self.adapter))
         return self._resolved[1]
 
     def resolve(self, module: nn.Module) -> list[Stage]:
         """The ``stages=`` choice applied to ``module`` (a copy of the model, say)."""
-        adapter = self.adapter_for(module)
+        if module is self.adapter.module:
+            return self.stages
+        return self._resolve(self.adapter_for(module))
+
+    def _resolve(self, adapter: ModelAdapter) -> list[Stage]:
         return resolve_stages(
             adapter.module, adapter.candidate_stages(), self.stage_spec, adapter.default_stages()
         )
