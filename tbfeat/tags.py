@@ -222,8 +222,8 @@ def parse(tag: str) -> Tag | None:
     if kind in ("activations", "evolution", "drift"):
         vs_first = kind == "drift" and rest.endswith(VS_FIRST)
         base = rest.removesuffix(VS_FIRST) if vs_first else rest
-        if not _BASE.fullmatch(base):
-            return None
+        if not _BASE.fullmatch(base) or (kind == "drift" and base.endswith(VS_FIRST)):
+            return None  # a drift base ending in _vs_first is never written (:func:`drift`)
         return Tag(kind, base, vs_first=vs_first)
     return None
 

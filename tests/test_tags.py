@@ -97,6 +97,7 @@ def test_the_tag_strings_are_the_logged_format():
         "activations/",
         "drift/",
         "drift/_vs_first",
+        "drift/03_x_vs_first_vs_first",  # a base drift() refuses
         "evolution/x",
         "overview/other",
         "tbfeat/other",
