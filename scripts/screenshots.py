@@ -455,7 +455,9 @@ def take_screenshots(
 ) -> None:
     """The documentation screenshots of a ``tbfeat demo`` folder (runs ``sweep`` and
     ``train``); the cards come from the sweep over the Ultralytics asset images."""
-    last_tag = f"features/{stages[-1]}/{image}"
+    from tbfeat import tags
+
+    last_tag = tags.features(stages[-1], image)
     steps = sorted(e.step for e in _accumulator(logdir / "sweep").Images(last_tag))
     with TensorBoard(logdir) as tb, Browser() as browser:
         print(f"TensorBoard at {tb.url}, Chromium {browser.version}", flush=True)
@@ -466,7 +468,7 @@ def take_screenshots(
 
         tb.wait_for(served, what=f"every step of {last_tag}")
 
-        grid = f"^features/({'|'.join(stages)})/{image}$"
+        grid = tags.pattern(*(tags.features(s, image) for s in stages))
         browser.get(dashboard_url(tb, "images", grid, runs="^sweep$"))
         wait_for_image_cards(browser, len(stages))
         save_first_and_last(browser, steps, out / "grid_epoch{step}.png")
@@ -474,15 +476,15 @@ def take_screenshots(
         # class activation maps: the training run's probes, validation shapes the model
         # learns to find (the sweep's photos hold nothing it was trained on)
         train = _accumulator(logdir / "train")
-        shape = sorted(t for t in train.Tags()["images"] if t.startswith(f"cam/{stages[0]}/"))[0]
-        shape = shape.rsplit("/", 1)[1]
-        train_steps = sorted(e.step for e in train.Images(f"cam/{stages[0]}/{shape}"))
-        cams = f"^cam/({'|'.join(stages)})/{shape}$"
+        parsed = [tags.parse(t) for t in train.Tags()["images"]]
+        shape = sorted(p.image for p in parsed if p and p.kind == "cam" and p.base == stages[0])[0]
+        train_steps = sorted(e.step for e in train.Images(tags.cam(stages[0], shape)))
+        cams = tags.pattern(*(tags.cam(s, shape) for s in stages))
         browser.get(dashboard_url(tb, "images", cams, runs="^train$"))
         wait_for_image_cards(browser, len(stages))
         save_first_and_last(browser, train_steps, out / "cams_epoch{step}.png")
 
-        hist = f"^activations/({'|'.join(hist_stages)})$"
+        hist = tags.pattern(*map(tags.activations, hist_stages))
         browser.get(dashboard_url(tb, "histograms", hist, runs="^sweep$"))
         browser.wait_for(
             "const cards = histogramCards(); return cards.length === arguments[0]"
@@ -503,7 +505,7 @@ def take_screenshots(
         time.sleep(1.5)
         _save(browser, out / "scalars.png")
 
-        drift = f"^drift/({'|'.join(stages)})$"
+        drift = tags.pattern(*map(tags.drift, stages))
         browser.get(dashboard_url(tb, "scalars", drift, runs="^sweep$", _smoothingWeight=0))
         browser.wait_for("return uncheck('Ignore outliers');", what="the outlier checkbox")
         browser.wait_for(
@@ -515,7 +517,7 @@ def take_screenshots(
         time.sleep(1.5)
         _save(browser, out / "drift.png")
 
-        evolution = f"^evolution/({'|'.join(stages[::2])})$"
+        evolution = tags.pattern(*map(tags.evolution, stages[::2]))
         browser.get(dashboard_url(tb, "images", evolution, runs="^sweep$"))
         wait_for_image_cards(browser, len(stages[::2]))
         time.sleep(0.5)
@@ -540,9 +542,9 @@ def save_first_and_last(browser: Browser, steps: list[int], pattern: Path) -> No
 
 def save_overview(logdir: Path, out: Path) -> None:
     """The training run's last ``overview/drift`` picture, as logged (no browser)."""
-    from tbfeat.drift import OVERVIEW_TAG
+    from tbfeat.tags import OVERVIEW
 
-    events = _accumulator(logdir / "train").Images(OVERVIEW_TAG)
+    events = _accumulator(logdir / "train").Images(OVERVIEW)
     path = out / "overview_drift.png"
     path.write_bytes(events[-1].encoded_image_string)
     print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
@@ -551,10 +553,11 @@ def save_overview(logdir: Path, out: Path) -> None:
 def save_export(logdir: Path, out: Path, stage: str, image: str) -> None:
     """``tbfeat export``'s figure of one stage of the sweep at its first, middle and last
     step (150 dpi for the README; exports default to 300)."""
+    from tbfeat import tags
     from tbfeat.export import export
 
     steps = sorted(
-        e.step for e in _accumulator(logdir / "sweep").Images(f"features/{stage}/{image}")
+        e.step for e in _accumulator(logdir / "sweep").Images(tags.features(stage, image))
     )
     chosen = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
     with tempfile.TemporaryDirectory() as tmp:
@@ -594,13 +597,18 @@ def main(argv: list[str] | None = None) -> int:
         "--hist-stages", nargs="+", default=["02_C2f", "04_C2f", "06_C2f", "09_SPPF"]
     )
     parser.add_argument(
-        "--stats", default="^stats/(04_C2f|09_SPPF)/(mean|std)$", help="scalar tag regex"
+        "--stats", help="scalar tag regex (default: the mean and std of 04_C2f and 09_SPPF)"
     )
     args = parser.parse_args(argv)
     reason = browser_missing()
     if reason:
         parser.error(reason)
     sys.path.insert(0, str(ROOT))  # tbfeat.cli.ALL_STEPS from this checkout
+    if args.stats is None:
+        from tbfeat import tags
+
+        stats = [tags.stats(b, n) for b in ("04_C2f", "09_SPPF") for n in ("mean", "std")]
+        args.stats = tags.pattern(*stats)
     tmp = None
     try:
         logdir = args.logdir

@@ -36,6 +36,12 @@ class Capture:
     """One name per image for 4-D outputs (the tags' last part); empty otherwise."""
     track: bool = False
     """Keep drift samples and evolution cells: the same probe images come back each step."""
+    label: str = ""
+    """The stage's label (the text after ``NN_`` in its key)."""
+    module_type: str = ""
+    """The stage module's class name."""
+    module_name: str = ""
+    """The stage module's qualified name in the model."""
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,7 @@ class CaptureSession:
                 output, f"call{calls}" if calls else "", renamed, skip=skip, skipped=skipped
             )
             for suffix, t in tensors:
-                self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t)
+                self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t, stage)
         if skipped:
             self._note(
                 f"predictions:{stage.key}",
@@ -206,7 +212,7 @@ class CaptureSession:
                 f"tag-safe; logged as {', '.join(renamed)}",
             )
 
-    def _capture(self, base: str, t: torch.Tensor) -> None:
+    def _capture(self, base: str, t: torch.Tensor, stage: Stage) -> None:
         if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:
             self._note(
                 f"skip:{base}",
@@ -224,7 +230,10 @@ class CaptureSession:
             # quantized output, its real values (dequantize() returns a new float tensor)
             x = t[:k].dequantize() if t.is_quantized else t[:k].detach().clone()
         names = tuple(self._image_name(done + i) for i in range(k)) if x.dim() == 4 else ()
-        message = Capture(self.step, base, x, names, self.track and x.dim() == 4)
+        message = Capture(
+            self.step, base, x, names, self.track and x.dim() == 4,
+            label=stage.label, module_type=stage.type, module_name=stage.name,
+        )  # fmt: skip
         if self._post(message, x.numel() * x.element_size()):
             self._counts[base] = done + k
             self._captured = True

@@ -96,10 +96,6 @@ def mean_map_cell(x: torch.Tensor, size: int) -> np.ndarray:
     return quantize(m.contiguous(), dims=(2, 3))[:, 0].cpu().numpy()
 
 
-OVERVIEW_TAG = "overview/drift"
-"""The image of every stage's drift over the steps (:meth:`History.overview`)."""
-
-
 @dataclass
 class StageHistory:
     """What drift and the evolution strip of one stage remember between steps.
@@ -176,8 +172,9 @@ class History:
         names: tuple[str, ...],
         cells: dict[str, np.ndarray],
     ) -> dict[str, float]:
-        """Record one step of a stage; return ``{"": drift, "_vs_first": drift}`` (empty
-        on its first step, or when the probes or the map size changed)."""
+        """Record one step of a stage; return ``{"before": drift, "first": drift}``, the
+        drift against the step before and against the first step (empty on its first
+        step, or when the probes or the map size changed)."""
         self.dirty = True
         h = self.stages.get(base)
         if h is None or h.shape != shape or h.names != names:
@@ -187,9 +184,9 @@ class History:
             gram, size = centred_gram(rows), tuple(rows.shape)
             if "last" in h.sizes and h.last_step is not None and step > h.last_step:
                 if h.sizes["last"] == size:
-                    out[""] = 1.0 - cka_from_grams(gram, h.gram("last"))
+                    out["before"] = 1.0 - cka_from_grams(gram, h.gram("last"))
                 if h.sizes.get("first") == size:
-                    out["_vs_first"] = 1.0 - cka_from_grams(gram, h.gram("first"))
+                    out["first"] = 1.0 - cka_from_grams(gram, h.gram("first"))
             if "first" not in h.sizes:
                 h.keep("first", rows, gram)
             if h.last_step is None or step >= h.last_step:
@@ -200,8 +197,8 @@ class History:
             for old in sorted(h.cells)[: -self.keep]:
                 del h.cells[old]
         out = {k: max(0.0, min(1.0, v)) for k, v in out.items()}
-        if "" in out:
-            h.drifts[step] = out[""]
+        if "before" in out:
+            h.drifts[step] = out["before"]
             for old in sorted(h.drifts)[: -self.keep]:
                 del h.drifts[old]
         return out

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .drift import OVERVIEW_TAG
+from . import tags as tagging
 from .options import did_you_mean
 
 FORMATS = ("png", "pdf", "svg")
@@ -110,27 +110,25 @@ def find_runs(logdir: Path) -> list[Path]:
     return runs
 
 
-def parse_tag(tag: str) -> tuple[str, str, str | None] | None:
-    """``(kind, stage key, image)`` of a tbfeat image tag, else ``None``.
+def image_tag(tag: str) -> tuple[str, str, str | None] | None:
+    """``(kind, stage key, image)`` of a tbfeat image tag (:func:`tbfeat.tags.parse`),
+    else ``None``.
 
-    The stage key of a ``features/`` or ``cam/`` tag is everything between the kind and
-    the last ``/<image>`` (a stage output's position or key included).
+    The stage key of a ``features/`` or ``cam/`` tag is the tag's base: the stage key and
+    a stage output's position or key.
 
     Example:
-        >>> parse_tag("features/05_Concat/1/bus")
+        >>> image_tag("features/05_Concat/1/bus")
         ('features', '05_Concat/1', 'bus')
-        >>> parse_tag("evolution/09_SPPF"), parse_tag("stats/09_SPPF/mean")
+        >>> image_tag("evolution/09_SPPF"), image_tag("stats/09_SPPF/mean")
         (('evolution', '09_SPPF', None), None)
     """
-    kind, _, rest = tag.partition("/")
-    if kind in ("features", "cam") and "/" in rest:
-        key, image = rest.rsplit("/", 1)
-        return (kind, key, image) if key and image else None
-    if kind == "evolution" and rest:
-        return kind, rest, None
-    if tag == OVERVIEW_TAG:
+    parsed = tagging.parse(tag)
+    if parsed is None or parsed.kind not in tagging.IMAGE_KINDS:
+        return None
+    if parsed.kind == "overview":
         return "overview", "drift", None
-    return None
+    return parsed.kind, str(parsed.base), parsed.image
 
 
 def load_run(folder: Path, logdir: Path) -> Run:
@@ -143,7 +141,7 @@ def load_run(folder: Path, logdir: Path) -> Run:
     tags = {
         tag: {e.step: e.encoded_image_string for e in acc.Images(tag)}
         for tag in acc.Tags()["images"]
-        if parse_tag(tag) is not None
+        if image_tag(tag) is not None
     }
     rel = folder.relative_to(logdir)
     name = rel.as_posix() if rel != Path(".") else (logdir.resolve().name or ".")
@@ -342,7 +340,7 @@ def _chosen(run: Run, sel: Selection) -> dict[str, tuple]:
     """The run's tags the selection keeps, with their parsed parts."""
     kept = {}
     for tag in run.tags:
-        kind, key, image = parse_tag(tag)
+        kind, key, image = image_tag(tag)
         if kind == "overview" and not sel.overview:
             continue
         if kind == "overview" or (key in sel.stages and (image is None or image in sel.images)):
@@ -389,7 +387,7 @@ def plan(
     Raises:
         ExportError: an unknown stage or image, or a step not logged for them.
     """
-    parsed = [p for run in runs for p in map(parse_tag, run.tags)]
+    parsed = [p for run in runs for p in map(image_tag, run.tags)]
     sel = Selection(
         stages=select_stages(stages, {key for kind, key, _ in parsed if kind != "overview"}),
         images=select_images(images, {i for _, _, i in parsed if i is not None}),

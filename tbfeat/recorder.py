@@ -5,6 +5,8 @@ It runs on the worker thread only (:class:`~tbfeat.worker.Worker` calls
 steps in progress, the grids encoded so far, the chosen channels, the drift samples and
 the run's :class:`~tbfeat.drift.History`. Finished steps go to the
 :class:`~tbfeat.writer.EventSink` as one bundle each; the history is saved after each.
+A step whose stage outputs differ from the last ones written (their order, shapes or
+shown channels) carries the run's metadata (:class:`~tbfeat.tags.RunInfo`) too.
 
 A run starts on the first write to a logdir: it continues the run recorded there when
 its first step lies beyond the last one recorded, and otherwise starts a new run: the
@@ -20,11 +22,20 @@ from typing import Any
 
 import torch
 
+from . import tags
 from .capture import CamImages, Capture, EndStep, Scalars, SetLogdir
-from .drift import HISTORY_FILE, OVERVIEW_TAG, History, mean_map_cell, sample_rows
+from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
 from .notes import Notes
 from .options import LogOptions
-from .render import CAM_CMAP, cam_overlay, drift_overview, feature_tiles, layout, select_channels
+from .render import (
+    CAM_CMAP,
+    cam_overlay,
+    drift_overview,
+    feature_tiles,
+    layout,
+    pool_factor,
+    select_channels,
+)
 from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
@@ -46,9 +57,27 @@ class _Track:
 
 
 @dataclass
+class _Seen:
+    """What the run metadata says of one stage output at one step."""
+
+    label: str
+    type: str
+    module: str
+    shape: tuple[int, ...]
+    images: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    grid: tags.Grid | None = None
+
+    def output(self, base: str) -> tags.Output:
+        images = tuple(self.images.items())
+        return tags.Output(base, self.label, self.type, self.module, self.shape, images, self.grid)
+
+
+@dataclass
 class _Step:
     """What a step in progress has accumulated."""
 
+    outputs: dict[str, _Seen] = field(default_factory=dict)
+    """The stage outputs seen, in the order the forward gave them."""
     stats: dict[str, RunningStats] = field(default_factory=dict)
     images: list[Any] = field(default_factory=list)
     tracks: dict[str, _Track] = field(default_factory=dict)
@@ -58,18 +87,22 @@ class _Step:
 
 def overview_layout(drift_bases: list[str], stats_bases: list[str]) -> dict[str, Any]:
     """The custom scalars layout of a run: one multiline chart of every stage's drift,
-    one against the first step, one of each stage's zero fraction and non-finite count."""
+    one against the first step, one of each stage's zero fraction and non-finite count.
 
-    def chart(tags: list[str]) -> list[Any]:
-        return ["Multiline", tags]
+    Each chart lists its tags as anchored, escaped regular expressions
+    (:func:`tbfeat.tags.pattern`): TensorBoard matches a chart's entries from the start of
+    a tag only, so ``drift/<base>`` alone would also draw ``drift/<base>_vs_first``."""
+
+    def chart(names: list[str]) -> list[Any]:
+        return ["Multiline", [tags.pattern(t) for t in names]]
 
     charts = {
-        "drift vs the step before": chart([f"drift/{b}" for b in drift_bases]),
-        "drift vs the first step": chart([f"drift/{b}_vs_first" for b in drift_bases]),
+        "drift vs the step before": chart([tags.drift(b) for b in drift_bases]),
+        "drift vs the first step": chart([tags.drift(b, vs_first=True) for b in drift_bases]),
     }
     if stats_bases:
-        charts["zero fraction"] = chart([f"stats/{b}/zero_fraction" for b in stats_bases])
-        charts["non-finite count"] = chart([f"stats/{b}/nonfinite_count" for b in stats_bases])
+        charts["zero fraction"] = chart([tags.stats(b, "zero_fraction") for b in stats_bases])
+        charts["non-finite count"] = chart([tags.stats(b, "nonfinite_count") for b in stats_bases])
     return {"tbfeat overview": charts}
 
 
@@ -94,6 +127,7 @@ class Recorder:
         self._note = Notes()
         self._costed = False
         self._layout: dict[str, Any] | None = None
+        self._run_info: tags.RunInfo | None = None
 
     def handle(self, message: Any) -> None:
         """Handle one message from the forward side (worker thread)."""
@@ -123,13 +157,18 @@ class Recorder:
         state = self._steps.setdefault(c.step, _Step())
         opts = self.options
         x = c.x
+        shape = tuple(x.shape[1:])
+        seen = state.outputs.get(c.base)
+        if seen is None:
+            seen = state.outputs[c.base] = _Seen(c.label, c.module_type, c.module_name, shape)
+        seen.images.update(dict.fromkeys(c.names, shape))
         if opts.stats or opts.histograms:
             stats = state.stats.setdefault(c.base, RunningStats(opts.hist_bins))
             self._guard(f"statistics of stage {c.base}", stats.update, x)
         if opts.grids and x.dim() == 4:
             self._guard(f"stage {c.base}", self._grids, c, state)
         if c.track and x.numel():
-            self._guard(f"drift/evolution of stage {c.base}", self._track, c, state)
+            self._guard(f"drift and evolution of stage {c.base}", self._track, c, state)
         state.busy_s += time.thread_time() - started
 
     def _grids(self, c: Capture, state: _Step) -> None:
@@ -139,9 +178,14 @@ class Recorder:
             channels = select_channels(x, opts.max_channels, opts.channels).cpu()
             self._channels[c.base] = channels
         tiles = feature_tiles(x, channels, tile=opts.tile, normalize=opts.normalize)
+        _, shown, th, tw = tiles.shape
+        if shown and th and tw:
+            pool = pool_factor(x.shape[-2], x.shape[-1], opts.tile)
+            grid = tags.Grid(tuple(channels.tolist()), min(opts.ncols, shown), (th, tw), pool)
+            state.outputs[c.base].grid = grid
         for name, t in zip(c.names, tiles.cpu().numpy(), strict=True):
             if t.size:
-                tag = f"features/{c.base}/{name}"
+                tag = tags.features(c.base, name)
                 state.images.append(self.sink.encode_image(tag, layout(t, opts.ncols), opts.cmap))
 
     def _cams(self, c: CamImages) -> None:
@@ -150,7 +194,7 @@ class Recorder:
         state = self._steps.setdefault(c.step, _Step())
         for key, maps in c.maps:
             for name, image, cam in zip(c.names, c.seen, maps, strict=True):
-                tag = f"cam/{key}/{name}"
+                tag = tags.cam(key, name)
                 self._guard(f"CAM of stage {key}", self._cam, state, tag, image, cam)
         state.busy_s += time.thread_time() - started
 
@@ -177,14 +221,18 @@ class Recorder:
         bundle = StepBundle(step, images=state.images)
         history = self._open(step)
         for base, track in state.tracks.items():
-            self._guard(
-                f"drift/evolution of stage {base}", self._drift, history, base, step, track, bundle
-            )
+            what = f"drift and evolution of stage {base}"
+            self._guard(what, self._drift, history, base, step, track, bundle)
         for base, stats in state.stats.items():
             self._guard(f"statistics of stage {base}", self._summarize, base, stats, bundle)
-        if any(tag.startswith("drift/") for tag, _ in bundle.scalars):
+        if _bases(bundle, "drift"):
             self._guard("the drift overview", self._overview, history, bundle)
-        self._write(bundle)
+        run = tags.RunInfo(tuple(seen.output(base) for base, seen in state.outputs.items()))
+        if state.outputs and run != self._run_info:
+            bundle.run = run
+        if self._write(bundle):  # what did not land is written again with the next step
+            self._layout = bundle.layout or self._layout
+            self._run_info = bundle.run or self._run_info
         outputs = len(state.stats.keys() | state.tracks.keys())
         self._report_cost(step, outputs, state.busy_s + time.thread_time() - started)
 
@@ -206,14 +254,14 @@ class Recorder:
         )
 
     def _drift(self, history: History, base: str, step: int, t: _Track, bundle: StepBundle) -> None:
+        names = {"before": tags.drift(base), "first": tags.drift(base, vs_first=True)}
         rows = torch.cat(t.rows) if t.rows else None
         drift = history.update(base, step, rows, t.shape, tuple(t.names), t.cells)
-        for suffix, value in drift.items():
-            bundle.scalars.append((f"drift/{base}{suffix}", value))
+        bundle.scalars += [(names[against], value) for against, value in drift.items()]
         strip = history.strip(base) if self.options.evolution else None
         if strip is not None:
             bundle.images.append(
-                self.sink.encode_image(f"evolution/{base}", strip, self.options.cmap)
+                self.sink.encode_image(tags.evolution(base), strip, self.options.cmap)
             )
 
     def _overview(self, history: History, bundle: StepBundle) -> None:
@@ -222,29 +270,30 @@ class Recorder:
         overview = history.overview()
         if overview is None:
             return
-        bundle.images.append(self.sink.encode_rgb(OVERVIEW_TAG, drift_overview(*overview)))
-        stats = sorted({tag.rsplit("/", 1)[0][len("stats/") :] for tag, _ in bundle.scalars
-                        if tag.startswith("stats/")})  # fmt: skip
-        layout = overview_layout(overview[0], stats)
+        bundle.images.append(self.sink.encode_rgb(tags.OVERVIEW, drift_overview(*overview)))
+        layout = overview_layout(overview[0], sorted(_bases(bundle, "stats")))
         if layout != self._layout:
-            bundle.layout = self._layout = layout
+            bundle.layout = layout
 
     def _summarize(self, base: str, stats: RunningStats, bundle: StepBundle) -> None:
         summary = stats.summary()
         if summary is None:
             return
         if self.options.stats:
-            bundle.scalars += [(f"stats/{base}/{k}", v) for k, v in summary.scalars().items()]
+            bundle.scalars += [(tags.stats(base, k), v) for k, v in summary.scalars().items()]
         if self.options.histograms and summary.count > 0:
-            bundle.histograms.append((f"activations/{base}", summary))
+            bundle.histograms.append((tags.activations(base), summary))
 
-    def _write(self, bundle: StepBundle) -> None:
+    def _write(self, bundle: StepBundle) -> bool:
+        """Write a step; False when the storage refused it."""
         if not bundle:
-            return
+            return True
         history = self._open(bundle.step)
-        if self.sink.write(bundle):  # a step the storage refused is not part of the run
+        written = self.sink.write(bundle)
+        if written:  # a step the storage refused is not part of the run
             history.saw_step(bundle.step)
         self._save_history()
+        return written
 
     # ------------------------------------------------------------------ the run
     def _open(self, step: int) -> History:
@@ -265,7 +314,7 @@ class Recorder:
     def _set_logdir(self, logdir: str) -> None:
         for step in sorted(self._steps):  # what was captured belongs to the old folder
             self._end_step(step)
-        self._layout = None  # the new folder's run gets its own
+        self._layout = self._run_info = None  # the new folder's run gets its own
         self._save_history()
         self.sink.set_logdir(logdir)
         if self.sink.logdir == logdir:
@@ -287,3 +336,9 @@ class Recorder:
                 f"tbfeat: {what} was not logged: {type(e).__name__}: {e}",
                 warn=True,
             )
+
+
+def _bases(bundle: StepBundle, kind: str) -> set[str]:
+    """The stage outputs of a step's scalars of one kind (``"stats"``, ``"drift"``)."""
+    parsed = (tags.parse(tag) for tag, _ in bundle.scalars)
+    return {p.base for p in parsed if p is not None and p.kind == kind and p.base is not None}

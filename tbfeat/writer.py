@@ -136,9 +136,13 @@ class StepBundle:
     histograms: list[tuple[str, Any]] = field(default_factory=list)
     layout: dict[str, Any] | None = None
     """A custom scalars layout (``SummaryWriter.add_custom_scalars``'s argument)."""
+    run: Any = None
+    """The run's metadata (a :class:`~tbfeat.tags.RunInfo`), where it changed."""
 
     def __bool__(self) -> bool:
-        return bool(self.images or self.scalars or self.histograms or self.layout)
+        return bool(
+            self.images or self.scalars or self.histograms or self.layout or self.run is not None
+        )
 
     def summary(self) -> Any:
         """The step as one TensorBoard ``Summary`` (images already encoded)."""
@@ -149,6 +153,10 @@ class StepBundle:
             from torch.utils.tensorboard.summary import custom_scalars
 
             values += list(custom_scalars(self.layout).value)
+        if self.run is not None:
+            from .tags import run_value
+
+            values.append(run_value(self.run))
         for tag, value in self.scalars:
             values.append(Summary.Value(tag=tag, simple_value=float(value)))
         for tag, stats in self.histograms:
@@ -388,7 +396,8 @@ class EventSink:
         writer, step = self._given, bundle.step
         if self._raw:
             writer._get_file_writer().add_summary(bundle.summary(), step)
-        else:  # a writer without torch's raw access: its public API
+        else:  # a writer without torch's raw access: its public API, which has no call
+            # for another plugin's summary: the run's metadata is left out
             if bundle.layout:
                 writer.add_custom_scalars(bundle.layout)
             for tag, rgb in bundle.images:

@@ -8,31 +8,49 @@ import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-DERIVED = ("drift/", "evolution/", "overview/")
+from tbfeat import tags as tagging
+
+
+def is_derived(tag: str) -> bool:
+    """A ``drift/``, ``evolution/`` or ``overview/`` tag: computed over several steps."""
+    parsed = tagging.parse(tag)
+    return parsed is not None and parsed.kind in tagging.DERIVED_KINDS
 
 
 class Events(EventAccumulator):
     """An EventAccumulator whose ``Tags()`` leaves out the derived ``drift/`` scalars and
-    ``evolution/`` images unless asked, so tag lists compare with the stages logged."""
+    ``evolution/`` images unless asked, and the run metadata (the ``tbfeat`` plugin's
+    tensors) unless asked, so tag lists compare with the stages logged."""
 
-    def __init__(self, logdir, derived: bool) -> None:
+    def __init__(self, logdir, derived: bool, metadata: bool = False) -> None:
         super().__init__(
             str(logdir),
             size_guidance={"images": 0, "scalars": 0, "histograms": 0, "tensors": 0},
         )
         self.derived = derived
+        self.metadata = metadata
 
     def Tags(self):  # noqa: N802 - TensorBoard's name
         tags = super().Tags()
         if not self.derived:
             for kind in ("images", "scalars"):
-                tags[kind] = [t for t in tags[kind] if not t.startswith(DERIVED)]
+                tags[kind] = [t for t in tags[kind] if not is_derived(t)]
+        if not self.metadata:
+            try:
+                own = self.PluginTagToContent(tagging.PLUGIN_NAME)
+            except KeyError:  # no run metadata in these events
+                own = {}
+            tags["tensors"] = [t for t in tags["tensors"] if t not in own]
         return tags
 
+    def run_info(self) -> list:
+        """``(step, RunInfo)`` of each run metadata event, in order."""
+        return [(e.step, tagging.read_run(e.tensor_proto)) for e in self.Tensors(tagging.RUN)]
 
-def read_events(logdir, derived: bool = False) -> Events:
+
+def read_events(logdir, derived: bool = False, metadata: bool = False) -> Events:
     """Load every event under ``logdir`` with no sampling (all steps of every tag)."""
-    acc = Events(logdir, derived)
+    acc = Events(logdir, derived, metadata)
     acc.Reload()
     return acc
 

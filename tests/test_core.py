@@ -335,6 +335,36 @@ def test_imports_are_layered_one_way():
         assert not graph[leaf] & {"tbfeat.logger", "tbfeat.adapters", "tbfeat.recorder"}
 
 
+TAG_PREFIXES = ("features/", "cam/", "activations/", "stats/", "drift/", "evolution/", "overview/")
+
+
+def tag_literals(path: Path) -> list[tuple[int, str]]:
+    """``(line, text)`` of each string constant or f-string in ``path`` that begins with a
+    tag prefix (an f-string's first part, and every constant part of it)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            text = first.value if isinstance(first, ast.Constant) else ""
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        else:
+            continue
+        if isinstance(text, str) and text.startswith(TAG_PREFIXES):
+            found.append((node.lineno, text))
+    return sorted(set(found))  # an f-string's first part is also a constant of its own
+
+
+def test_only_tbfeat_tags_writes_tag_strings():
+    own = {text.split("/")[0] + "/" for _, text in tag_literals(ROOT / "tbfeat" / "tags.py")}
+    assert own == set(TAG_PREFIXES)  # the check finds what it looks for
+    for path in sorted((ROOT / "tbfeat").rglob("*.py")):
+        if path.name == "tags.py" and path.parent.name == "tbfeat":
+            continue
+        found = tag_literals(path)
+        assert not found, f"{path.relative_to(ROOT)} writes tags itself: {found}"
+
+
 def test_integrations_use_only_the_public_api():
     for path in (ROOT / "tbfeat" / "integrations").glob("*.py"):
         tree = ast.parse(path.read_text())

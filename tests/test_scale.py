@@ -236,8 +236,8 @@ def test_wide_stages_keep_their_gram_and_version_3_histories_still_resume(tmp_pa
         for base, rows in (("wide", wide), ("narrow", narrow)):
             drift = resumed.update(base, 3, rows[2], (4, 4), ("0",), {})
             x, last, first = (r.double().numpy() for r in (rows[2], rows[1], rows[0]))
-            assert drift[""] == pytest.approx(1 - numpy_cka(x, last), abs=1e-5)
-            assert drift["_vs_first"] == pytest.approx(1 - numpy_cka(x, first), abs=1e-5)
+            assert drift["before"] == pytest.approx(1 - numpy_cka(x, last), abs=1e-5)
+            assert drift["first"] == pytest.approx(1 - numpy_cka(x, first), abs=1e-5)
 
 
 def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:
