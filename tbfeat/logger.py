@@ -388,10 +388,9 @@ class FeatureLogger:
             imgsz: Letterbox size for integrations that letterbox (default the option).
         """
         adapter = self._adapter_for(model)
-        extra = (
-            {"preprocess": self.preprocess} if self.preprocess and adapter.takes_preprocess else {}
+        return adapter.prepare(
+            images, names, imgsz=imgsz or self.options.imgsz, preprocess=self.preprocess
         )
-        return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz, **extra)
 
     def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
         """Run prepared probes through ``model`` with its stages hooked, and end the step.

@@ -30,17 +30,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, Probes
-from ..images import ImageLike, unique_names
+from ..adapters import ModelAdapter, Probes, check_preprocess
+from ..images import ImageLike, to_tensors
 from ..notes import Notes, warn
 from ..safeload import CheckpointError, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 from ..targets import NoScores, ScoreTap
 from ..writer import global_rank
 
-
 # ==================================================================== compatibility
 # Everything tbfeat reads of Ultralytics objects, tested on 8.3.0 and the newest release.
+ARRAY_CHANNEL_ORDER = "BGR"
+"""Ultralytics takes numpy arrays as BGR (OpenCV's order, what ``YOLO.predict``
+assumes), so probe arrays for its models are read so; everything else is RGB."""
+
+FILES_EXIF_ORIENTED = True
+"""Ultralytics reads image files with OpenCV, which turns them upright by their EXIF
+orientation, so probe files for its models are read so."""
+
+
 def _classes() -> tuple[type, type]:
     from ultralytics.engine.model import Model
     from ultralytics.nn.tasks import BaseModel
@@ -267,6 +275,20 @@ def predict_source_names(source: Any) -> list[str | None] | None:
     return [Path(s).stem if isinstance(s, (str, os.PathLike)) else None for s in source]
 
 
+def model_stride(model: nn.Module) -> int:
+    """The model's largest stride (``model.stride``), 32 when it has none."""
+    stride = getattr(model, "stride", None)
+    return int(stride.max()) if isinstance(stride, torch.Tensor) else 32
+
+
+def letterbox_hwc(image: np.ndarray, imgsz: int, stride: int) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image resized and padded to ``(imgsz, imgsz, 3)`` (gray 114
+    borders) by Ultralytics' own ``LetterBox``, as its validation does."""
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=stride)(image=image)
+
+
 class _ModelFinder:
     """Finds the model a standalone ``val()`` runs (a copy, only a local of the
     validator): a global forward pre-hook, removed when found, matches the first
@@ -422,58 +444,23 @@ def is_head(module: nn.Module, layers: nn.Sequential) -> bool:
     return module is layers[-1] or type(module).__module__.endswith("nn.modules.head")
 
 
-def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Tensor, str | None]:
-    """A probe image as the ``(3, imgsz, imgsz)`` RGB float tensor a YOLO model sees.
-
-    Paths are read with OpenCV and numpy arrays are taken as BGR, as in Ultralytics'
-    predict; PIL images are RGB. Tensors are taken as already preprocessed.
-    """
-    import cv2
-    from PIL import Image
-    from ultralytics.data.augment import LetterBox
-
-    name = None
-    if isinstance(image, torch.Tensor):  # RGB (3, H, W) in [0, 1], letterboxed like the rest
-        if image.dim() != 3 or image.shape[0] != 3 or image.is_complex():
-            raise ValueError(
-                f"a probe tensor must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}"
-            )
-        rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-        bgr = np.ascontiguousarray(rgb.cpu().numpy()[:, :, ::-1])
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {str(path)!r}")
-        bgr = cv2.imread(str(path))
-        if bgr is None:
-            raise ValueError(f"cannot read image {str(path)!r}")
-        name = path.stem
-    elif isinstance(image, Image.Image):
-        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"a probe array must be uint8 BGR (H, W, 3), got dtype {image.dtype}")
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or 0 in image.shape:
-            raise ValueError(
-                f"a probe array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}"
-            )
-        bgr = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    else:
-        raise TypeError(
-            "a probe image must be a path, a PIL image, a BGR array or a tensor, "
-            f"got {type(image).__name__}"
+def letterbox(image: torch.Tensor, imgsz: int, stride: int = 32) -> torch.Tensor:
+    """An RGB ``(3, H, W)`` image in [0, 1], as tbfeat's reader gives it, as the
+    ``(3, imgsz, imgsz)`` tensor a YOLO model sees: at 8 bits, resized and padded as
+    Ultralytics' validation does (a step after the reader, not another reader)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"a probe tensor must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}"
         )
-    boxed = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=stride)(image=bgr[:, :, :3])
-    rgb = np.ascontiguousarray(boxed[:, :, ::-1].transpose(2, 0, 1))
-    return torch.from_numpy(rgb).float().div_(255.0), name
+    rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    boxed = letterbox_hwc(np.ascontiguousarray(rgb.cpu().numpy()), imgsz, stride)
+    return torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))).float().div_(255.0)
 
 
 class UltralyticsAdapter(ModelAdapter):
     """Stages and probes of an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
 
-    takes_preprocess = False  # letterboxed as Ultralytics' validation does
+    model_prepares_input = "Ultralytics' letterbox"
 
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
         self.wrapper = wrapper
@@ -508,25 +495,19 @@ class UltralyticsAdapter(ModelAdapter):
         names: Sequence[str] | None = None,
         *,
         imgsz: int | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Probes:
-        """Letterbox probe images to ``imgsz`` (default the model's training size) like
-        Ultralytics' validation does."""
-        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-            items = list(inputs.unbind(0))
-        if not items:
-            raise ValueError("inputs is empty; pass at least one image")
-        stride = getattr(self.module, "stride", None)
-        stride = int(stride.max()) if isinstance(stride, torch.Tensor) else 32
-        size = imgsz or self.imgsz()
-        boxed = [letterbox(item, size, stride) for item in items]
-        if names is None:
-            names = [n if n is not None else str(i) for i, (_, n) in enumerate(boxed)]
-        if len(names) != len(boxed):
-            raise ValueError(f"got {len(names)} names for {len(boxed)} images")
+        """Read probe images as Ultralytics does (arrays BGR, files upright), then
+        letterbox them to ``imgsz`` (default the model's training size) like its
+        validation does. ``preprocess`` must be ``None``: the letterbox prepares them."""
+        check_preprocess(preprocess, self)
+        tensors, names = to_tensors(
+            inputs, names, channel_order=ARRAY_CHANNEL_ORDER, exif_orientation=FILES_EXIF_ORIENTED
+        )
+        size, stride = imgsz or self.imgsz(), model_stride(self.module)
         device, dtype = self.device(), self.dtype()
-        tensors = tuple(t.to(device=device, dtype=dtype) for t, _ in boxed)
-        return Probes(tensors, tuple(unique_names([sanitize(n) for n in names])))
+        boxed = (letterbox(t, size, stride).to(device=device, dtype=dtype) for t in tensors)
+        return Probes(tuple(boxed), tuple(names))
 
     def score_tap(self, module: nn.Module) -> ScoreTap:
         return YoloScoreTap(module)
