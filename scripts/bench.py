@@ -141,9 +141,10 @@ def seed_baseline(outdir: Path) -> float:
         m.register_forward_hook(lambda m, a, o: outputs.append((m.i, m.type, o)))
         for m in layers[:-1]
     ]
+    from tbfeat.images import load_image
     from tbfeat.integrations.ultralytics import letterbox
 
-    image, _ = letterbox(bus_paths(1)[0], 640)
+    image = letterbox(load_image(bus_paths(1)[0], exif_orientation=True), 640)
     t0 = time.perf_counter()
     with torch.no_grad():
         model(image[None])

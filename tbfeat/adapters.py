@@ -51,9 +51,12 @@ class ModelAdapter:
     expect them, and attach framework callbacks while a logger's ``with`` block lasts.
     """
 
-    takes_preprocess = True
-    """Whether :meth:`prepare` applies a ``preprocess=`` function: plain modules and
-    classifiers do; detectors and YOLO models prepare their input themselves."""
+    model_prepares_input: str | None = None
+    """How the model prepares its own input from the probe images (a detector's
+    ``"its transform resizes and normalizes"``), or ``None`` when it takes them as
+    :meth:`prepare` reads them, so that a ``preprocess=`` function may prepare them:
+    plain modules and classifiers. :func:`check_preprocess` rejects a ``preprocess=``
+    for the others with this phrase."""
 
     def __init__(self, module: nn.Module) -> None:
         if not isinstance(module, nn.Module):
@@ -91,13 +94,19 @@ class ModelAdapter:
     ) -> Probes:
         """Validate and convert probe inputs before any hook exists.
 
+        Every adapter reads the images with tbfeat's one reader
+        (:func:`tbfeat.images.to_tensors`: RGB, uint8 and uint16), then adds its model's
+        own steps (a letterbox); this one applies ``preprocess``.
+
         Args:
             inputs: Images (see :func:`tbfeat.images.to_tensors`).
             names: One name per image; default file stems or positions.
             imgsz: The size integrations letterbox to; plain modules take images as given.
             preprocess: Called with each image as a ``(3, H, W)`` float tensor in [0, 1]
-                (RGB); returns the ``(C, H, W)`` tensor the model takes.
+                (RGB); returns the ``(C, H, W)`` tensor the model takes. Only for
+                adapters whose :attr:`model_prepares_input` is ``None``.
         """
+        check_preprocess(preprocess, self)
         tensors, names = to_tensors(inputs, names)
         if preprocess is not None:
             tensors = [_preprocessed(preprocess, t) for t in tensors]
@@ -176,7 +185,8 @@ def _preprocessed(preprocess: Callable[[Any], Any], image: torch.Tensor) -> torc
 
 def check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
     """``preprocess`` checked for ``adapter``'s model: a function, and only for models
-    that take one (plain modules and classifiers)."""
+    that do not prepare their input themselves (plain modules and classifiers; see
+    :attr:`ModelAdapter.model_prepares_input`)."""
     if preprocess is None:
         return None
     if not callable(preprocess):
@@ -184,11 +194,11 @@ def check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
             f"preprocess must be a function of one image tensor (such as "
             f"weights.transforms()), got {type(preprocess).__name__}"
         )
-    if not adapter.takes_preprocess:
+    if adapter.model_prepares_input is not None:
         raise ValueError(
             f"preprocess= is for plain modules and classifiers; "
-            f"{type(adapter.module).__name__} prepares its input itself (its transform or "
-            "letterbox), so leave it out"
+            f"{type(adapter.module).__name__} prepares its input itself "
+            f"({adapter.model_prepares_input}), so leave it out"
         )
     return preprocess
 

@@ -98,8 +98,7 @@ def stage_cams(
     cam_target = as_target(target, conf, topk)
     adapter = adapt(model)
     check_preprocess(preprocess, adapter)
-    extra = {"preprocess": preprocess} if preprocess is not None else {}
-    probes = adapter.prepare(inputs, imgsz=imgsz, **extra)
+    probes = adapter.prepare(inputs, imgsz=imgsz, preprocess=preprocess)
     module = adapter.module
     chosen = resolve_stages(module, adapter.candidate_stages(), stages, adapter.default_stages())
     result = compute_cams(adapter, probes.inputs, chosen, method, cam_target)

@@ -111,10 +111,9 @@ class Capturer:
     ) -> Probes:
         """Check and convert probe images for :meth:`probe`, before anything is hooked."""
         adapter = self.adapter_for(model)
-        extra = (
-            {"preprocess": self.preprocess} if self.preprocess and adapter.takes_preprocess else {}
+        return adapter.prepare(
+            images, names, imgsz=imgsz or self.options.imgsz, preprocess=self.preprocess
         )
-        return adapter.prepare(images, names, imgsz=imgsz or self.options.imgsz, **extra)
 
     def probe(self, probes: Probes, *, model: Any = None, step: int | None = None) -> Any:
         """Run ``probes`` through ``model``'s hooked stages, log them at ``step``, and end

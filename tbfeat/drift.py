@@ -65,6 +65,12 @@ def _positions(height: int, width: int, count: int) -> torch.Tensor:
     return torch.randperm(total, generator=g)[:count].sort().values
 
 
+def sample_positions(height: int, width: int, count: int) -> torch.Tensor:
+    """The positions :func:`sample_rows` reads, as a new tensor: ``count`` fixed flat
+    positions of an ``height x width`` map (all when fewer)."""
+    return _positions(height, width, count).clone()  # cached: the caller may change its copy
+
+
 @torch.no_grad()
 def sample_rows(x: torch.Tensor, per_image: int) -> torch.Tensor:
     """``(N * P, C)`` float16 rows of a ``(N, C, H, W)`` map at fixed positions, the same

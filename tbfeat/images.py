@@ -16,18 +16,37 @@ ImageLike = Any
 """A path, a ``PIL.Image.Image``, an ``(H, W[, C])`` array or a ``([N,] C, H, W)`` tensor."""
 
 
-def load_image(image: ImageLike) -> torch.Tensor:
-    """One image as a ``(3, H, W)`` float32 tensor in [0, 1] (tensors pass through as given).
+CHANNEL_ORDERS = ("RGB", "BGR")
+"""How the channels of an ``(H, W, 3)`` or ``(H, W, 4)`` array are ordered."""
 
+
+def load_image(
+    image: ImageLike, *, channel_order: str = "RGB", exif_orientation: bool = False
+) -> torch.Tensor:
+    """One image as an RGB ``(3, H, W)`` float32 tensor in [0, 1] (tensors pass through as
+    given): tbfeat's one image reader, for every model.
+
+    uint8 values are divided by 255, uint16 values by 65535, floats are taken as [0, 1].
     Grayscale, RGBA, palette and 16-bit images are converted to RGB, not rejected.
+
+    Args:
+        image: A path, a PIL image, an ``(H, W[, C])`` array or a ``(C, H, W)`` tensor.
+        channel_order: The order of an array's colour channels, ``"RGB"`` or ``"BGR"``
+            (OpenCV's order; Ultralytics takes arrays so). Paths, PIL images and tensors
+            are RGB.
+        exif_orientation: Turn an image file upright by its EXIF orientation, as OpenCV
+            reads files.
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: a file that is not a readable image, an array of the wrong shape.
+        ValueError: a file that is not a readable image, an array of the wrong shape, an
+            unknown ``channel_order``.
         TypeError: anything that is not an image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {channel_order!r}")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -35,13 +54,13 @@ def load_image(image: ImageLike) -> torch.Tensor:
         try:
             with Image.open(path) as im:
                 im.load()
-                return _from_pil(im)
+                return _from_pil(ImageOps.exif_transpose(im) if exif_orientation else im)
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
     if isinstance(image, Image.Image):
         return _from_pil(image)
     if isinstance(image, np.ndarray):
-        return _from_array(image)
+        return _from_array(image, reverse=channel_order == "BGR")
     if isinstance(image, torch.Tensor):
         _check_tensor(image, (3,))
         return image
@@ -52,9 +71,14 @@ def load_image(image: ImageLike) -> torch.Tensor:
 
 
 def to_tensors(
-    inputs: ImageLike | Sequence[ImageLike], names: Sequence[str] | None = None
+    inputs: ImageLike | Sequence[ImageLike],
+    names: Sequence[str] | None = None,
+    *,
+    channel_order: str = "RGB",
+    exif_orientation: bool = False,
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """Normalize probe inputs to a list of ``(C, H, W)`` tensors and one name per image.
+    """Normalize probe inputs to a list of ``(C, H, W)`` tensors and one name per image,
+    each read by :func:`load_image` (``channel_order`` and ``exif_orientation`` as there).
 
     A ``(N, C, H, W)`` tensor gives ``N`` images. Names default to the file stem for paths
     and to the image's position otherwise; they are sanitized for use in tags.
@@ -68,7 +92,8 @@ def to_tensors(
         items = [inputs]
     if not items:
         raise ValueError("inputs is empty; pass at least one image")
-    tensors = [load_image(item) for item in items]
+    read = {"channel_order": channel_order, "exif_orientation": exif_orientation}
+    tensors = [load_image(item, **read) for item in items]
     if names is None:
         names = [
             Path(item).stem if isinstance(item, (str, os.PathLike)) else str(i)
@@ -117,7 +142,7 @@ def _from_pil(im: Any) -> torch.Tensor:
     return _from_array(np.asarray(im))
 
 
-def _from_array(arr: np.ndarray) -> torch.Tensor:
+def _from_array(arr: np.ndarray, reverse: bool = False) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.size == 0:
@@ -136,4 +161,6 @@ def _from_array(arr: np.ndarray) -> torch.Tensor:
         x = np.repeat(x, 3, axis=2)
     elif x.shape[2] == 4:
         x = x[:, :, :3]
+    if reverse:  # BGR to RGB
+        x = x[:, :, ::-1]
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

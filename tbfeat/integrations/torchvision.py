@@ -129,7 +129,7 @@ class ClassifierAdapter(ModelAdapter):
 class DetectionAdapter(ModelAdapter):
     """torchvision detection models: backbone body stages and every output level."""
 
-    takes_preprocess = False  # the model's own transform resizes and normalizes
+    model_prepares_input = "its transform resizes and normalizes"
 
     def candidate_stages(self) -> list[Stage]:
         backbone = self.module.backbone

@@ -3,7 +3,7 @@
 ``FeatureLogger(yolo)`` with an ``ultralytics.YOLO`` (or ``RTDETR``) object gets
 :class:`UltralyticsAdapter`: the stages are the layers of ``yolo.model.model`` (tag
 ``<m.i>_<short m.type>``, head skipped by default), and inside a ``with`` block the
-callbacks of :class:`UltralyticsCallbacks` log
+callbacks below log
 
 - ``predict()``: every predicted image (up to ``max_images`` per call), never the warm-up;
 - ``val()``: the first ``max_images`` validation images;
@@ -11,9 +11,14 @@ callbacks of :class:`UltralyticsCallbacks` log
   at the end of every ``every``-th epoch, at step = the 1-based epoch of ``results.csv``,
   into the trainer's own ``save_dir``.
 
-The callbacks use the logger's public API only (``begin``/``end`` around the user's
-forwards, ``prepare``/``probe`` for the epoch's probes, ``use_logdir``). Every attribute
-of Ultralytics objects read here is in the compatibility section below.
+The callbacks are plain functions, one per Ultralytics event (``on_predict_start``,
+``on_val_start``, ``on_fit_epoch_end``...), written like Ultralytics' own
+``ultralytics/utils/callbacks`` modules; their state is one small picklable
+:class:`UltralyticsCallbacks` per logger instead of module globals, so each function
+takes it first and is bound to it. They use the logger's public API only
+(``begin``/``end`` around the user's forwards, ``prepare``/``probe`` for the epoch's
+probes, ``use_logdir``). Every attribute of Ultralytics objects read here, and
+everything that differs between its releases, is in the compatibility section.
 """
 
 from __future__ import annotations
@@ -23,24 +28,37 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, Probes
-from ..images import ImageLike, unique_names
+from ..adapters import ModelAdapter, Probes, check_preprocess
+from ..images import ImageLike, to_tensors
 from ..notes import Notes, warn
 from ..safeload import CheckpointError, LoadedCheckpoint, allowed_globals, inspect_checkpoint
 from ..stages import Stage, sanitize
 from ..targets import NoScores, ScoreTap
 from ..writer import global_rank
 
-
 # ==================================================================== compatibility
-# Everything tbfeat reads of Ultralytics objects, tested on 8.3.0 and the newest release.
+# Everything tbfeat reads or patches of Ultralytics objects, and everything that differs
+# between its releases, tested on 8.3.0 and the newest release. The adapter and the
+# callbacks after this section reach Ultralytics only through it.
+ARRAY_CHANNEL_ORDER = "BGR"
+"""Ultralytics takes numpy arrays as BGR (OpenCV's order, what ``YOLO.predict``
+assumes), so probe arrays for its models are read so; everything else is RGB."""
+
+FILES_EXIF_ORIENTED = True
+"""Ultralytics reads image files with OpenCV, which turns them upright by their EXIF
+orientation, so probe files for its models are read so."""
+
+
 def _classes() -> tuple[type, type]:
     from ultralytics.engine.model import Model
     from ultralytics.nn.tasks import BaseModel
@@ -269,6 +287,95 @@ def predict_source_names(source: Any) -> list[str | None] | None:
     return [Path(s).stem if isinstance(s, (str, os.PathLike)) else None for s in source]
 
 
+def model_layers(model: nn.Module) -> nn.Sequential:
+    """The layer list of an Ultralytics model (``model.model``, built by ``parse_model``)."""
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential):
+        raise TypeError(f"{type(model).__name__} has no Ultralytics layer list (model.model)")
+    return layers
+
+
+def is_head(module: nn.Module, layers: nn.Sequential) -> bool:
+    """A head is the last layer, or a module class from ``ultralytics.nn.modules.head``."""
+    return module is layers[-1] or type(module).__module__.endswith("nn.modules.head")
+
+
+def model_stride(model: nn.Module) -> int:
+    """The model's largest stride (``model.stride``), 32 when it has none."""
+    stride = getattr(model, "stride", None)
+    return int(stride.max()) if isinstance(stride, torch.Tensor) else 32
+
+
+def letterbox_hwc(image: np.ndarray, imgsz: int, stride: int) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image resized and padded to ``(imgsz, imgsz, 3)`` (gray 114
+    borders) by Ultralytics' own ``LetterBox``, as its validation does."""
+    from ultralytics.data.augment import LetterBox
+
+    return LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=stride)(image=image)
+
+
+def wrapper_model(wrapper: Any) -> nn.Module | None:
+    """The ``YOLO`` object's current model (``train()`` replaces it)."""
+    current = getattr(wrapper, "model", None)
+    return current if isinstance(current, nn.Module) else None
+
+
+def predict_model(predictor: Any) -> nn.Module:
+    """The model a predictor runs (``predictor.model``, an ``AutoBackend``)."""
+    return torch_model(predictor.model)
+
+
+def add_callbacks(wrapper: Any, events: dict[str, Callable[[Any], None]]) -> None:
+    """Register ``events`` on a ``YOLO`` object (shared by its trainer, predictor and
+    validator)."""
+    for event, fn in events.items():
+        wrapper.add_callback(event, fn)
+
+
+def remove_callbacks(wrapper: Any, events: dict[str, Callable[[Any], None]]) -> None:
+    for event, fn in events.items():
+        fns = wrapper.callbacks.get(event, [])
+        if fn in fns:
+            fns.remove(fn)
+
+
+def patch_wrapper(
+    wrapper: Any, before_predict: Callable[[Any], None], after_train: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Wrap the ``YOLO`` object's ``predict`` (``before_predict(source)`` first: some
+    releases lose a list source's file names) and ``train`` (``after_train(trainer)``
+    after a ``train()`` that made a trainer); returns what undoes it."""
+    predict = type(wrapper).predict.__get__(wrapper)
+    train = type(wrapper).train.__get__(wrapper)
+
+    def predicting(source: Any = None, *args: Any, **kwargs: Any) -> Any:
+        before_predict(source)
+        return predict(source, *args, **kwargs)
+
+    def training(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(wrapper, "trainer", None)
+        result = train(*args, **kwargs)
+        trainer = getattr(wrapper, "trainer", None)
+        if trainer is not before and trainer is not None:
+            after_train(trainer)
+        return result
+
+    wrapper.predict, wrapper.train = predicting, training
+
+    def undo() -> None:
+        wrapper.__dict__.pop("predict", None)
+        wrapper.__dict__.pop("train", None)
+
+    return undo
+
+
+# A standalone val() runs a model tbfeat cannot reach through a documented hook point:
+# Ultralytics' callbacks receive only the validator, and ``BaseValidator.__call__`` keeps
+# the model it runs (8.4: an AutoBackend around a deep copy made by ``get_model``; 8.3.0:
+# an AutoBackend, with ``# self.model = model`` commented out) in a local variable. The
+# one place it passes that model on is ``init_metrics(model)``, a method for validator
+# subclasses to override, not a callback. So a global forward pre-hook finds it, for as
+# short a time as possible (removed at the first match, or when the val() ends).
 class _ModelFinder:
     """Finds the model a standalone ``val()`` runs (a copy, only a local of the
     validator): a global forward pre-hook, removed when found, matches the first
@@ -396,6 +503,9 @@ def load_checkpoint(path: Path, *, trust: bool = False) -> LoadedCheckpoint:
     return LoadedCheckpoint.of(model, extras)
 
 
+# (end of the compatibility section)
+
+
 # ==================================================================== adapter
 def adapter_for(obj: object) -> ModelAdapter | None:
     """The adapter for an Ultralytics ``Model`` wrapper or a bare Ultralytics ``BaseModel``;
@@ -414,73 +524,30 @@ def adapter_for(obj: object) -> ModelAdapter | None:
 
 def yolo_stages(model: nn.Module) -> list[Stage]:
     """One stage per layer of ``model.model``, indexed by ``m.i`` and labelled by ``m.type``."""
-    layers = getattr(model, "model", None)
-    if not isinstance(layers, nn.Sequential):
-        raise TypeError(f"{type(model).__name__} has no Ultralytics layer list (model.model)")
     stages = []
-    for pos, m in enumerate(layers):
+    for pos, m in enumerate(model_layers(model)):
         index, type_name = layer_key(m, pos)
         stages.append(Stage(index, f"model.{pos}", type_name, m, sanitize(type_name)))
     return stages
 
 
-def is_head(module: nn.Module, layers: nn.Sequential) -> bool:
-    """A head is the last layer, or a module class from ``ultralytics.nn.modules.head``."""
-    return module is layers[-1] or type(module).__module__.endswith("nn.modules.head")
-
-
-def letterbox(image: ImageLike, imgsz: int, stride: int = 32) -> tuple[torch.Tensor, str | None]:
-    """A probe image as the ``(3, imgsz, imgsz)`` RGB float tensor a YOLO model sees.
-
-    Paths are read with OpenCV and numpy arrays are taken as BGR, as in Ultralytics'
-    predict; PIL images are RGB. Tensors are taken as already preprocessed.
-    """
-    import cv2
-    from PIL import Image
-    from ultralytics.data.augment import LetterBox
-
-    name = None
-    if isinstance(image, torch.Tensor):  # RGB (3, H, W) in [0, 1], letterboxed like the rest
-        if image.dim() != 3 or image.shape[0] != 3 or image.is_complex():
-            raise ValueError(
-                f"a probe tensor must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}"
-            )
-        rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
-        bgr = np.ascontiguousarray(rgb.cpu().numpy()[:, :, ::-1])
-    elif isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {str(path)!r}")
-        bgr = cv2.imread(str(path))
-        if bgr is None:
-            raise ValueError(f"cannot read image {str(path)!r}")
-        name = path.stem
-    elif isinstance(image, Image.Image):
-        bgr = np.asarray(image.convert("RGB"))[:, :, ::-1]
-    elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8:
-            raise TypeError(f"a probe array must be uint8 BGR (H, W, 3), got dtype {image.dtype}")
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or 0 in image.shape:
-            raise ValueError(
-                f"a probe array must be (H, W) or (H, W, C) with C in 1, 3, 4, got {image.shape}"
-            )
-        bgr = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-    else:
-        raise TypeError(
-            "a probe image must be a path, a PIL image, a BGR array or a tensor, "
-            f"got {type(image).__name__}"
+def letterbox(image: torch.Tensor, imgsz: int, stride: int = 32) -> torch.Tensor:
+    """An RGB ``(3, H, W)`` image in [0, 1], as tbfeat's reader gives it, as the
+    ``(3, imgsz, imgsz)`` tensor a YOLO model sees: at 8 bits, resized and padded as
+    Ultralytics' validation does (a step after the reader, not another reader)."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"a probe tensor must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}"
         )
-    boxed = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=stride)(image=bgr[:, :, :3])
-    rgb = np.ascontiguousarray(boxed[:, :, ::-1].transpose(2, 0, 1))
-    return torch.from_numpy(rgb).float().div_(255.0), name
+    rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+    boxed = letterbox_hwc(np.ascontiguousarray(rgb.cpu().numpy()), imgsz, stride)
+    return torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1))).float().div_(255.0)
 
 
 class UltralyticsAdapter(ModelAdapter):
     """Stages and probes of an Ultralytics model (``wrapper`` is the ``YOLO`` object)."""
 
-    takes_preprocess = False  # letterboxed as Ultralytics' validation does
+    model_prepares_input = "Ultralytics' letterbox"
 
     def __init__(self, module: nn.Module, wrapper: Any = None) -> None:
         self.wrapper = wrapper
@@ -489,8 +556,8 @@ class UltralyticsAdapter(ModelAdapter):
     @property
     def module(self) -> nn.Module:
         """The wrapper's current model (``train()`` replaces it), else the bare model."""
-        current = getattr(self.wrapper, "model", None)
-        return current if isinstance(current, nn.Module) else self._module
+        current = wrapper_model(self.wrapper)
+        return self._module if current is None else current
 
     @module.setter
     def module(self, value: nn.Module) -> None:
@@ -500,7 +567,7 @@ class UltralyticsAdapter(ModelAdapter):
         return yolo_stages(self.module)
 
     def default_stages(self) -> list[Stage]:
-        layers = self.module.model
+        layers = model_layers(self.module)
         return [s for s in self.candidate_stages() if not is_head(s.module, layers)]
 
     def imgsz(self, default: int = 640) -> int:
@@ -515,315 +582,344 @@ class UltralyticsAdapter(ModelAdapter):
         names: Sequence[str] | None = None,
         *,
         imgsz: int | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Probes:
-        """Letterbox probe images to ``imgsz`` (default the model's training size) like
-        Ultralytics' validation does."""
-        items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
-            items = list(inputs.unbind(0))
-        if not items:
-            raise ValueError("inputs is empty; pass at least one image")
-        stride = getattr(self.module, "stride", None)
-        stride = int(stride.max()) if isinstance(stride, torch.Tensor) else 32
-        size = imgsz or self.imgsz()
-        boxed = [letterbox(item, size, stride) for item in items]
-        if names is None:
-            names = [n if n is not None else str(i) for i, (_, n) in enumerate(boxed)]
-        if len(names) != len(boxed):
-            raise ValueError(f"got {len(names)} names for {len(boxed)} images")
+        """Read probe images as Ultralytics does (arrays BGR, files upright), then
+        letterbox them to ``imgsz`` (default the model's training size) like its
+        validation does. ``preprocess`` must be ``None``: the letterbox prepares them."""
+        check_preprocess(preprocess, self)
+        tensors, names = to_tensors(
+            inputs, names, channel_order=ARRAY_CHANNEL_ORDER, exif_orientation=FILES_EXIF_ORIENTED
+        )
+        size, stride = imgsz or self.imgsz(), model_stride(self.module)
         device, dtype = self.device(), self.dtype()
-        tensors = tuple(t.to(device=device, dtype=dtype) for t, _ in boxed)
-        return Probes(tensors, tuple(unique_names([sanitize(n) for n in names])))
+        boxed = (letterbox(t, size, stride).to(device=device, dtype=dtype) for t in tensors)
+        return Probes(tuple(boxed), tuple(names))
 
     def score_tap(self, module: nn.Module) -> ScoreTap:
         return YoloScoreTap(module)
 
     def attach(self, logger: Any) -> Callable[[], None]:
-        """Add :class:`UltralyticsCallbacks` to the ``YOLO`` object (shared by its trainer,
-        predictor and validator); a bare model is captured for the block instead."""
+        """Add the callbacks to the ``YOLO`` object (shared by its trainer, predictor and
+        validator); a bare model is captured for the block instead."""
         if self.wrapper is None:
             return super().attach(logger)
-        return UltralyticsCallbacks(logger).attach(self.wrapper)
+        return attach_callbacks(UltralyticsCallbacks(logger), self.wrapper)
 
 
 # ==================================================================== callbacks
+@dataclass
+class Capture:
+    """A ``predict()`` or standalone ``val()`` whose forwards are being logged."""
+
+    owner: Any = None  # the predictor or validator
+    session: Any = None  # the logger's capture, once the model is known
+    in_batch: bool = False  # inside a batch (warm-up forwards run before done_warmup)
+    finder: _ModelFinder | None = None  # a standalone val(): looks for its model
+
+
+@dataclass
+class PredictNames:
+    """Names of a ``predict()``'s images, in the order they come."""
+
+    source: list[str | None] | None = None  # file stems of a list source, if any
+    position: int = 0  # images named so far
+
+    def next(self, path: Any) -> str:
+        i, self.position = self.position, self.position + 1
+        hints = self.source or []
+        if i < len(hints) and hints[i]:
+            return hints[i]
+        if isinstance(path, str) and Path(path).is_file():
+            return Path(path).stem
+        return str(i)
+
+
+@dataclass
+class Training:
+    """One ``train()``: its trainer, probes and what has stopped."""
+
+    trainer: Any = None
+    probes: tuple[int, int, Probes] | None = None  # (id(model), imgsz, probes)
+    stopped: bool = False  # probing failed: off for the rest of this training
+    curves: bool = False  # tbfeat writes Ultralytics' curves (its own TensorBoard is off)
+    metric_steps: set[int] = field(default_factory=set)  # epochs whose metrics are written
+
+
+@dataclass(eq=False)
 class UltralyticsCallbacks:
-    """tbfeat's Ultralytics callbacks for one logger, as ``callbacks()`` returns them.
+    """The state tbfeat's Ultralytics callbacks share for one logger; ``callbacks()``
+    gives the callbacks bound to it, as Ultralytics calls them.
 
     Small and picklable: Ultralytics' multi-GPU launch (8.4.140 and later) pickles the
     trainer's callbacks into every DDP rank. A pickled copy carries the logger's
-    configuration (:class:`~tbfeat.LoggerConfig`), not its model (each rank has
-    its own) nor anything open or in progress. In a rank it builds a logger of the
-    trainer's model at the first epoch it logs, on global rank 0 only, and closes it when
-    the training ends; the other ranks return at once and touch no file.
+    configuration (:class:`~tbfeat.LoggerConfig`), not its model (each rank has its
+    own) nor anything open or in progress. In a rank it builds a logger of the trainer's
+    model at the first epoch it logs, on global rank 0 only, and closes it when the
+    training ends; the other ranks return at once and touch no file.
 
     Example:
         ::
 
-            callbacks = UltralyticsCallbacks(logger)
-            for event, fn in callbacks.callbacks().items():
+            for event, fn in UltralyticsCallbacks(logger).callbacks().items():
                 yolo.add_callback(event, fn)
     """
 
-    def __init__(self, logger: Any) -> None:
-        self.logger = logger  # None in a rank until rank 0 builds its own from _config
-        self._config: Any = None
-        self._owns_logger = False
-        self._reset()
-
-    def _reset(self) -> None:
-        self._owner: Any = None
-        self._session: Any = None
-        self._in_batch = False
-        self._position = 0
-        self._source_names: list[str | None] | None = None
-        self._finder: _ModelFinder | None = None
-        self._trainer: Any = None
-        self._probes: tuple[int, int, Probes] | None = None
-        self._notes = Notes()
-        self._stopped = False
-        self._curves = False
-        self._metric_steps = set()
+    logger: Any  # None in a rank until rank 0 builds its own from saved_config
+    saved_config: Any = None
+    owns_logger: bool = False
+    capture: Capture = field(default_factory=Capture)
+    names: PredictNames = field(default_factory=PredictNames)
+    training: Training = field(default_factory=Training)
+    notes: Notes = field(default_factory=Notes)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"config": self.config}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.logger, self._config, self._owns_logger = None, state["config"], False
-        self._reset()
+        self.__init__(None, saved_config=state["config"])  # type: ignore[misc]
+
+    def __getattr__(self, name: str) -> Callable[[Any], None]:
+        """A callback by its event (``state.on_train_epoch_end``), bound to this state;
+        also how a bound callback is found again when unpickled."""
+        if name not in _BY_NAME:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return MethodType(_BY_NAME[name], self)
 
     @property
     def config(self) -> Any:
         """The logger's :class:`~tbfeat.LoggerConfig` (also before a rank built it)."""
-        return self._config if self.logger is None else self.logger.config()
+        return self.saved_config if self.logger is None else self.logger.config()
 
     @property
     def options(self) -> Any:
         """The logger's :class:`~tbfeat.LogOptions`."""
-        return (self._config if self.logger is None else self.logger).options
+        return (self.saved_config if self.logger is None else self.logger).options
 
     def callbacks(self) -> dict[str, Callable[[Any], None]]:
-        """Ultralytics events and the handlers for them."""
-        return {
-            "on_predict_start": self.on_predict_start,
-            "on_predict_batch_start": self.on_predict_batch_start,
-            "on_predict_batch_end": self.on_batch_end,
-            "on_predict_end": self.on_end,
-            "on_val_start": self.on_val_start,
-            "on_val_batch_start": self.on_val_batch_start,
-            "on_val_batch_end": self.on_batch_end,
-            "on_val_end": self.on_end,
-            "on_pretrain_routine_start": self.on_pretrain_routine_start,
-            "on_train_epoch_end": self.on_train_epoch_end,
-            "on_fit_epoch_end": self.on_fit_epoch_end,
-            "on_train_end": self.on_train_end,
-            "teardown": self.teardown,
-        }
+        """Ultralytics events and the callbacks for them, bound to this state."""
+        return {event: MethodType(fn, self) for event, fn in CALLBACKS.items()}
 
-    def attach(self, wrapper: Any) -> Callable[[], None]:
-        """Register on ``wrapper`` (a ``YOLO`` object); returns what removes them again."""
-        added = list(self.callbacks().items())
-        for event, fn in added:
-            wrapper.add_callback(event, fn)
-        wrapper.predict = self._predict_wrapper(type(wrapper).predict.__get__(wrapper))
-        wrapper.train = self._train_wrapper(wrapper, type(wrapper).train.__get__(wrapper))
 
-        def detach() -> None:
-            for event, fn in added:
-                fns = wrapper.callbacks.get(event, [])
-                if fn in fns:
-                    fns.remove(fn)
-            wrapper.__dict__.pop("predict", None)
-            wrapper.__dict__.pop("train", None)
-            self._end_capture()
+def attach_callbacks(state: UltralyticsCallbacks, wrapper: Any) -> Callable[[], None]:
+    """Register the callbacks on ``wrapper`` (a ``YOLO`` object) and wrap its
+    ``predict``/``train``; returns what removes them again."""
+    events = state.callbacks()
+    add_callbacks(wrapper, events)
+    unpatch = patch_wrapper(wrapper, partial(_remember_source, state), _warn_if_callbacks_dropped)
 
-        return detach
+    def detach() -> None:
+        remove_callbacks(wrapper, events)
+        unpatch()
+        _end_capture(state)
 
-    def _predict_wrapper(self, predict: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(source: Any = None, *args: Any, **kwargs: Any) -> Any:
-            self._source_names = predict_source_names(source)
-            return predict(source, *args, **kwargs)
+    return detach
 
-        return wrapped
 
-    def _train_wrapper(self, wrapper: Any, train: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            before = getattr(wrapper, "trainer", None)
-            result = train(*args, **kwargs)
-            trainer = getattr(wrapper, "trainer", None)
-            if trainer is not before and trainer is not None:
-                _warn_if_callbacks_dropped(trainer)
-            return result
+def _remember_source(state: UltralyticsCallbacks, source: Any) -> None:
+    state.names.source = predict_source_names(source)
 
-        return wrapped
 
-    # ---------------------------------------------------------------- predict / val
-    def _use_logdir(self, owner: Any) -> None:
-        folder = save_dir(owner)
-        # the run folder of the predictor, validator or trainer
-        if folder and self.logger is not None:
-            self.logger.use_logdir(folder)
+# ---------------------------------------------------------------- predict / val
+def on_predict_start(state: UltralyticsCallbacks, predictor: Any) -> None:
+    if state.logger is None:  # a DDP rank: it only trains
+        return
+    _end_capture(state)
+    _use_logdir(state, predictor)
+    state.names.position = 0
+    _begin(state, predictor, predict_model(predictor))
 
-    def _gate(self) -> bool:
-        # warm-up forwards run inside the first batch before done_warmup is set
-        return self._in_batch and done_warmup(self._owner)
 
-    def _begin(self, owner: Any, module: nn.Module, names: Sequence[str] = ()) -> None:
-        self._session = self.logger.begin(module, gate=self._gate, names=names)
-        self._owner = owner
+def on_predict_batch_start(state: UltralyticsCallbacks, predictor: Any) -> None:
+    capture = state.capture
+    if capture.owner is not predictor:
+        return
+    names = [state.names.next(p) for p in batch_paths(predictor)]
+    if capture.session is not None:
+        capture.session.add_names(names)
+    capture.in_batch = True
 
-    def on_predict_start(self, predictor: Any) -> None:
-        if self.logger is None:  # a DDP rank: it only trains
-            return
-        self._end_capture()
-        self._use_logdir(predictor)
-        self._position = 0
-        self._begin(predictor, torch_model(predictor.model))
 
-    def on_predict_batch_start(self, predictor: Any) -> None:
-        if self._owner is not predictor:
-            return
-        names = []
-        hints = self._source_names or []
-        for p in batch_paths(predictor):
-            i, self._position = self._position, self._position + 1
-            if i < len(hints) and hints[i]:
-                names.append(hints[i])
-            elif isinstance(p, str) and Path(p).is_file():
-                names.append(Path(p).stem)
-            else:
-                names.append(str(i))
-        if self._session is not None:
-            self._session.add_names(names)
-        self._in_batch = True
+def on_val_start(state: UltralyticsCallbacks, validator: Any) -> None:
+    if in_training(validator, state.training.trainer) or state.logger is None:
+        return  # the epoch-end probe covers training; final_eval too
+    _end_capture(state)
+    _use_logdir(state, validator)
+    names = [Path(f).stem for f in val_files(validator)[: state.options.max_images]]
+    state.capture.owner = validator
+    state.capture.finder = _ModelFinder(
+        partial(_gate, state), lambda m: _begin(state, validator, m, names)
+    )
 
-    def on_val_start(self, validator: Any) -> None:
-        if in_training(validator, self._trainer) or self.logger is None:
-            return  # the epoch-end probe covers training; final_eval too
-        self._end_capture()
-        self._use_logdir(validator)
-        names = [Path(f).stem for f in val_files(validator)[: self.options.max_images]]
-        self._owner = validator
-        self._finder = _ModelFinder(self._gate, lambda m: self._begin(validator, m, names))
 
-    def on_val_batch_start(self, validator: Any) -> None:
-        if self._owner is validator:
-            self._in_batch = True
+def on_val_batch_start(state: UltralyticsCallbacks, validator: Any) -> None:
+    if state.capture.owner is validator:
+        state.capture.in_batch = True
 
-    def on_batch_end(self, owner: Any) -> None:
-        self._in_batch = False
 
-    def on_end(self, owner: Any) -> None:
-        if self._owner is not owner:
-            return
-        self._source_names = None  # the next predict records its own
-        if self._finder is not None and self._session is None:
-            warn(
-                "found no PyTorch Ultralytics model in this val() run; nothing was "
-                "logged (exported formats cannot be hooked)"
-            )
-        self._end_capture()
+def on_batch_end(state: UltralyticsCallbacks, owner: Any) -> None:
+    state.capture.in_batch = False
 
-    def _end_capture(self) -> None:
-        if self._finder is not None:
-            self._finder.remove()
-        if self._session is not None:
-            self.logger.end()
-        self._owner = self._session = self._finder = None
-        self._in_batch = False
 
-    # ---------------------------------------------------------------- train
-    def on_pretrain_routine_start(self, trainer: Any) -> None:
-        self._end_capture()  # a predict stopped half-way (stream=True, break) ends here
-        self._use_logdir(trainer)
-        self._trainer = trainer
-        self._probes = None
-        self._stopped = False
-        # the curves go into the run unless Ultralytics' own TensorBoard callback writes them
-        self._curves = not writes_own_tensorboard(trainer)
-        self._metric_steps: set[int] = set()
-
-    def on_train_epoch_end(self, trainer: Any) -> None:
-        if global_rank() != 0:
-            return  # another DDP rank: no model run, no file, no collective call
-        self._write_curves(trainer, epoch_curves)
-        if self._stopped:
-            return
-        epoch, epochs = epoch_of(trainer)
-        if epoch % self.options.every and epoch < epochs:
-            return
-        try:
-            self._probe_epoch(trainer, epoch)
-        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
-            self._stopped = True
-            _stopped_warning(f"logging this training at epoch {epoch}", e)
-
-    def on_fit_epoch_end(self, trainer: Any) -> None:
-        step = int(trainer.epoch) + 1
-        if global_rank() == 0 and step not in self._metric_steps:
-            # (releases before 8.4 validate best.pt at the last epoch's step again)
-            self._metric_steps.add(step)
-            self._write_curves(trainer, fit_metrics)
-
-    def _write_curves(self, trainer: Any, read: Callable[[Any], dict[str, float]]) -> None:
-        """Ultralytics' curves at the 1-based epoch, as its own TensorBoard callback
-        writes them; an error turns them off for this training with one warning."""
-        if not self._curves:
-            return
-        try:
-            values = {k: float(v) for k, v in read(trainer).items()}
-            logger = self._rank_logger(trainer, probe_model(trainer))
-            logger.add_scalars(values, step=int(trainer.epoch) + 1)
-        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
-            self._curves = False
-            _stopped_warning("writing this training's curves", e)
-
-    def _probe_epoch(self, trainer: Any, epoch: int) -> None:
-        model = probe_model(trainer)
-        logger = self._rank_logger(trainer, model)
-        imgsz = logger.options.imgsz or train_imgsz(trainer)
-        if self._probes is None or self._probes[:2] != (id(model), imgsz):
-            images = logger.images
-            if images is None:
-                images = train_probe_files(trainer, logger.options.max_images)
-                if not images:
-                    self._warn_no_probes()
-                    return
-            self._probes = (id(model), imgsz, logger.prepare(images, model=model, imgsz=imgsz))
-        logger.step = epoch
-        logger.probe(self._probes[2], model=model, step=epoch)
-
-    def _rank_logger(self, trainer: Any, model: nn.Module) -> Any:
-        """The logger; in a DDP rank, one of the rank's model built from the configuration
-        (into the trainer's ``save_dir`` unless a logdir was chosen)."""
-        if self.logger is None:
-            self.logger = self._config.build(model)
-            self._owns_logger = True
-            self._use_logdir(trainer)
-        return self.logger
-
-    def _warn_no_probes(self) -> None:
-        self._notes(
-            "no-probes",
-            "no probe images for this training (the trainer's validation set "
-            "lists none); pass images=[...] to FeatureLogger. Nothing is logged.",
-            warn=True,
+def on_end(state: UltralyticsCallbacks, owner: Any) -> None:
+    capture = state.capture
+    if capture.owner is not owner:
+        return
+    state.names.source = None  # the next predict records its own
+    if capture.finder is not None and capture.session is None:
+        warn(
+            "found no PyTorch Ultralytics model in this val() run; nothing was "
+            "logged (exported formats cannot be hooked)"
         )
+    _end_capture(state)
 
-    def on_train_end(self, trainer: Any) -> None:
-        self._trainer = None
-        self._close_own_logger()
 
-    def teardown(self, trainer: Any) -> None:
-        """After every training, also one that raised: close the logger a rank built."""
-        self._close_own_logger()
+def _use_logdir(state: UltralyticsCallbacks, owner: Any) -> None:
+    folder = save_dir(owner)  # the run folder of the predictor, validator or trainer
+    if folder and state.logger is not None:
+        state.logger.use_logdir(folder)
 
-    def _close_own_logger(self) -> None:
-        if self._owns_logger and self.logger is not None:
-            logger, self.logger, self._owns_logger = self.logger, None, False
-            self._config = logger.config()
-            self._probes = None
-            logger.close()
+
+def _gate(state: UltralyticsCallbacks) -> bool:
+    # warm-up forwards run inside the first batch before done_warmup is set
+    return state.capture.in_batch and done_warmup(state.capture.owner)
+
+
+def _begin(
+    state: UltralyticsCallbacks, owner: Any, module: nn.Module, names: Sequence[str] = ()
+) -> None:
+    state.capture.session = state.logger.begin(module, gate=partial(_gate, state), names=names)
+    state.capture.owner = owner
+
+
+def _end_capture(state: UltralyticsCallbacks) -> None:
+    capture, state.capture = state.capture, Capture()
+    if capture.finder is not None:
+        capture.finder.remove()
+    if capture.session is not None:
+        state.logger.end()
+
+
+# ---------------------------------------------------------------- train
+def on_pretrain_routine_start(state: UltralyticsCallbacks, trainer: Any) -> None:
+    _end_capture(state)  # a predict stopped half-way (stream=True, break) ends here
+    _use_logdir(state, trainer)
+    # the curves go into the run unless Ultralytics' own TensorBoard callback writes them
+    state.training = Training(trainer, curves=not writes_own_tensorboard(trainer))
+
+
+def on_train_epoch_end(state: UltralyticsCallbacks, trainer: Any) -> None:
+    if global_rank() != 0:
+        return  # another DDP rank: no model run, no file, no collective call
+    _write_curves(state, trainer, epoch_curves)
+    if state.training.stopped:
+        return
+    epoch, epochs = epoch_of(trainer)
+    if epoch % state.options.every and epoch < epochs:
+        return
+    try:
+        _probe_epoch(state, trainer, epoch)
+    except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+        state.training.stopped = True
+        _stopped_warning(f"logging this training at epoch {epoch}", e)
+
+
+def on_fit_epoch_end(state: UltralyticsCallbacks, trainer: Any) -> None:
+    step, _ = epoch_of(trainer)
+    if global_rank() == 0 and step not in state.training.metric_steps:
+        # (releases before 8.4 validate best.pt at the last epoch's step again)
+        state.training.metric_steps.add(step)
+        _write_curves(state, trainer, fit_metrics)
+
+
+def on_train_end(state: UltralyticsCallbacks, trainer: Any) -> None:
+    state.training.trainer = None
+    _close_own_logger(state)
+
+
+def teardown(state: UltralyticsCallbacks, trainer: Any) -> None:
+    """After every training, also one that raised: close the logger a rank built."""
+    _close_own_logger(state)
+
+
+def _write_curves(
+    state: UltralyticsCallbacks, trainer: Any, read: Callable[[Any], dict[str, float]]
+) -> None:
+    """Ultralytics' curves at the 1-based epoch, as its own TensorBoard callback writes
+    them; an error turns them off for this training with one warning."""
+    if not state.training.curves:
+        return
+    try:
+        values = {k: float(v) for k, v in read(trainer).items()}
+        logger = _rank_logger(state, trainer, probe_model(trainer))
+        logger.add_scalars(values, step=epoch_of(trainer)[0])
+    except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+        state.training.curves = False
+        _stopped_warning("writing this training's curves", e)
+
+
+def _probe_epoch(state: UltralyticsCallbacks, trainer: Any, epoch: int) -> None:
+    model = probe_model(trainer)
+    logger = _rank_logger(state, trainer, model)
+    imgsz = logger.options.imgsz or train_imgsz(trainer)
+    training = state.training
+    if training.probes is None or training.probes[:2] != (id(model), imgsz):
+        images = logger.images
+        if images is None:
+            images = train_probe_files(trainer, logger.options.max_images)
+            if not images:
+                _warn_no_probes(state)
+                return
+        training.probes = (id(model), imgsz, logger.prepare(images, model=model, imgsz=imgsz))
+    logger.step = epoch
+    logger.probe(training.probes[2], model=model, step=epoch)
+
+
+def _rank_logger(state: UltralyticsCallbacks, trainer: Any, model: nn.Module) -> Any:
+    """The logger; in a DDP rank, one of the rank's model built from the configuration
+    (into the trainer's ``save_dir`` unless a logdir was chosen)."""
+    if state.logger is None:
+        state.logger = state.saved_config.build(model)
+        state.owns_logger = True
+        _use_logdir(state, trainer)
+    return state.logger
+
+
+def _warn_no_probes(state: UltralyticsCallbacks) -> None:
+    state.notes(
+        "no-probes",
+        "no probe images for this training (the trainer's validation set "
+        "lists none); pass images=[...] to FeatureLogger. Nothing is logged.",
+        warn=True,
+    )
+
+
+def _close_own_logger(state: UltralyticsCallbacks) -> None:
+    if state.owns_logger and state.logger is not None:
+        logger, state.logger, state.owns_logger = state.logger, None, False
+        state.saved_config = logger.config()
+        state.training.probes = None
+        logger.close()
+
+
+CALLBACKS: dict[str, Callable[[UltralyticsCallbacks, Any], None]] = {
+    "on_predict_start": on_predict_start,
+    "on_predict_batch_start": on_predict_batch_start,
+    "on_predict_batch_end": on_batch_end,
+    "on_predict_end": on_end,
+    "on_val_start": on_val_start,
+    "on_val_batch_start": on_val_batch_start,
+    "on_val_batch_end": on_batch_end,
+    "on_val_end": on_end,
+    "on_pretrain_routine_start": on_pretrain_routine_start,
+    "on_train_epoch_end": on_train_epoch_end,
+    "on_fit_epoch_end": on_fit_epoch_end,
+    "on_train_end": on_train_end,
+    "teardown": teardown,
+}
+"""Ultralytics events and tbfeat's callback for each (called with the state first)."""
+
+_BY_NAME = {**{fn.__name__: fn for fn in CALLBACKS.values()}, **CALLBACKS}
 
 
 def _stopped_warning(what: str, error: Exception) -> None:
