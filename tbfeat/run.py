@@ -24,7 +24,7 @@ from .notes import Notes
 from .options import LogOptions
 from .recorder import RUN_MODES, Recorder
 from .worker import WAIT_S, Worker
-from .writer import EventSink, check_logdir, check_writer, writer_logdir
+from .writer import EventSink, check_destination, check_logdir, writer_logdir
 
 
 class Run:
@@ -61,10 +61,7 @@ class Run:
     ) -> None:
         if mode not in RUN_MODES:
             raise ValueError(f"run must be one of {', '.join(map(repr, RUN_MODES))}, got {mode!r}")
-        if writer is not None and logdir is not None:
-            raise ValueError("pass either logdir or writer, not both")
-        if writer is not None:
-            check_writer(writer)
+        check_destination(logdir, writer)
         self._logdir = os.fspath(logdir) if logdir is not None else None
         self._given = writer
         self.auto = writer is None and logdir is None

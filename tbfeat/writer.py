@@ -73,6 +73,15 @@ def check_writer(writer: Any) -> None:
         )
 
 
+def check_destination(logdir: str | os.PathLike | None, writer: Any) -> None:
+    """Events go to a ``logdir`` or to a ``writer``: refuse both, and a writer without
+    ``SummaryWriter``'s methods."""
+    if writer is not None and logdir is not None:
+        raise ValueError("pass either logdir or writer, not both")
+    if writer is not None:
+        check_writer(writer)
+
+
 def writer_logdir(writer: Any) -> str | None:
     """The folder a ``SummaryWriter`` (or a look-alike) writes to, if it says."""
     get = getattr(writer, "get_logdir", None)
@@ -258,10 +267,7 @@ class EventSink:
     """
 
     def __init__(self, logdir: str | os.PathLike | None = None, writer: Any = None) -> None:
-        if writer is not None and logdir is not None:
-            raise ValueError("pass either logdir or writer, not both")
-        if writer is not None:
-            check_writer(writer)
+        check_destination(logdir, writer)
         self.logdir = os.fspath(logdir) if logdir is not None else None
         self._given = writer
         self._raw = writer is None or callable(getattr(writer, "_get_file_writer", None))
