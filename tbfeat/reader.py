@@ -148,9 +148,7 @@ class EventFile:
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if key == self.key:
                 return False
-            if self.key is None or key[:2] != self.key[:2] or st.st_size <= self.key[2] or (
-                os.pread(fd, len(self._last), self.end - len(self._last)) != self._last
-            ):  # replaced, shrank or rewritten in place: from the start again
+            if self._rewritten(fd, key):
                 self._reset()
             self.key = key
             if self.damaged is None:
@@ -159,6 +157,13 @@ class EventFile:
             return True
         finally:
             os.close(fd)
+
+    def _rewritten(self, fd: int, key: tuple[int, int, int, int]) -> bool:
+        """Whether the file must be indexed from its start: new, replaced (another
+        inode), not longer than before, or no longer ending its last record as it did."""
+        if self.key is None or key[:2] != self.key[:2] or key[2] <= self.key[2]:
+            return True
+        return os.pread(fd, len(self._last), self.end - len(self._last)) != self._last
 
     def _scan(self, f: Any, size: int, notes: Notes) -> None:
         """Index the whole records between :attr:`end` and ``size``."""
@@ -334,9 +339,10 @@ class Reader:
 
     # ---------------------------------------------------------------- listing
     def runs(self) -> list[str]:
-        """The runs, as folders relative to the logdir (``.`` for the logdir itself)."""
+        """The runs, as folders relative to the logdir (``.`` for the logdir itself), in
+        the order of a walk down the logdir (a folder, then its subfolders, by name)."""
         self._ensure()
-        return sorted(self._runs)
+        return list(self._runs)
 
     def tags(self, run: str) -> dict[str, TagInfo]:
         """Every tag of a run, sorted, with its kind, plugin and steps."""
