@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +171,15 @@ class EventFile:
         start = f.seek(self.end)
         try:
             while self.end + _HEADER <= size:
-                length = self._length(f.read(_HEADER))
+                header = f.read(_HEADER)
+                if len(header) < _HEADER:
+                    break  # cut short since it was measured: read again next time
+                length = self._length(header)
                 if self.end + _HEADER + length + _FOOTER > size:
                     break  # being written: the next refresh reads it
                 payload, footer = f.read(length), f.read(_FOOTER)
+                if len(payload) < length or len(footer) < _FOOTER:
+                    break
                 if _CRC.unpack(footer)[0] != masked_crc32c(payload):
                     raise _Damaged("bad CRC of the record")
                 self._add(payload, length)
@@ -265,10 +271,16 @@ class Reader:
         self._skipped: set[str] = set()
         self._notes = Notes()
         self._fresh = False
+        self._lock = threading.RLock()
+        """Held while the index is read or changed: a dashboard asks from many threads."""
 
     # ---------------------------------------------------------------- indexing
     def refresh(self) -> None:
         """Bring the index up to date with the logdir (see the module's notes)."""
+        with self._lock:
+            self._refresh()
+
+    def _refresh(self) -> None:
         files: dict[str, EventFile] = {}
         runs: dict[str, list[EventFile]] = {}
         for run, paths in self._scan_runs():
@@ -314,6 +326,13 @@ class Reader:
         if not self._fresh:
             self.refresh()
 
+    def _locate(self, run: str, tag: str, step: int) -> tuple[EventFile, Record, int]:
+        with self._lock:
+            where = self._tag(run, tag).steps.get(step)
+        if where is None:
+            raise NotLogged(f"run {run!r} has no step {step!r} of tag {tag!r}")
+        return where
+
     def _view(self, run: str) -> dict[str, _Tag]:
         """The run's tags, its files merged (a later file's value wins)."""
         self._ensure()
@@ -341,18 +360,20 @@ class Reader:
     def runs(self) -> list[str]:
         """The runs, as folders relative to the logdir (``.`` for the logdir itself), in
         the order of a walk down the logdir (a folder, then its subfolders, by name)."""
-        self._ensure()
-        return list(self._runs)
+        with self._lock:
+            self._ensure()
+            return list(self._runs)
 
     def tags(self, run: str) -> dict[str, TagInfo]:
         """Every tag of a run, sorted, with its kind, plugin and steps."""
-        view = self._view(run)
-        return {name: TagInfo(t.kind, t.plugin, tuple(sorted(t.steps)))
-                for name, t in sorted(view.items())}  # fmt: skip
+        with self._lock:
+            return {name: TagInfo(t.kind, t.plugin, tuple(sorted(t.steps)))
+                    for name, t in sorted(self._view(run).items())}  # fmt: skip
 
     def steps(self, run: str, tag: str) -> list[int]:
         """The steps a run logged ``tag`` at, ascending."""
-        return sorted(self._tag(run, tag).steps)
+        with self._lock:
+            return sorted(self._tag(run, tag).steps)
 
     def _tag(self, run: str, tag: str) -> _Tag:
         found = self._view(run).get(tag)
@@ -363,12 +384,10 @@ class Reader:
     # ---------------------------------------------------------------- values
     def value(self, run: str, tag: str, step: int) -> Any:
         """The ``Summary.Value`` logged at ``(run, tag, step)``, read from its record."""
-        where = self._tag(run, tag).steps.get(step)
-        if where is None:
-            raise NotLogged(f"run {run!r} has no step {step!r} of tag {tag!r}")
-        file, record, position = where
+        file, record, position = self._locate(run, tag, step)
         event = file.read(record)
-        self.bytes_read += _HEADER + record.length + _FOOTER
+        with self._lock:
+            self.bytes_read += _HEADER + record.length + _FOOTER
         values = event.summary.value
         if position >= len(values) or values[position].tag != tag or event.step != step:
             raise NotLogged(f"event file {file.path!r} changed at byte {record.offset}")
@@ -391,10 +410,10 @@ class Reader:
     def run_info(self, run: str, step: int | None = None) -> tagging.RunInfo | None:
         """The run's metadata (:class:`tbfeat.tags.RunInfo`) as logged last at or before
         ``step`` (the last logged without one); ``None`` where none was."""
-        view = self._view(run)
-        if tagging.RUN not in view:
-            return None
-        steps = [s for s in view[tagging.RUN].steps if step is None or s <= step]
+        with self._lock:
+            found = self._view(run).get(tagging.RUN)
+            logged = list(found.steps) if found is not None else []
+        steps = [s for s in logged if step is None or s <= step]
         if not steps:
             return None
         return tagging.read_run(self.value(run, tagging.RUN, max(steps)).tensor)
