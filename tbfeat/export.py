@@ -1,9 +1,10 @@
 """Figures to take away from a logdir: the logged grids, maps and strips, step by step.
 
-:func:`export` reads every run folder under a logdir with TensorBoard's own reader (no
-model needed) and draws, per run, one figure per ``features/`` and ``cam/`` tag with the
-picture of each chosen step side by side, one per ``evolution/`` tag, and the
-``overview/drift`` picture where the run has one. Every logged pixel is kept: a panel is
+:func:`export` reads every run folder under a logdir with :class:`tbfeat.reader.Reader`
+(no model needed; only the pictures drawn are read from the event files) and draws, per
+run, one figure per ``features/`` and ``cam/`` tag with the picture of each chosen step
+side by side, one per ``evolution/`` tag, and the ``overview/drift`` picture where the
+run has one. Every logged pixel is kept: a panel is
 repeated ``k`` times on both axes (nearest neighbour, integer ``k``) and placed at integer
 pixel offsets, so a PNG crop of a panel, taken every ``k``-th pixel, is the logged PNG
 exactly (:func:`panel_layout` says where each panel lies). PDF and SVG embed the same
@@ -18,7 +19,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from . import tags as tagging
 from .options import did_you_mean
+from .reader import Reader
 
 FORMATS = ("png", "pdf", "svg")
 MIN_DPI = 72
@@ -85,31 +87,34 @@ class Plate:
 
 @dataclass(frozen=True)
 class Run:
-    """The tbfeat images of one run folder: tag -> step -> logged PNG."""
+    """The tbfeat images of one run folder: tag -> step -> logged PNG (read when asked)."""
 
     name: str
     folder: Path
     """Relative to the logdir (``.`` for the logdir itself)."""
-    tags: dict[str, dict[int, bytes]]
+    tags: dict[str, Mapping[int, bytes]]
+
+
+class Logged(Mapping[int, bytes]):
+    """The logged PNGs of one tag by step; each is read from its event file when asked."""
+
+    def __init__(self, reader: Reader, run: str, tag: str, steps: Iterable[int]) -> None:
+        self._reader, self._run, self._tag = reader, run, tag
+        self._steps = tuple(steps)
+
+    def __getitem__(self, step: int) -> bytes:
+        if step not in self._steps:
+            raise KeyError(step)
+        return self._reader.image(self._run, self._tag, step)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
 
 
 # --------------------------------------------------------------------------- reading
-def find_runs(logdir: Path) -> list[Path]:
-    """The folders under ``logdir`` (itself included) that hold event files, sorted.
-
-    Example:
-        >>> import tempfile
-        >>> find_runs(Path(tempfile.mkdtemp()))
-        []
-    """
-    runs = []
-    for folder, dirs, files in os.walk(logdir):
-        dirs.sort()
-        if any(f.startswith("events.out.tfevents") for f in files):
-            runs.append(Path(folder))
-    return runs
-
-
 def image_tag(tag: str) -> tuple[str, str, str | None] | None:
     """``(kind, stage key, image)`` of a tbfeat image tag (:func:`tbfeat.tags.parse`),
     else ``None``.
@@ -131,20 +136,16 @@ def image_tag(tag: str) -> tuple[str, str, str | None] | None:
     return parsed.kind, str(parsed.base), parsed.image
 
 
-def load_run(folder: Path, logdir: Path) -> Run:
-    """Every tbfeat image event of one run folder, read with TensorBoard's reader (all
-    event files in it, every step kept; the last event of a step wins)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+def load_run(reader: Reader, run: str) -> Run:
+    """The tbfeat image tags of one run of ``reader`` (every event file of its folder,
+    every step kept; the last event of a step wins). No picture is read yet."""
     tags = {
-        tag: {e.step: e.encoded_image_string for e in acc.Images(tag)}
-        for tag in acc.Tags()["images"]
-        if image_tag(tag) is not None
+        tag: Logged(reader, run, tag, info.steps)
+        for tag, info in reader.tags(run).items()
+        if info.kind == "image" and image_tag(tag) is not None
     }
-    rel = folder.relative_to(logdir)
-    name = rel.as_posix() if rel != Path(".") else (logdir.resolve().name or ".")
+    rel = Path(run)
+    name = rel.as_posix() if rel != Path(".") else (reader.logdir.resolve().name or ".")
     return Run(name=name, folder=rel, tags=tags)
 
 
@@ -157,14 +158,15 @@ def read_runs(logdir: str | os.PathLike) -> list[Run]:
     root = Path(logdir)
     if not root.is_dir():
         raise ExportError(f"logdir not found: {str(root)!r}")
-    folders = find_runs(root)
-    if not folders:
+    reader = Reader(root)
+    names = reader.runs()
+    if not names:
         raise ExportError(f"no event files under {str(root)!r}; give a logdir tbfeat wrote")
-    runs = [run for run in (load_run(f, root) for f in folders) if run.tags]
+    runs = [run for run in (load_run(reader, n) for n in names) if run.tags]
     if not runs:
         raise ExportError(
             f"no tbfeat images (features/, cam/, evolution/ tags) in the event files of "
-            f"{len(folders)} folder(s) under {str(root)!r}"
+            f"{len(names)} folder(s) under {str(root)!r}"
         )
     return runs
 
