@@ -95,7 +95,7 @@ class _Tag:
     def __init__(self, kind: str, plugin: str = "") -> None:
         self.kind = kind
         self.plugin = plugin
-        self.steps: dict[int, tuple[EventFile, Record, int]] = {}
+        self.steps: dict[int, tuple[FileIndex, Record, int]] = {}
 
 
 class _Damaged(Exception):
@@ -117,7 +117,7 @@ def open_regular(path: str) -> int | None:
     return fd
 
 
-class EventFile:
+class FileIndex:
     """The index of one event file, brought up to date by :meth:`update`."""
 
     def __init__(self, path: str) -> None:
@@ -265,8 +265,8 @@ class Reader:
         self.logdir = Path(logdir)
         self.bytes_read = 0
         """Bytes of event files read so far, to index them or read values."""
-        self._files: dict[str, EventFile] = {}
-        self._runs: dict[str, list[EventFile]] = {}
+        self._files: dict[str, FileIndex] = {}
+        self._runs: dict[str, list[FileIndex]] = {}
         self._views: dict[str, dict[str, _Tag]] = {}
         self._skipped: set[str] = set()
         self._notes = Notes()
@@ -281,12 +281,12 @@ class Reader:
             self._refresh()
 
     def _refresh(self) -> None:
-        files: dict[str, EventFile] = {}
-        runs: dict[str, list[EventFile]] = {}
+        files: dict[str, FileIndex] = {}
+        runs: dict[str, list[FileIndex]] = {}
         for run, paths in self._scan_runs():
             changed = [f.path for f in self._runs.get(run, ())] != paths
             for path in paths:
-                file = self._files.get(path) or EventFile(path)
+                file = self._files.get(path) or FileIndex(path)
                 before = file.bytes_read
                 updated = file.update(self._notes)
                 self.bytes_read += file.bytes_read - before
@@ -326,7 +326,7 @@ class Reader:
         if not self._fresh:
             self.refresh()
 
-    def _locate(self, run: str, tag: str, step: int) -> tuple[EventFile, Record, int]:
+    def _locate(self, run: str, tag: str, step: int) -> tuple[FileIndex, Record, int]:
         with self._lock:
             where = self._tag(run, tag).steps.get(step)
         if where is None:
