@@ -8,8 +8,9 @@ channels: ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with c
 orthogonal rotation of the channels and by an isotropic scaling; ``1 - CKA`` is the drift.
 
 The history a stage needs (its first and latest samples, its last strip cells) is small,
-kept in ``<logdir>/tbfeat-history.pt`` (tensors only: it loads with ``weights_only=True``),
-and picked up again when a run resumes or a sweep goes on.
+kept in ``<logdir>/tbfeat-history.pt`` (tensors only: it loads with ``weights_only=True``,
+checked against the ``HISTORY_MAX_*`` limits before use), and picked up again when a run
+resumes or a sweep goes on.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ class History:
 
     @classmethod
     def load(cls, path: Path | None, keep: int = 32) -> History:
-        """The history saved at ``path``, or an empty one (also for a damaged file)."""
+        """The history saved at ``path``, or an empty one; a damaged file, or one beyond
+        the ``HISTORY_MAX_*`` limits, is moved aside with one warning."""
         history = cls(path, keep)
         if path is not None and path.is_file():
             history._load(path)
