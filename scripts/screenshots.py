@@ -416,12 +416,18 @@ def save_png(png: bytes, path: Path, max_bytes: int = MAX_PNG_BYTES) -> Path:
     still over ``max_bytes``)."""
     from PIL import Image
 
+    from tbfeat.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(io.BytesIO(png)) as im:
         im = im.convert("RGB")
-        im.save(path, optimize=True)
-        if path.stat().st_size > max_bytes:
-            im.quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        data = io.BytesIO()
+        im.save(data, format="PNG", optimize=True)
+        if data.tell() > max_bytes:
+            data = io.BytesIO()
+            palette = im.quantize(256, method=Image.Quantize.MEDIANCUT)
+            palette.save(data, format="PNG", optimize=True)
+    atomic_write(path, lambda f: f.write(data.getvalue()), durable=False)
     return path
 
 
@@ -545,8 +551,11 @@ def save_overview(logdir: Path, out: Path) -> None:
     from tbfeat.tags import OVERVIEW
 
     events = _accumulator(logdir / "train").Images(OVERVIEW)
+    from tbfeat.files import atomic_write
+
     path = out / "overview_drift.png"
-    path.write_bytes(events[-1].encoded_image_string)
+    png = events[-1].encoded_image_string
+    atomic_write(path, lambda f: f.write(png), durable=False)
     print(f"wrote {path} ({path.stat().st_size // 1024} KB)", flush=True)
 
 

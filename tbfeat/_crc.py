@@ -9,6 +9,8 @@ hardware-accelerated). The bytes written are identical; only the time changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 _MASK = 0xFFFFFFFF
 _DELTA = 0xA282EAD8
 
@@ -19,6 +21,18 @@ def masked_crc32c(data: bytes) -> int:
 
     crc = google_crc32c.value(bytes(data))
     return (((crc >> 15) | (crc << 17)) + _DELTA) & _MASK
+
+
+def checksum() -> Callable[[bytes], int]:
+    """The fastest masked CRC-32C at hand: :func:`masked_crc32c`, or TensorBoard's own
+    pure-Python one without google-crc32c."""
+    try:
+        import google_crc32c  # noqa: F401
+    except ImportError:
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
+
+        return slow
+    return masked_crc32c
 
 
 def install() -> bool:

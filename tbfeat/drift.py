@@ -8,17 +8,18 @@ channels: ``CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with c
 orthogonal rotation of the channels and by an isotropic scaling; ``1 - CKA`` is the drift.
 
 The history a stage needs (its first and latest samples, its last strip cells) is small,
-kept in ``<logdir>/tbfeat-history.pt`` (tensors only: it loads with ``weights_only=True``),
-and picked up again when a run resumes or a sweep goes on.
+kept in ``<logdir>/tbfeat-history.pt`` (tensors only: it loads with ``weights_only=True``,
+checked against the ``HISTORY_MAX_*`` limits before use), and picked up again when a run
+resumes or a sweep goes on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import tempfile
+import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .files import atomic_write
 from .notes import warn
 from .render import SEPARATOR_INDEX, quantize
 
 HISTORY_FILE = "tbfeat-history.pt"
+HISTORY_MAX_BYTES = 2**30
+"""The largest history loaded: its file, and all its tensors together (1 GiB)."""
+HISTORY_MAX_PICKLE = 64 * 2**20
+"""The most bytes of plain values (stage keys, names, step lists) in a history file."""
+HISTORY_MAX_STAGES = 4096
+"""The most stages a history holds."""
+HISTORY_MAX_STEPS = 1024
+"""The most kept steps (evolution cells, drift values) per stage: ``evolution_steps``
+when that is larger."""
+HISTORY_MAX_IMAGES = 1024
+"""The most probe image names per stage."""
+HISTORY_MAX_ITEMS = 2**20
+"""The most strip cells (steps x images) and drift values of all stages together."""
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.no_grad()
@@ -155,7 +171,8 @@ class History:
 
     @classmethod
     def load(cls, path: Path | None, keep: int = 32) -> History:
-        """The history saved at ``path``, or an empty one (also for a damaged file)."""
+        """The history saved at ``path``, or an empty one; a damaged file, or one beyond
+        the ``HISTORY_MAX_*`` limits, is moved aside with one warning."""
         history = cls(path, keep)
         if path is not None and path.is_file():
             history._load(path)
@@ -251,22 +268,15 @@ class History:
             "last_step": self.last_step,
             "stages": {base: _stage_record(h) for base, h in self.stages.items()},
         }
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(data, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path, lambda f: torch.save(data, f))
         self.dirty = False
 
     def _load(self, path: Path) -> None:
+        """Load a saved history, checked against the limits before anything is built
+        from it; one that fails is moved aside and the run starts a fresh history."""
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _read_history(path)
+            _check_history(data, max(HISTORY_MAX_STEPS, self.keep))
             self.first_step = data.get("first_step")
             self.last_step = data.get("last_step")
             for base, d in data["stages"].items():
@@ -274,8 +284,169 @@ class History:
                 if self.last_step is None and d["last_step"] is not None:  # version 2 files
                     self.last_step = max(d["last_step"], *d["cell_steps"])
         except Exception as e:  # a damaged history starts over; the events are unaffected
-            warn(f"history {str(path)!r} unreadable ({type(e).__name__}); starting over")
             self.stages, self.first_step, self.last_step = {}, None, None
+            aside = _move_aside(path)
+            where = f"moved to {str(aside)!r}" if aside else "it could not be moved aside"
+            warn(
+                f"history {str(path)!r} is unreadable ({type(e).__name__}: {e}); {where}, "
+                "and the run starts a fresh history"
+            )
+
+
+class HistoryError(ValueError):
+    """A saved history that is damaged or beyond the limits (``HISTORY_MAX_*``)."""
+
+
+def _read_history(path: Path) -> Any:
+    """Unpickle a history file (tensors and plain values only), never through a link,
+    after checking its size and that of its plain values: what loading materialises is
+    at most about the file's size; the tensors' shapes are checked after."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > HISTORY_MAX_BYTES:
+            raise HistoryError(f"{size} bytes, more than {HISTORY_MAX_BYTES}")
+        with zipfile.ZipFile(f) as archive:
+            pickled = sum(i.file_size for i in archive.infolist() if i.filename.endswith(".pkl"))
+        if pickled > HISTORY_MAX_PICKLE:
+            raise HistoryError(f"{pickled} bytes of plain values, more than {HISTORY_MAX_PICKLE}")
+        f.seek(0)
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _check_history(data: Any, max_steps: int) -> None:
+    """Raise :class:`HistoryError` unless ``data`` has the saved history's form and
+    stays within the limits; only shapes, strides and sizes are read."""
+    _check_type("the history", data, dict)
+    for key in ("first_step", "last_step"):
+        _check_step(key, data.get(key))
+    stages = data.get("stages")
+    _check_type("stages", stages, dict)
+    if len(stages) > HISTORY_MAX_STAGES:
+        raise HistoryError(f"{len(stages)} stages, more than {HISTORY_MAX_STAGES}")
+    nbytes = items = 0
+    for base, d in stages.items():
+        _check_type("a stage key", base, str)
+        _check_type(f"stage {base!r}", d, dict)
+        b, n = _check_stage_record(base, d, max_steps)
+        nbytes, items = nbytes + b, items + n
+    if nbytes > HISTORY_MAX_BYTES:
+        raise HistoryError(f"{nbytes} bytes of tensors, more than {HISTORY_MAX_BYTES}")
+    if items > HISTORY_MAX_ITEMS:
+        raise HistoryError(f"{items} cells and drift values, more than {HISTORY_MAX_ITEMS}")
+
+
+def _check_stage_record(base: str, d: dict, max_steps: int) -> tuple[int, int]:
+    """Check one stage's record; return its tensors' bytes and its cells + drift values."""
+    _check_ints(f"{base}.shape", d.get("shape"), 2, 2)
+    _check_strs(f"{base}.names", d.get("names"))
+    _check_step(f"{base}.last_step", d.get("last_step"))
+    steps = _check_ints(f"{base}.cell_steps", d.get("cell_steps"), 0, max_steps)
+    names = _check_strs(f"{base}.cell_names", d.get("cell_names"))
+    drift_steps = _check_ints(f"{base}.drift_steps", d.get("drift_steps", []), 0, max_steps)
+    values = d.get("drift_values", [])
+    _check_type(f"{base}.drift_values", values, list)
+    if len(values) != drift_steps or not all(_is_number(v) for v in values):
+        raise HistoryError(f"{base}.drift_values are not {drift_steps} numbers")
+    cells = d.get("cells")
+    nbytes = _check_tensor(f"{base}.cells", cells, (torch.uint8,), (steps, names, -1, -1), True)
+    if steps and (not names or cells is None or 0 in cells.shape[2:]):
+        raise HistoryError(f"{base}.cells are missing for {steps} steps")
+    for which in ("first", "last"):
+        nbytes += _check_sample(f"{base}.{which}", d, which)
+    return nbytes, steps * names + drift_steps
+
+
+def _check_sample(what: str, d: dict, which: str) -> int:
+    """Check the ``"first"`` or ``"last"`` sample of a stage's record: rows, or a square
+    Gram matrix, of the size recorded; return their bytes."""
+    rows, gram, size = d.get(which), d.get(f"{which}_gram"), d.get(f"{which}_size")
+    nbytes = _check_tensor(what, rows, FLOATS, (-1, -1), True)
+    nbytes += _check_tensor(f"{what}_gram", gram, FLOATS, (-1, -1), True)
+    if size is None:
+        return nbytes
+    _check_ints(f"{what}_size", size, 2, 2)
+    n = size[0]
+    if not (rows is not None and list(rows.shape) == list(size)) and not (
+        gram is not None and tuple(gram.shape) == (n, n)
+    ):
+        raise HistoryError(f"{what} holds no rows or Gram matrix of size {list(size)}")
+    return nbytes
+
+
+def _check_tensor(
+    what: str, t: Any, dtypes: tuple, shape: tuple[int, ...], optional: bool = False
+) -> int:
+    """Check a tensor's dtype, shape (``-1``: any size), strides and storage without
+    reading its elements; return its size in bytes."""
+    if t is None and optional:
+        return 0
+    _check_type(what, t, torch.Tensor)
+    if t.dtype not in dtypes or t.dim() != len(shape):
+        raise HistoryError(f"{what} is a {t.dim()}-d {t.dtype} tensor")
+    if any(want not in (-1, got) for want, got in zip(shape, t.shape, strict=True)):
+        raise HistoryError(f"{what} has shape {tuple(t.shape)}, not {shape}")
+    nbytes = t.numel() * t.element_size()
+    if nbytes > HISTORY_MAX_BYTES:
+        raise HistoryError(f"{what} claims {nbytes} bytes, more than {HISTORY_MAX_BYTES}")
+    # a view that repeats its elements (a zero stride) or reaches past its storage would
+    # make its copies far larger than the file: refused before anything is copied
+    if not t.is_contiguous() or t.untyped_storage().nbytes() < (
+        t.storage_offset() * t.element_size() + nbytes
+    ):
+        raise HistoryError(f"{what} is not a contiguous tensor within its storage")
+    return nbytes
+
+
+def _check_type(what: str, value: Any, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise HistoryError(f"{what} is a {type(value).__name__}, not a {kind.__name__}")
+
+
+def _check_step(what: str, value: Any) -> None:
+    if value is not None and not _is_int(value):
+        raise HistoryError(f"{what} is {type(value).__name__} {value!r}, not a step")
+
+
+def _check_ints(what: str, value: Any, least: int, most: int) -> int:
+    """Check a list of ints of length ``least..most``; return its length."""
+    if not isinstance(value, list | tuple) or not least <= len(value) <= most:
+        raise HistoryError(f"{what} is not a list of {least} to {most} ints")
+    if not all(_is_int(v) for v in value):
+        raise HistoryError(f"{what} holds something else than ints")
+    return len(value)
+
+
+def _check_strs(what: str, value: Any) -> int:
+    """Check a list of at most ``HISTORY_MAX_IMAGES`` strings; return its length."""
+    if not isinstance(value, list | tuple) or len(value) > HISTORY_MAX_IMAGES:
+        raise HistoryError(f"{what} is not a list of at most {HISTORY_MAX_IMAGES} names")
+    if not all(isinstance(v, str) for v in value):
+        raise HistoryError(f"{what} holds something else than names")
+    return len(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a bad history to ``<name>.bad-<time>`` (a free name); None if it cannot be."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        aside = path.with_name(f"{path.name}.bad-{stamp}" + (f"-{n}" if n else ""))
+        if os.path.lexists(aside):
+            continue
+        try:
+            os.rename(path, aside)
+        except OSError:
+            return None
+        return aside
+    return None
 
 
 def _stage_record(h: StageHistory) -> dict[str, Any]:

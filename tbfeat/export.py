@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tags as tagging
+from .files import atomic_write
 from .options import did_you_mean
 from .reader import Reader
 
@@ -460,7 +461,7 @@ def _text_width(text: str, points: float, dpi: int) -> int:
 
 
 def render(plate: Plate, path: Path, fmt: str = "png", dpi: int = 300) -> None:
-    """Draw one figure into ``path`` (written to a temporary file, then renamed).
+    """Draw one figure into ``path`` (a new temporary file, then renamed over it).
 
     The panels lie where :func:`panel_layout` puts them; the title is left-aligned above
     them, and the figure grows to the right where the title is the wider.
@@ -486,12 +487,8 @@ def render(plate: Plate, path: Path, fmt: str = "png", dpi: int = 300) -> None:
         text(box.x + box.width / 2, box.y - lay.label_band / 2, label, LABEL_PT)
     text(lay.margin, lay.margin + lay.title_band / 2, plate.title, TITLE_PT, ha="left")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, facecolor="white"),
+                 durable=False)  # fmt: skip
 
 
 def _check_output(out: Path, fmt: str, dpi: int) -> str:

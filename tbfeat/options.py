@@ -155,10 +155,18 @@ class LogOptions:
         return dataclasses.replace(base, **kwargs) if kwargs else base
 
 
+STEP_MIN, STEP_MAX = -(2**63), 2**63 - 1
+"""The steps an event can hold (TensorBoard's ``int64``)."""
+
+
 def check_step(value: Any) -> int:
-    """A step as given: an int (a bool is refused)."""
+    """A step as given: an int (a bool is refused) within TensorBoard's ``int64`` range."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"step must be an int, got {value!r}")
+    if not STEP_MIN <= value <= STEP_MAX:
+        raise ValueError(
+            f"step must be within the int64 range {STEP_MIN}..{STEP_MAX}, got {value!r}"
+        )
     return value
 
 

@@ -40,6 +40,7 @@ from .checkpoints import (
     read_epoch_step,
     step_from_name,
 )
+from .files import atomic_write
 from .options import LogOptions
 from .stages import StageSpec
 
@@ -207,9 +208,11 @@ def _facts(path: Path, known: dict[str, Any] | None, trust: bool) -> tuple[str, 
 def read_manifest(logdir: Path) -> dict[str, Any]:
     """The sweep's manifest: ``{"version": 2, "steps": {step: {...}}, "checkpoints":
     {resolved path: {"size", "mtime_ns", "kind", "epoch_step"}}}``. Manifests written
-    before ``"checkpoints"`` existed read with an empty one (their files are read once)."""
+    before ``"checkpoints"`` existed read with an empty one (their files are read once).
+    A link there is none of tbfeat's (it writes files, never links): it reads as none,
+    and the first write replaces the link itself."""
     path = logdir / MANIFEST
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():
         return {"version": 2, "steps": {}, "checkpoints": {}}
     try:
         manifest = json.loads(path.read_text())
@@ -225,9 +228,9 @@ def read_manifest(logdir: Path) -> dict[str, Any]:
 
 
 def write_manifest(logdir: Path, manifest: dict[str, Any]) -> None:
-    tmp = logdir / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, logdir / MANIFEST)
+    """Replace the manifest whole (see :func:`tbfeat.files.atomic_write`)."""
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    atomic_write(logdir / MANIFEST, lambda f: f.write(text))
 
 
 def steps_to_log(

@@ -5,10 +5,13 @@ Used by the demo and the tests, so that real trainings run with nothing download
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .files import atomic_write
 
 CLASSES = ("square", "disc", "triangle")
 
@@ -47,14 +50,19 @@ def make_shapes_dataset(
                 cx, cy = (x0 + x1) / 2 / imgsz, (y0 + y1) / 2 / imgsz
                 w, h = (x1 - x0) / imgsz, (y1 - y0) / imgsz
                 lines.append(f"{cls} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}")
-            image.save(root / "images" / split / f"{split}_{i:03d}.jpg", quality=95)
-            (root / "labels" / split / f"{split}_{i:03d}.txt").write_text("\n".join(lines) + "\n")
+            save = functools.partial(image.save, format="JPEG", quality=95)
+            atomic_write(root / "images" / split / f"{split}_{i:03d}.jpg", save, durable=False)
+            _write_text(root / "labels" / split / f"{split}_{i:03d}.txt", "\n".join(lines) + "\n")
     names = "\n".join(f"  {i}: {name}" for i, name in enumerate(CLASSES))
     data = root / "data.yaml"
-    data.write_text(
-        f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
+    _write_text(
+        data, f"path: {root.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n"
     )
     return data
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), durable=False)
 
 
 def draw_shapes(

@@ -23,6 +23,8 @@ import logging
 import os
 import shutil
 import socket
+import stat
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import _crc
+from .files import atomic_write, create_new
 from .notes import warn
 
 MIN_FREE_BYTES = 16 * 2**20
@@ -42,6 +45,11 @@ FILE_SUFFIX = ".tbfeat"
 run's steps from tbfeat's own files and never touch another writer's."""
 WRITER_METHODS = ("add_scalar", "add_histogram_raw", "add_image", "flush")
 _FILE_IDS = itertools.count()
+NAME_TRIES = 100
+RECORD_HEAD = struct.Struct("<QI")
+"""A TFRecord's head: the data's length and the masked CRC-32C of those 8 bytes."""
+RECORD_TAIL = struct.Struct("<I")
+"""A TFRecord's tail: the masked CRC-32C of the data."""
 
 
 def check_logdir(logdir: str | os.PathLike) -> None:
@@ -194,13 +202,8 @@ class EventFile:
 
     def __init__(self, folder: Path) -> None:
         os.makedirs(folder, exist_ok=True)
-        # the file number is padded: files one process opens within a second sort (and
-        # TensorBoard reads them) in the order they were opened, also past the 9th
-        name = "events.out.tfevents.%010d.%s.%s.%06d%s" % (  # noqa: UP031 - TensorBoard's
-            time.time(), socket.gethostname(), os.getpid(), next(_FILE_IDS), FILE_SUFFIX
-        )  # fmt: skip
-        self.path = Path(folder) / name
-        self._file: io.FileIO | None = io.FileIO(self.path, "xb")
+        self.path, fd = _new_event_file(Path(folder))
+        self._file: io.FileIO | None = io.FileIO(fd, "wb")
         try:
             from tensorboard.compat.proto import event_pb2
 
@@ -240,6 +243,22 @@ class EventFile:
         if f is not None:
             with contextlib.suppress(OSError):
                 f.close()
+
+
+def _new_event_file(folder: Path) -> tuple[Path, int]:
+    """A new event file's path and descriptor; a name already taken (by anything, a link
+    too) is passed over for the next number, never opened."""
+    for _ in range(NAME_TRIES):
+        # the file number is padded: files one process opens within a second sort (and
+        # TensorBoard reads them) in the order they were opened, also past the 9th
+        name = "events.out.tfevents.%010d.%s.%s.%06d%s" % (  # noqa: UP031 - TensorBoard's
+            time.time(), socket.gethostname(), os.getpid(), next(_FILE_IDS), FILE_SUFFIX
+        )  # fmt: skip
+        try:
+            return folder / name, create_new(folder / name)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free event file name", str(folder))
 
 
 class EventSink:
@@ -468,29 +487,66 @@ def histogram_args(stats: Any) -> dict[str, Any]:
 
 
 def trim_event_file(path: Path, first: int | None) -> int:
-    """Drop the summaries at steps ``>= first`` (all with ``None``) from an event file:
-    delete it when nothing else is left, else rewrite it atomically. Returns 1 if changed."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.summary.writer.record_writer import RecordWriter
+    """Drop the records of steps ``>= first`` (all with ``None``) from an event file of
+    tbfeat's: delete it when no summary is left, else rewrite it atomically with the kept
+    records unchanged, byte for byte (the file's mode and owner are kept). A damaged or
+    cut-off tail is dropped too. A link is not tbfeat's file: it is left alone. Returns 1
+    if the file changed."""
+    from tensorboard.compat.proto import event_pb2
 
-    def dropped(event: Any) -> bool:
-        return first is None or (not event.HasField("file_version") and event.step >= first)
-
-    events = list(EventFileLoader(str(path)).Load())
-    keep = [e for e in events if not dropped(e)]
-    if len(keep) == len(events):
-        return 0
-    if not any(e.HasField("summary") for e in keep):
-        path.unlink(missing_ok=True)
-        return 1
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            records = RecordWriter(f)
-            for event in keep:
-                records.write(event.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOENT):  # a link; or removed meanwhile
+            return 0
         raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return 0
+        keep, summaries, end = [], 0, 0
+        for start, size, data in event_records(f):
+            end = start + size
+            event = event_pb2.Event.FromString(data)
+            if event.HasField("file_version") or (first is not None and event.step < first):
+                keep.append((start, size))
+                summaries += event.HasField("summary")
+        if sum(size for _, size in keep) == end == os.fstat(f.fileno()).st_size:
+            return 0
+        if not summaries:
+            path.unlink(missing_ok=True)
+            return 1
+        atomic_write(path, lambda out: _copy_ranges(f, out, keep))
     return 1
+
+
+def event_records(f: Any) -> Any:
+    """``(offset, size, data)`` of each whole, intact TFRecord of an event file open for
+    reading (binary), in order; stops at the first cut-off or damaged one."""
+    masked_crc32c = _crc.checksum()
+    offset, total = 0, os.fstat(f.fileno()).st_size
+    while True:
+        head = f.read(RECORD_HEAD.size)
+        if len(head) < RECORD_HEAD.size:
+            return
+        length, head_crc = RECORD_HEAD.unpack(head)
+        if masked_crc32c(head[:8]) != head_crc or length > total - offset:
+            return
+        data = f.read(length)
+        tail = f.read(RECORD_TAIL.size)
+        if len(data) < length or len(tail) < RECORD_TAIL.size:
+            return
+        if masked_crc32c(data) != RECORD_TAIL.unpack(tail)[0]:
+            return
+        size = RECORD_HEAD.size + length + RECORD_TAIL.size
+        yield offset, size, data
+        offset += size
+
+
+def _copy_ranges(source: Any, out: Any, ranges: list[tuple[int, int]]) -> None:
+    """Copy the byte ranges ``(start, size)`` of ``source`` to ``out``, in order."""
+    for start, size in ranges:
+        source.seek(start)
+        data = source.read(size)
+        if len(data) != size:
+            raise OSError(errno.EIO, "the event file changed while it was trimmed")
+        out.write(data)

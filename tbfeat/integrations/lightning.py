@@ -8,7 +8,8 @@
 Events go into the Lightning ``TensorBoardLogger``'s own writer (``logger.experiment``), so
 Lightning's metrics and the feature maps are one TensorBoard run; without one, into
 ``<trainer.log_dir or default_root_dir>/tbfeat``. Only global rank 0 logs. The sanity-check
-validation is skipped.
+validation is skipped. An error while logging is one warning and stops the logging for the
+rest of that training, never the training itself.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ except ImportError:  # the older package name
 
 from ..images import ImageLike, to_tensors
 from ..logger import FeatureLogger
+from ..notes import Notes
 from ..options import LogOptions
 from ..stages import StageSpec
 
@@ -78,6 +80,8 @@ class FeatureLoggerCallback(Callback):
         self.preprocess = preprocess
         self.options = options
         self.logger: FeatureLogger | None = None
+        self._stopped = False
+        self._notes = Notes()
 
     def target(self, pl_module: nn.Module) -> nn.Module:
         """The module to log for this LightningModule."""
@@ -119,11 +123,23 @@ class FeatureLoggerCallback(Callback):
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
         if (epoch + 1) % every and not last:
             return
-        logger = self._feature_logger(trainer, pl_module)
-        step = epoch if self.step == "epoch" else trainer.global_step
-        logger.log(self.images, step=step, names=self.names)
+        if self._stopped:
+            return
+        try:
+            logger = self._feature_logger(trainer, pl_module)
+            step = epoch if self.step == "epoch" else trainer.global_step
+            logger.log(self.images, step=step, names=self.names)
+        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+            self._stopped = True
+            self._notes(
+                "stopped",
+                f"stopped logging feature maps of this training at epoch {epoch}: "
+                f"{type(e).__name__}: {e}",
+                warn=True,
+            )
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        self._stopped, self._notes = False, Notes()  # the next training tries again
         if self.logger is not None:
             self.logger.close()  # flushes; Lightning's own writer stays open
             self.logger = None

@@ -1,0 +1,246 @@
+"""Reliability: a restart keeps the old run's records as they were, no file is written
+through a link, a hostile history costs bounded memory, steps fit an int64, and the
+Lightning callback never ends a training."""
+
+import os
+import socket
+import struct
+import time
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import tbfeat.writer
+from tbfeat import FeatureLogger, sweep
+from tbfeat.drift import HISTORY_FILE, History
+from tbfeat.export import ExportError, export
+from tbfeat.sweep import MANIFEST
+
+from .helpers import read_events
+
+FEATURES = "features/00_Conv2d/0"
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+
+def records(data: bytes) -> list[tuple[int, bytes]]:
+    """``(step, raw record)`` of each TFRecord of an event file (-1 for the header),
+    split by the format's own framing: 8-byte length, 4-byte CRC, data, 4-byte CRC."""
+    from tensorboard.compat.proto import event_pb2
+
+    out, at = [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        raw = data[at : at + 12 + length + 4]
+        event = event_pb2.Event.FromString(raw[12 : 12 + length])
+        out.append((-1 if event.HasField("file_version") else event.step, raw))
+        at += len(raw)
+    return out
+
+
+def event_files(folder):
+    return sorted(folder.glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------ restarts
+def test_a_restart_keeps_the_old_records_byte_for_byte(tmp_path):
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    logger = FeatureLogger(tiny_model(0), logdir=tmp_path, stages=[0])
+    for step in range(4):
+        logger.log([image], step=step)
+    logger.close()
+    (old,) = event_files(tmp_path)
+    before = old.read_bytes()
+    os.chmod(old, 0o640)  # neither the umask's default nor a temporary file's 0600
+
+    restarted = FeatureLogger(tiny_model(1), logdir=tmp_path, stages=[0])  # other weights
+    restarted.log([image], step=2)
+    restarted.close()
+
+    kept = [raw for step, raw in records(before) if step < 2]
+    assert [s for s, _ in records(before)] == [-1, 0, 1, 2, 3]
+    assert old.read_bytes() == b"".join(kept)
+    assert old.stat().st_mode & 0o777 == 0o640
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Images(FEATURES)] == [0, 1, 2]
+    means = {e.step: e.value for e in acc.Scalars("stats/00_Conv2d/mean")}
+    fresh = tiny_model(1)[0](image[None]).mean().item()
+    assert means[2] == pytest.approx(fresh, rel=1e-5) and means[0] != pytest.approx(fresh)
+    written = export(tmp_path, tmp_path / "figures", steps=[0, 1, 2])
+    assert written[0].name == "features_00_Conv2d_0.png" and written[0].is_file()
+    with pytest.raises(ExportError, match="step 3"):
+        export(tmp_path, tmp_path / "figures", steps=[3])
+
+
+# ------------------------------------------------------------------ no links
+def plant(link, victim):
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(victim)
+    return link
+
+
+def test_no_file_is_written_through_a_planted_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    model = tiny_model(0)
+    for epoch in range(3):
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+        torch.save({"model": model.state_dict(), "epoch": epoch}, tmp_path / f"model_{epoch}.pth")
+    image = tmp_path / "probe.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(image)
+    logdir = tmp_path / "sweep"
+    links = [
+        plant(logdir / f".{MANIFEST}.{os.getpid()}.tmp", victim),
+        plant(logdir / MANIFEST, victim),
+        plant(logdir / HISTORY_FILE, victim),
+    ]
+    # the event file names of the next seconds, with the next numbers of this process
+    first = next(tbfeat.writer._FILE_IDS) + 1
+    for t in range(int(time.time()), int(time.time()) + 30):
+        for n in range(first, first + 4):
+            name = f"events.out.tfevents.{t:010d}.{socket.gethostname()}.{os.getpid()}.{n:06d}"
+            links.append(plant(logdir / f"{name}{tbfeat.writer.FILE_SUFFIX}", victim))
+
+    def run(epochs):
+        files = [tmp_path / f"model_{e}.pth" for e in epochs]
+        return sweep(files, images=[image], logdir=logdir, model=tiny_model(), stages=[0])
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert run([0, 1]).logged == [1, 2]
+        assert run([0, 1, 2]).logged == [3]
+    assert victim.read_bytes() == b"precious"
+    # the one link read as a file is the history's: moved aside, never followed
+    messages = [str(w.message) for w in said]
+    assert len(messages) == 1 and f"{HISTORY_FILE}.bad-" in messages[0], messages
+    import json
+
+    manifest = json.loads((logdir / MANIFEST).read_text())
+    assert not (logdir / MANIFEST).is_symlink() and sorted(manifest["steps"]) == ["1", "2", "3"]
+    for link in links[3:]:  # unused event file names TensorBoard would read
+        link.unlink()
+    acc = read_events(logdir)
+    assert [e.step for e in acc.Images("features/00_Conv2d/probe")] == [1, 2, 3]
+
+    names = [p.name for p in export(logdir, tmp_path / "dry")]
+    out = tmp_path / "figures"
+    for name in names:
+        plant(out / name, victim)
+        plant(out / f".{name}.tmp", victim)
+    written = export(logdir, out)
+    assert victim.read_bytes() == b"precious"
+    assert [p.name for p in written] == names
+    for path in written:
+        assert not path.is_symlink()
+        assert path.read_bytes() == (tmp_path / "dry" / path.name).read_bytes()
+
+
+# ------------------------------------------------------------------ bounded history
+def logged_history(folder, steps):
+    image = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    logger = FeatureLogger(tiny_model(), logdir=folder, stages=[0])
+    for step in steps:
+        logger.log(image, step=step)
+    logger.close()
+    return image
+
+
+def craft(folder, change):
+    path = folder / HISTORY_FILE
+    data = torch.load(path, weights_only=True)
+    change(data)
+    os.unlink(path)
+    torch.save(data, path)
+    return path
+
+
+CLAIMED = (2000, 2000)  # steps x images a stride-0 block claims: 1 GB of cells at 16 x 16
+
+
+def claim_cells(data):
+    stage = next(iter(data["stages"].values()))
+    steps, images = CLAIMED
+    stage["cells"] = torch.zeros(1, dtype=torch.uint8).expand(steps, images, 16, 16)
+    stage["cell_steps"] = list(range(steps))
+    stage["cell_names"] = [str(i) for i in range(images)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [claim_cells, lambda data: data.update(last_step="5")],
+    ids=["stride-0 cells", "last_step a string"],
+)
+def test_a_hostile_history_is_moved_aside_and_the_run_goes_on(tmp_path, change):
+    image = logged_history(tmp_path, [1, 2])
+    path = craft(tmp_path, change)
+    assert path.stat().st_size < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.warns(RuntimeWarning) as said:
+            history = History.load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # nothing of the claimed size was built
+    assert history.stages == {} and history.last_step is None
+    (aside,) = tmp_path.glob(f"{HISTORY_FILE}.bad-*")
+    assert len(said) == 1 and str(aside) in str(said[0].message)
+    assert not path.exists()
+    # the crafted file again, this time met by a logger: its next step is logged
+    os.rename(aside, path)
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    with pytest.warns(RuntimeWarning, match="bad-"):
+        logger.log(image, step=3)
+        logger.close()
+    assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 2, 3]
+    assert History.load(path).last_step == 3
+
+
+# ------------------------------------------------------------------ int64 steps
+def test_steps_beyond_int64_are_refused_where_given(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="int64 range.*got 9223372036854775808"):
+        FeatureLogger(model, logdir=tmp_path, step=2**63)
+    logger = FeatureLogger(model, logdir=tmp_path)
+    with pytest.raises(ValueError, match="int64 range.*got 9223372036854775808"):
+        logger.log(torch.rand(3, 8, 8), step=2**63)
+    with pytest.raises(ValueError, match="int64 range.*got -9223372036854775809"):
+        logger.step = -(2**63) - 1
+    logger.step = 2**63 - 1  # the largest is fine
+    assert logger.step == 2**63 - 1
+    logger.close()
+    assert not event_files(tmp_path)  # nothing was written, nothing failed
+
+
+# ------------------------------------------------------------------ Lightning
+def test_a_failing_probe_warns_once_and_the_lightning_training_goes_on(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tbfeat.lightning import FeatureLoggerCallback
+
+    from .test_lightning import Module, loaders, make_trainer
+
+    module = Module()
+    callback = FeatureLoggerCallback(
+        images=torch.rand(1, 3, 16, 16), module="model",
+        preprocess=lambda image: image[:1],  # one channel for a 3-channel model: it raises
+    )  # fmt: skip
+    trainer = make_trainer(TensorBoardLogger(tmp_path, name="exp"), callback)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.fit(module, *loaders())
+    ours = [str(w.message) for w in said if str(w.message).startswith("tbfeat: ")]
+    assert len(ours) == 1 and "epoch 0" in ours[0] and "RuntimeError" in ours[0], ours
+    assert trainer.current_epoch == 3 and module.modes_seen == [True, True, True]
+    assert all(not m._forward_hooks for m in module.modules())
