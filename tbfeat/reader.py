@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,19 +43,14 @@ from typing import Any, NamedTuple
 from . import tags as tagging
 from ._crc import masked_crc32c
 from .notes import Notes
+from .records import HEAD, TAIL, DamagedRecord, read_records
 
 EVENT_PREFIX = "events.out.tfevents"
 """Event files are the files whose names begin with this."""
-MAX_RECORD_BYTES = 1 << 30
-"""The largest record read (1 GiB): a longer length field is taken for damage and never
-allocated. TensorBoard's own writers stay far below (a step of tbfeat grids is a few MB)."""
 KINDS = ("image", "scalar", "histogram", "tensor", "audio")
 """The kinds of summary values (:attr:`TagInfo.kind`)."""
 _FIELDS = {"image": "image", "simple_value": "scalar", "histo": "histogram",
            "tensor": "tensor", "audio": "audio"}  # fmt: skip
-_HEADER, _FOOTER = 12, 4
-_LENGTH = struct.Struct("<QI")
-_CRC = struct.Struct("<I")
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
@@ -96,10 +90,6 @@ class _Tag:
         self.kind = kind
         self.plugin = plugin
         self.steps: dict[int, tuple[FileIndex, Record, int]] = {}
-
-
-class _Damaged(Exception):
-    """A record that can never be read (its message says why)."""
 
 
 def open_regular(path: str) -> int | None:
@@ -167,38 +157,20 @@ class FileIndex:
         return os.pread(fd, len(self._last), self.end - len(self._last)) != self._last
 
     def _scan(self, f: Any, size: int, notes: Notes) -> None:
-        """Index the whole records between :attr:`end` and ``size``."""
-        start = f.seek(self.end)
+        """Index the whole records between :attr:`end` and ``size``; a record being
+        written is read by the next refresh."""
+        start = self.end
         try:
-            while self.end + _HEADER <= size:
-                header = f.read(_HEADER)
-                if len(header) < _HEADER:
-                    break  # cut short since it was measured: read again next time
-                length = self._length(header)
-                if self.end + _HEADER + length + _FOOTER > size:
-                    break  # being written: the next refresh reads it
-                payload, footer = f.read(length), f.read(_FOOTER)
-                if len(payload) < length or len(footer) < _FOOTER:
-                    break
-                if _CRC.unpack(footer)[0] != masked_crc32c(payload):
-                    raise _Damaged("bad CRC of the record")
-                self._add(payload, length)
-                self._last = footer
-        except _Damaged as e:
+            for record in read_records(f, self.end, size):
+                self._add(record.payload, record.length)
+                self._last = TAIL.pack(record.crc)
+        except DamagedRecord as e:
             self.damaged = self.end
             notes(f"damaged:{self.path}:{self.end}",
                   f"event file {self.path!r} is damaged at byte {self.end} ({e}); "
                   f"its records from there on are not read", warn=True)  # fmt: skip
         finally:
             self.bytes_read += f.tell() - start
-
-    def _length(self, header: bytes) -> int:
-        length, crc = _LENGTH.unpack(header)
-        if crc != masked_crc32c(header[:8]):
-            raise _Damaged("bad CRC of the length")
-        if length > MAX_RECORD_BYTES:
-            raise _Damaged(f"a length of {length} bytes, over {MAX_RECORD_BYTES}")
-        return length
 
     def _add(self, payload: bytes, length: int) -> None:
         from google.protobuf.message import DecodeError
@@ -207,10 +179,10 @@ class FileIndex:
         try:
             event = Event.FromString(payload)
         except DecodeError as e:
-            raise _Damaged(f"not an event: {e}") from None
+            raise DamagedRecord(self.end, f"not an event: {e}") from None
         record = Record(self.end, length, event.step, event.wall_time)
         self.records.append(record)
-        self.end += _HEADER + length + _FOOTER
+        self.end += HEAD.size + length + TAIL.size
         if not event.HasField("summary"):
             return
         for position, value in enumerate(event.summary.value):
@@ -237,14 +209,14 @@ class FileIndex:
         if fd is None:
             raise NotLogged(f"event file {self.path!r} is gone")
         try:
-            header = os.pread(fd, _HEADER, record.offset)
-            data = os.pread(fd, record.length + _FOOTER, record.offset + _HEADER)
+            header = os.pread(fd, HEAD.size, record.offset)
+            data = os.pread(fd, record.length + TAIL.size, record.offset + HEAD.size)
         finally:
             os.close(fd)
         payload, footer = data[: record.length], data[record.length :]
-        if (len(header) < _HEADER or _LENGTH.unpack(header)[0] != record.length
-                or len(footer) < _FOOTER
-                or _CRC.unpack(footer)[0] != masked_crc32c(payload)):  # fmt: skip
+        if (len(header) < HEAD.size or HEAD.unpack(header)[0] != record.length
+                or len(footer) < TAIL.size
+                or TAIL.unpack(footer)[0] != masked_crc32c(payload)):  # fmt: skip
             raise NotLogged(f"event file {self.path!r} changed at byte {record.offset}")
         return Event.FromString(payload)
 
@@ -387,7 +359,7 @@ class Reader:
         file, record, position = self._locate(run, tag, step)
         event = file.read(record)
         with self._lock:
-            self.bytes_read += _HEADER + record.length + _FOOTER
+            self.bytes_read += HEAD.size + record.length + TAIL.size
         values = event.summary.value
         if position >= len(values) or values[position].tag != tag or event.step != step:
             raise NotLogged(f"event file {file.path!r} changed at byte {record.offset}")

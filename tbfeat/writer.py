@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import stat
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import numpy as np
 from . import _crc
 from .files import atomic_write, create_new
 from .notes import warn
+from .records import DamagedRecord, read_records
 
 MIN_FREE_BYTES = 16 * 2**20
 FILE_SUFFIX = ".tbfeat"
@@ -46,10 +46,6 @@ run's steps from tbfeat's own files and never touch another writer's."""
 WRITER_METHODS = ("add_scalar", "add_histogram_raw", "add_image", "flush")
 _FILE_IDS = itertools.count()
 NAME_TRIES = 100
-RECORD_HEAD = struct.Struct("<QI")
-"""A TFRecord's head: the data's length and the masked CRC-32C of those 8 bytes."""
-RECORD_TAIL = struct.Struct("<I")
-"""A TFRecord's tail: the masked CRC-32C of the data."""
 
 
 def check_logdir(logdir: str | os.PathLike) -> None:
@@ -504,12 +500,13 @@ def trim_event_file(path: Path, first: int | None) -> int:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return 0
         keep, summaries, end = [], 0, 0
-        for start, size, data in event_records(f):
-            end = start + size
-            event = event_pb2.Event.FromString(data)
-            if event.HasField("file_version") or (first is not None and event.step < first):
-                keep.append((start, size))
-                summaries += event.HasField("summary")
+        with contextlib.suppress(DamagedRecord):  # a damaged tail is dropped
+            for record in read_records(f, 0, os.fstat(f.fileno()).st_size):
+                end = record.offset + record.size
+                event = event_pb2.Event.FromString(record.payload)
+                if event.HasField("file_version") or (first is not None and event.step < first):
+                    keep.append((record.offset, record.size))
+                    summaries += event.HasField("summary")
         if sum(size for _, size in keep) == end == os.fstat(f.fileno()).st_size:
             return 0
         if not summaries:
@@ -517,29 +514,6 @@ def trim_event_file(path: Path, first: int | None) -> int:
             return 1
         atomic_write(path, lambda out: _copy_ranges(f, out, keep))
     return 1
-
-
-def event_records(f: Any) -> Any:
-    """``(offset, size, data)`` of each whole, intact TFRecord of an event file open for
-    reading (binary), in order; stops at the first cut-off or damaged one."""
-    masked_crc32c = _crc.checksum()
-    offset, total = 0, os.fstat(f.fileno()).st_size
-    while True:
-        head = f.read(RECORD_HEAD.size)
-        if len(head) < RECORD_HEAD.size:
-            return
-        length, head_crc = RECORD_HEAD.unpack(head)
-        if masked_crc32c(head[:8]) != head_crc or length > total - offset:
-            return
-        data = f.read(length)
-        tail = f.read(RECORD_TAIL.size)
-        if len(data) < length or len(tail) < RECORD_TAIL.size:
-            return
-        if masked_crc32c(data) != RECORD_TAIL.unpack(tail)[0]:
-            return
-        size = RECORD_HEAD.size + length + RECORD_TAIL.size
-        yield offset, size, data
-        offset += size
 
 
 def _copy_ranges(source: Any, out: Any, ranges: list[tuple[int, int]]) -> None:

@@ -19,7 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tbfeat import FeatureLogger
 from tbfeat import tags as tagging
 from tbfeat._crc import masked_crc32c
-from tbfeat.reader import MAX_RECORD_BYTES, NotLogged, Reader
+from tbfeat.reader import NotLogged, Reader
+from tbfeat.records import MAX_RECORD_BYTES
 
 from .helpers import read_events
 
