@@ -39,11 +39,23 @@ class Notes:
         True
         >>> notes("skip:conv", "said once only")
         False
+        >>> import pickle
+        >>> pickle.loads(pickle.dumps(notes))("skip:conv", "said already, in another process")
+        False
     """
 
     def __init__(self) -> None:
         self._said: set[str] = set()
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        """What was said, without the lock: an object that holds notes stays picklable
+        (a callback sent to a DDP process)."""
+        return {"said": set(self._said)}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__()
+        self._said = set(state["said"])
 
     def __call__(self, key: str, message: str, warn: bool = False, stacklevel: int = 2) -> bool:
         """Say ``message`` unless ``key`` was said; True when it was said now."""
