@@ -32,9 +32,12 @@ $(STAMP): pyproject.toml Makefile
 browser:
 	-bash scripts/install_browser.sh
 
+# Two pytest-xdist workers, one test file each at a time (the files share fixtures
+# such as a trained YOLO); `make test TEST_WORKERS=0` runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check tbfeat tests scripts
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The Ultralytics tests against another release, e.g. the oldest pyproject.toml allows:
 #   make test-compat ULTRALYTICS=8.3.0
