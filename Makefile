@@ -42,17 +42,18 @@ test: $(STAMP) browser
 # The Ultralytics tests against another release, e.g. the oldest pyproject.toml allows:
 #   make test-compat ULTRALYTICS=8.3.0
 # That release goes into its own folder (.compat/), ahead of the pinned one on PYTHONPATH;
-# pandas is what releases before 8.4 need beyond the pinned one's requirements.
+# pandas is what releases before 8.4 need beyond the pinned one's requirements. Its
+# settings file lives there too: an older release rewrites the user's own to its defaults.
 ULTRALYTICS ?= 8.3.0
 COMPAT := .compat/ultralytics-$(ULTRALYTICS)
 test-compat: $(STAMP)
 	test -f $(COMPAT)/.installed || { \
 	  $(PIP) -q --no-deps --target $(COMPAT) "ultralytics==$(ULTRALYTICS)" \
 	    pandas python-dateutil pytz tzdata && touch $(COMPAT)/.installed; }
-	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/python -c \
-	  "import ultralytics; print('testing ultralytics', ultralytics.__version__)"
-	PYTHONPATH=$(abspath $(COMPAT)) $(BIN)/python -m pytest -q -p no:cacheprovider \
-	  tests/test_ultralytics.py tests/test_regressions.py
+	PYTHONPATH=$(abspath $(COMPAT)) YOLO_CONFIG_DIR=$(abspath $(COMPAT))/settings \
+	  $(BIN)/python -c "import ultralytics; print('testing ultralytics', ultralytics.__version__)"
+	PYTHONPATH=$(abspath $(COMPAT)) YOLO_CONFIG_DIR=$(abspath $(COMPAT))/settings \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_ultralytics.py tests/test_regressions.py
 
 demo: $(STAMP)
 	$(BIN)/tbfeat demo --dir runs/demo
