@@ -183,7 +183,7 @@ def cmd_board(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .adapters import adapt, list_stages
+    from .adapters import list_stages
     from .checkpoints import load_model
     from .logger import FeatureLogger
 
@@ -196,9 +196,9 @@ def cmd_stages(args: argparse.Namespace) -> int:
     # the logger's own stage choice and probe: the stages and shapes it would log
     logger = FeatureLogger(model, stages=parse_stages(args.stages))
     try:
-        adapter = adapt(model)
-        stages = list_stages(model)
-        marked = logger.resolve(adapter.module)  # the default stages, or those --stages selects
+        adapter = logger.adapter
+        stages = list_stages(adapter)
+        marked = logger.stages  # the default stages, or those --stages selects
         shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
         size = args.imgsz or 640
         probes = logger.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
