@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write
+from .files import atomic_write, open_regular
 from .notes import warn
 from .render import SEPARATOR_INDEX, quantize
 
@@ -301,8 +301,7 @@ def _read_history(path: Path) -> Any:
     """Unpickle a history file (tensors and plain values only), never through a link,
     after checking its size and that of its plain values: what loading materialises is
     at most about the file's size; the tensors' shapes are checked after."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > HISTORY_MAX_BYTES:
             raise HistoryError(f"{size} bytes, more than {HISTORY_MAX_BYTES}")

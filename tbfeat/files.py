@@ -12,6 +12,7 @@ never written. A file that is only ever appended to (an event file) is created w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -25,6 +26,38 @@ NEW_FILE_FLAGS = (
 )  # fmt: skip
 """How a new file is opened: created now, or an error (never an existing file or a link)."""
 TEMP_TRIES = 100
+
+
+READ_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)  # fmt: skip
+"""How a file tbfeat reads back is opened: never through a link, never waiting on a FIFO."""
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file: a link, a folder, a FIFO, a socket."""
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file.
+
+    Never follows a link in the last part of the path and never blocks on a FIFO.
+
+    Raises:
+        FileNotFoundError: nothing is there.
+        NotRegularFile: a link, folder, FIFO or socket is there.
+    """
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a link, not a regular file", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+    return fd
 
 
 def create_new(path: str | os.PathLike, mode: int = 0o666) -> int:

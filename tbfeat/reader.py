@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from . import tags as tagging
 from ._crc import masked_crc32c
+from .files import open_regular
 from .notes import Notes
 from .records import HEAD, TAIL, DamagedRecord, read_records
 
@@ -51,7 +52,6 @@ KINDS = ("image", "scalar", "histogram", "tensor", "audio")
 """The kinds of summary values (:attr:`TagInfo.kind`)."""
 _FIELDS = {"image": "image", "simple_value": "scalar", "histo": "histogram",
            "tensor": "tensor", "audio": "audio"}  # fmt: skip
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class NotLogged(LookupError):
@@ -92,19 +92,13 @@ class _Tag:
         self.steps: dict[int, tuple[FileIndex, Record, int]] = {}
 
 
-def open_regular(path: str) -> int | None:
-    """A read-only descriptor of ``path`` if it is a regular file, else ``None``.
-
-    Never follows a link in the last part of the path and never blocks on a FIFO.
-    """
+def _open(path: str) -> int | None:
+    """A read-only descriptor of ``path`` if it is a regular file, else ``None``
+    (:func:`tbfeat.files.open_regular`)."""
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        return open_regular(path)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
 
 
 class FileIndex:
@@ -131,7 +125,7 @@ class FileIndex:
     def update(self, notes: Notes) -> bool | None:
         """Index what is new. True when the index changed, False when the file did not,
         ``None`` when it is gone (or no longer a regular file)."""
-        fd = open_regular(self.path)
+        fd = _open(self.path)
         if fd is None:
             return None
         try:
@@ -205,7 +199,7 @@ class FileIndex:
         """
         from tensorboard.compat.proto.event_pb2 import Event
 
-        fd = open_regular(self.path)
+        fd = _open(self.path)
         if fd is None:
             raise NotLogged(f"event file {self.path!r} is gone")
         try:

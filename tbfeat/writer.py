@@ -23,7 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import _crc
-from .files import atomic_write, create_new
+from .files import NotRegularFile, atomic_write, create_new, open_regular
 from .notes import warn
 from .records import DamagedRecord, read_records
 
@@ -491,14 +490,10 @@ def trim_event_file(path: Path, first: int | None) -> int:
     from tensorboard.compat.proto import event_pb2
 
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOENT):  # a link; or removed meanwhile
-            return 0
-        raise
+        fd = open_regular(path)
+    except (NotRegularFile, FileNotFoundError):  # a link or else; or removed meanwhile
+        return 0
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return 0
         keep, summaries, end = [], 0, 0
         with contextlib.suppress(DamagedRecord):  # a damaged tail is dropped
             for record in read_records(f, 0, os.fstat(f.fileno()).st_size):

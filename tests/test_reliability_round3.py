@@ -206,6 +206,20 @@ def test_a_hostile_history_is_moved_aside_and_the_run_goes_on(tmp_path, change):
     assert History.load(path).last_step == 3
 
 
+def test_a_fifo_named_like_the_history_never_blocks_the_run(tmp_path):
+    """Reading a FIFO would wait for a writer forever: it is never opened; the next
+    history saved replaces the entry."""
+    image = logged_history(tmp_path, [1])
+    path = tmp_path / HISTORY_FILE
+    path.unlink()
+    os.mkfifo(path)
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    logger.log(image, step=2)
+    logger.close()
+    assert logger.flushed_step == 2
+    assert path.is_file() and History.load(path).last_step == 2
+
+
 # ------------------------------------------------------------------ int64 steps
 def test_steps_beyond_int64_are_refused_where_given(tmp_path):
     model = tiny_model()
