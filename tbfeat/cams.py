@@ -45,7 +45,8 @@ class CamResult:
     """Maps of one probe, one entry per image (images of different sizes may differ)."""
 
     maps: dict[str, list[torch.Tensor]]
-    """``{stage key: [(H, W) map in [0, 1] per image]}``."""
+    """``{stage key: [(h, w) map in [0, 1] per image]}``, at the stage's own resolution
+    (:func:`tbfeat.render.cam_overlay` blends one over the input of any size)."""
     seen: list[torch.Tensor]
     """Per image, ``(3, H, W)`` in [0, 1]: the input as the model saw it."""
 
@@ -104,7 +105,8 @@ def stage_cams(
     result = compute_cams(adapter, probes.inputs, chosen, method, cam_target)
     if len({tuple(s.shape) for s in result.seen}) > 1:
         raise ValueError("stage_cams takes images of one size; resize them, or call it per image")
-    return {key: torch.stack(maps) for key, maps in result.maps.items()}
+    size = tuple(result.seen[0].shape[-2:])
+    return {key: _finish(torch.stack(maps), size) for key, maps in result.maps.items()}
 
 
 def check_method(method: Any) -> None:
@@ -174,8 +176,7 @@ def _batch_cams(
             cams = _layercam(out, x, tap, target, acts, grads)
         else:
             cams = {key: a.float().abs().mean(1) for key, a in acts.items()}
-    size = tuple(seen.shape[-2:])
-    return {key: _finish(c, size) for key, c in cams.items()}, _displayable(seen)
+    return {key: _scaled(c.float().cpu()) for key, c in cams.items()}, _displayable(seen)
 
 
 def _layercam(
@@ -220,9 +221,15 @@ def _score(out: Any, score: Callable[[Any], torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def _finish(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize to ``size`` and scale each image's map to [0, 1]."""
-    cam = cam.float().cpu()[:, None]
-    cam = nn.functional.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0]
+    """Resize ``(N, h, w)`` maps to ``size`` and scale each image's map to [0, 1]. The
+    bilinear resize is affine, so maps already scaled give what the raw ones would."""
+    cam = nn.functional.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)
+    return _scaled(cam[:, 0])
+
+
+@torch.no_grad()
+def _scaled(cam: torch.Tensor) -> torch.Tensor:
+    """Each image's ``(h, w)`` map scaled to its own [0, 1] (all 0 where it is flat)."""
     flat = cam.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     cam = (cam - lo[:, None, None]) / (hi - lo).clamp(min=1e-12)[:, None, None]

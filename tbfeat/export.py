@@ -4,8 +4,9 @@
 (no model needed; only the pictures drawn are read from the event files) and draws, per
 run, one figure per ``features/`` and ``cam/`` tag with the picture of each chosen step
 side by side, one per ``evolution/`` tag, and the ``overview/drift`` picture where the
-run has one. Every logged pixel is kept: a panel is
-repeated ``k`` times on both axes (nearest neighbour, integer ``k``) and placed at integer
+run has one. A ``cam/`` map, stored at its stage's resolution, is drawn over the
+``input/`` picture of its image, at the picture's size (:class:`Blended`). Every other
+logged pixel is kept as it is: a panel is repeated ``k`` times on both axes (nearest neighbour, integer ``k``) and placed at integer
 pixel offsets, so a PNG crop of a panel, taken every ``k``-th pixel, is the logged PNG
 exactly (:func:`panel_layout` says where each panel lies). PDF and SVG embed the same
 pixels in a vector page. Figures are drawn with matplotlib's object-oriented API only: no
@@ -14,6 +15,7 @@ pyplot, no window, no global state.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
 import math
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import tags as tagging
 from .files import atomic_write
@@ -130,21 +133,59 @@ def image_tag(tag: str) -> tuple[str, str, str | None] | None:
         (('evolution', '09_SPPF', None), None)
     """
     parsed = tagging.parse(tag)
-    if parsed is None or parsed.kind not in tagging.IMAGE_KINDS:
+    if parsed is None or parsed.kind not in tagging.IMAGE_KINDS or parsed.kind == "input":
         return None
     if parsed.kind == "overview":
         return "overview", "drift", None
     return parsed.kind, str(parsed.base), parsed.image
 
 
+class Blended(Mapping[int, bytes]):
+    """The ``cam/`` maps of one image by step, each drawn over the ``input/`` picture
+    of the image at the latest step up to it (the earliest, for a step before any), as a
+    PNG. A run tbfeat wrote before maps were stored as maps holds no ``input/`` tags: its
+    ``cam/`` tags are the overlays themselves, read as they are."""
+
+    def __init__(self, maps: Mapping[int, bytes], inputs: Mapping[int, bytes]) -> None:
+        self._maps, self._inputs = maps, inputs
+        self._input_steps = sorted(inputs)
+
+    def __getitem__(self, step: int) -> bytes:
+        from .render import CAM_CMAP, cam_overlay, cam_values, encode_rgb_png
+
+        indices = decode_indices(self._maps[step], CAM_CMAP)
+        at = bisect.bisect_right(self._input_steps, step) - 1
+        image = decode_png(self._inputs[self._input_steps[max(at, 0)]])
+        pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
+        return encode_rgb_png(cam_overlay(pixels, cam_values(indices), CAM_CMAP))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._maps)
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+
 def load_run(reader: Reader, run: str) -> Run:
     """The tbfeat image tags of one run of ``reader`` (every event file of its folder,
     every step kept; the last event of a step wins). No picture is read yet."""
-    tags = {
+    logged = {
         tag: Logged(reader, run, tag, info.steps)
         for tag, info in reader.tags(run).items()
-        if info.kind == "image" and image_tag(tag) is not None
+        if info.kind == "image"
     }
+    inputs = {}
+    for tag, steps in logged.items():
+        parsed = tagging.parse(tag)
+        if parsed is not None and parsed.kind == "input":
+            inputs[parsed.image] = steps
+    tags: dict[str, Mapping[int, bytes]] = {}
+    for tag, steps in logged.items():
+        parsed = image_tag(tag)
+        if parsed is not None:
+            kind, _, image = parsed
+            drawn = kind == "cam" and image in inputs
+            tags[tag] = Blended(steps, inputs[image]) if drawn else steps
     rel = Path(run)
     name = rel.as_posix() if rel != Path(".") else (reader.logdir.resolve().name or ".")
     return Run(name=name, folder=rel, tags=tags)
@@ -170,6 +211,19 @@ def read_runs(logdir: str | os.PathLike) -> list[Run]:
             f"{len(names)} folder(s) under {str(root)!r}"
         )
     return runs
+
+
+def decode_indices(data: bytes, cmap: str) -> np.ndarray:
+    """The palette indices of a logged map: a palette PNG's own, or those of the colours
+    of an RGB one (a writer given to tbfeat takes RGB pictures only)."""
+    from PIL import Image
+
+    from .render import palette_indices
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode == "P":
+            return np.asarray(im, dtype=np.uint8)
+        return palette_indices(np.asarray(im.convert("RGB"), dtype=np.uint8), cmap)
 
 
 def decode_png(data: bytes) -> np.ndarray:

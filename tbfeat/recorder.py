@@ -16,6 +16,7 @@ old run's steps from that step on are removed from tbfeat's own event files (see
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,13 @@ from .notes import Notes
 from .options import LogOptions
 from .render import (
     CAM_CMAP,
-    cam_overlay,
+    cam_indices,
     drift_overview,
     feature_tiles,
     layout,
     pool_factor,
     select_channels,
+    to_rgb8,
 )
 from .stats import RunningStats
 from .writer import EventSink, StepBundle
@@ -81,6 +83,8 @@ class _Step:
     stats: dict[str, RunningStats] = field(default_factory=dict)
     images: list[Any] = field(default_factory=list)
     tracks: dict[str, _Track] = field(default_factory=dict)
+    inputs: dict[str, bytes] = field(default_factory=dict)
+    """The digest of each probe image this step writes under ``input/``."""
     busy_s: float = 0.0
     """CPU seconds the writer thread has spent on this step so far."""
 
@@ -128,6 +132,7 @@ class Recorder:
         self._costed = False
         self._layout: dict[str, Any] | None = None
         self._run_info: tags.RunInfo | None = None
+        self._inputs: dict[str, bytes] = {}  # the digest of each input/ picture written
 
     def handle(self, message: Any) -> None:
         """Handle one message from the forward side (worker thread)."""
@@ -189,17 +194,27 @@ class Recorder:
                 state.images.append(self.sink.encode_image(tag, layout(t, opts.ncols), opts.cmap))
 
     def _cams(self, c: CamImages) -> None:
-        """``cam/<stage>/<image>``: each map blended over the image the model saw."""
+        """``cam/<stage>/<image>``: each map as palette indices at the stage's resolution;
+        ``input/<image>``: the image the model saw, when it is new or has changed."""
         started = time.thread_time()
         state = self._steps.setdefault(c.step, _Step())
+        for name, image in zip(c.names, c.seen, strict=True):
+            self._guard(f"the probe image {name}", self._input, state, name, image)
         for key, maps in c.maps:
-            for name, image, cam in zip(c.names, c.seen, maps, strict=True):
-                tag = tags.cam(key, name)
-                self._guard(f"CAM of stage {key}", self._cam, state, tag, image, cam)
+            for name, cam in zip(c.names, maps, strict=True):
+                self._guard(f"CAM of stage {key}", self._cam, state, tags.cam(key, name), cam)
         state.busy_s += time.thread_time() - started
 
-    def _cam(self, state: _Step, tag: str, image: torch.Tensor, cam: torch.Tensor) -> None:
-        state.images.append(self.sink.encode_rgb(tag, cam_overlay(image, cam, CAM_CMAP)))
+    def _input(self, state: _Step, name: str, image: torch.Tensor) -> None:
+        rgb = to_rgb8(image)
+        digest = hashlib.blake2b(repr(rgb.shape).encode() + rgb.tobytes(), digest_size=16).digest()
+        if self._inputs.get(name) != digest and name not in state.inputs:
+            state.inputs[name] = digest
+            state.images.append(self.sink.encode_rgb(tags.input(name), rgb))
+
+    def _cam(self, state: _Step, tag: str, cam: torch.Tensor) -> None:
+        indices = cam_indices(cam, self.options.tile)
+        state.images.append(self.sink.encode_image(tag, indices, CAM_CMAP))
 
     def _track(self, c: Capture, state: _Step) -> None:
         opts, x = self.options, c.x
@@ -233,6 +248,7 @@ class Recorder:
         if self._write(bundle):  # what did not land is written again with the next step
             self._layout = bundle.layout or self._layout
             self._run_info = bundle.run or self._run_info
+            self._inputs.update(state.inputs)
         outputs = len(state.stats.keys() | state.tracks.keys())
         self._report_cost(step, outputs, state.busy_s + time.thread_time() - started)
 
@@ -315,6 +331,7 @@ class Recorder:
         for step in sorted(self._steps):  # what was captured belongs to the old folder
             self._end_step(step)
         self._layout = self._run_info = None  # the new folder's run gets its own
+        self._inputs = {}
         self._save_history()
         self.sink.set_logdir(logdir)
         if self.sink.logdir == logdir:

@@ -331,17 +331,78 @@ evidence, bright yellow the strongest."""
 
 
 @torch.no_grad()
+def cam_indices(cam: torch.Tensor, tile: int = 128) -> np.ndarray:
+    """A class activation map as tbfeat stores it: ``(h, w)`` uint8 palette indices of
+    :data:`CAM_CMAP`, at the stage's own resolution, area-pooled by an integer factor to at
+    most ``tile`` px where it is larger (as :func:`feature_tiles` pools a channel), and
+    scaled to its own [0, 1] (index ``LEVELS - 1`` is the strongest evidence).
+
+    Example:
+        >>> import torch
+        >>> cam_indices(torch.tensor([[0.0, 0.5], [1.0, 1.0]])).tolist()
+        [[0, 126], [253, 253]]
+    """
+    if not isinstance(cam, torch.Tensor) or cam.dim() != 2:
+        got = tuple(cam.shape) if isinstance(cam, torch.Tensor) else type(cam).__name__
+        raise ValueError(f"cam must be an (h, w) tensor, got {got}")
+    x = cam.detach().float().cpu().nan_to_num(0.0)[None, None]
+    k = pool_factor(x.shape[-2], x.shape[-1], tile)
+    if k > 1:
+        x = F.avg_pool2d(x, kernel_size=k, stride=k, ceil_mode=True)
+    return quantize(x, dims=(2, 3))[0, 0].numpy()
+
+
+def cam_values(indices: np.ndarray) -> torch.Tensor:
+    """The ``(h, w)`` map in [0, 1] that :func:`cam_indices` stored.
+
+    Example:
+        >>> import numpy as np
+        >>> cam_values(np.array([[0, 253]], dtype=np.uint8)).tolist()
+        [[0.0, 1.0]]
+    """
+    if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8 or indices.ndim != 2:
+        raise TypeError("indices must be a 2-D uint8 numpy array from cam_indices")
+    return torch.from_numpy(np.minimum(indices, LEVELS - 1).astype(np.float32) / (LEVELS - 1))
+
+
+def palette_indices(rgb: np.ndarray, cmap: str) -> np.ndarray:
+    """The palette indices of an ``(H, W, 3)`` picture :func:`colorize` drew with
+    ``cmap`` (the colours of a writer given to tbfeat, which takes RGB only); a colour
+    not in the palette takes the nearest one's index."""
+    pal = palette(cmap)[:LEVELS].astype(np.int64)
+    flat = rgb.reshape(-1, 3).astype(np.int64)
+    weights = np.array([1 << 16, 1 << 8, 1])
+    keys, wanted = pal @ weights, flat @ weights
+    order = np.argsort(keys, kind="stable")
+    pos = np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)
+    found = order[pos]
+    missing = np.flatnonzero(keys[found] != wanted)
+    if missing.size:  # not drawn by colorize: the nearest colour, a few pixels at a time
+        distance = ((flat[missing, None, :] - pal[None]) ** 2).sum(-1)
+        found[missing] = distance.argmin(1)
+    return found.astype(np.uint8).reshape(rgb.shape[:2])
+
+
+def to_rgb8(image: torch.Tensor) -> np.ndarray:
+    """A ``(3, H, W)`` float image in [0, 1] (clipped) as an ``(H, W, 3)`` uint8 array."""
+    rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
+    return np.rint(rgb).astype(np.uint8)
+
+
+@torch.no_grad()
 def cam_overlay(
     image: torch.Tensor, cam: torch.Tensor, cmap: str = "inferno", alpha: float = CAM_ALPHA
 ) -> np.ndarray:
     """A class activation map blended over the image the model saw.
 
-    Each pixel is ``(1 - alpha) * image + alpha * cmap(cam)``, rounded to uint8; the
-    colormap is perceptually uniform by default, so brightness follows the map.
+    The map, of any size (a stage's own resolution, as tbfeat stores it), is resized to
+    the image bilinearly; each pixel is then ``(1 - alpha) * image + alpha * cmap(cam)``,
+    rounded to uint8. The colormap is perceptually uniform by default, so brightness
+    follows the map.
 
     Args:
         image: ``(3, H, W)`` RGB float tensor in [0, 1] (values outside are clipped).
-        cam: ``(H, W)`` map in [0, 1], as :func:`tbfeat.stage_cams` gives per image.
+        cam: ``(h, w)`` map in [0, 1], as :func:`tbfeat.stage_cams` gives per image.
         cmap: A matplotlib colormap name.
         alpha: Weight of the map, in [0, 1].
 
@@ -350,22 +411,24 @@ def cam_overlay(
 
     Example:
         >>> import torch
-        >>> cam_overlay(torch.zeros(3, 2, 2), torch.ones(2, 2), alpha=1.0)[0, 0].tolist()
+        >>> cam_overlay(torch.zeros(3, 2, 2), torch.ones(1, 1), alpha=1.0)[0, 0].tolist()
         [252, 255, 164]
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be a (3, H, W) tensor, got {got}")
-    if not isinstance(cam, torch.Tensor) or cam.shape != image.shape[1:]:
+    if not isinstance(cam, torch.Tensor) or cam.dim() != 2 or 0 in cam.shape:
         got = tuple(cam.shape) if isinstance(cam, torch.Tensor) else type(cam).__name__
-        raise ValueError(
-            f"cam must be an (H, W) tensor of the image's size {tuple(image.shape[1:])}, got {got}"
-        )
+        raise ValueError(f"cam must be an (h, w) tensor, got {got}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     values = cam.detach().float().cpu().nan_to_num(0.0)
     if float(values.min()) < -1e-6 or float(values.max()) > 1 + 1e-6:
         raise ValueError("cam must hold values in [0, 1] (stage_cams scales each map so)")
+    size = tuple(image.shape[1:])
+    if tuple(values.shape) != size:
+        values = F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)
+        values = values[0, 0]
     lut = colormap_lut(cmap, 256).astype(np.float32)
     colour = lut[np.rint(values.clamp(0, 1).numpy() * 255).astype(np.int64)]
     rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0

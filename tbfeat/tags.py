@@ -7,6 +7,7 @@ tag                             kind       what
 ==============================  =========  ===================================================
 ``features/<base>/<image>``     image      the channel grid of one image (:func:`features`)
 ``cam/<base>/<image>``          image      a class activation map of one image (:func:`cam`)
+``input/<image>``               image      the probe image as the model saw it (:func:`input`)
 ``activations/<base>``          histogram  every activation of the step's images
 ``stats/<base>/<stat>``         scalar     one statistic (``mean``, ``std``...)
 ``drift/<base>``                scalar     drift against the step before
@@ -39,9 +40,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("features", "cam", "activations", "stats", "drift", "evolution", "overview", "run")
+KINDS = (
+    "features", "cam", "input", "activations", "stats", "drift", "evolution", "overview", "run"
+)  # fmt: skip
 """Every kind of tag tbfeat writes (:attr:`Tag.kind`)."""
-IMAGE_KINDS = ("features", "cam", "evolution", "overview")
+IMAGE_KINDS = ("features", "cam", "input", "evolution", "overview")
 """The kinds whose tags hold images."""
 DERIVED_KINDS = ("drift", "evolution", "overview")
 """The kinds computed from several steps of a stage (or of every stage)."""
@@ -67,9 +70,9 @@ class Tag:
 
     Attributes:
         kind: One of :data:`KINDS`.
-        base: The stage output (``<NN>_<label>[/<output>]``); ``None`` for ``overview``
-            and ``run``.
-        image: The image name of ``features`` and ``cam`` tags.
+        base: The stage output (``<NN>_<label>[/<output>]``); ``None`` for ``overview``,
+            ``run`` and ``input``.
+        image: The image name of ``features``, ``cam`` and ``input`` tags.
         stat: The statistic of ``stats`` tags.
         vs_first: A ``drift`` tag against the first step (else against the step before).
     """
@@ -105,6 +108,15 @@ def features(base: str, image: str) -> str:
 def cam(base: str, image: str) -> str:
     """``cam/<base>/<image>``: the class activation map of one image."""
     return f"cam/{_base(base)}/{_part('image', image)}"
+
+
+def input(image: str) -> str:  # noqa: A001 - the tag kind's name
+    """``input/<image>``: a probe image as the model saw it, at each step it changed.
+
+    A ``cam/`` map of a step is drawn over the ``input/`` picture of the same image at
+    the latest step up to it.
+    """
+    return f"input/{_part('image', image)}"
 
 
 def activations(base: str) -> str:
@@ -150,6 +162,8 @@ def build(tag: Tag) -> str:
         return features(base, tag.image or "")
     if tag.kind == "cam":
         return cam(base, tag.image or "")
+    if tag.kind == "input":
+        return input(tag.image or "")
     if tag.kind == "stats":
         return stats(base, tag.stat or "")
     if tag.kind == "drift":
@@ -212,6 +226,8 @@ def parse(tag: str) -> Tag | None:
     kind, sep, rest = tag.partition("/")
     if not sep:
         return None
+    if kind == "input":
+        return Tag(kind, image=rest) if rest and "/" not in rest else None
     if kind in _WITH_PART:
         base, sep, last = rest.rpartition("/")
         if not sep or not last or not _BASE.fullmatch(base):

@@ -61,6 +61,21 @@ def decode(image_event) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def indices(image_event) -> np.ndarray:
+    """A palette PNG image event's (H, W) uint8 palette indices, as stored."""
+    with Image.open(io.BytesIO(image_event.encoded_image_string)) as im:
+        assert im.mode == "P", im.mode
+        return np.asarray(im)
+
+
+def blended(logdir, tag: str, step: int, run: str = ".") -> np.ndarray:
+    """What ``tbfeat export`` draws for a ``cam/`` tag at ``step``, as (H, W, 3) RGB."""
+    from tbfeat.export import decode_png, load_run
+    from tbfeat.reader import Reader
+
+    return decode_png(load_run(Reader(logdir), run).tags[tag][step])
+
+
 def numpy_stats(a: np.ndarray) -> dict:
     """The statistics tbfeat logs, computed by numpy in float64."""
     a = a.astype(np.float64).ravel()

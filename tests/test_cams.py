@@ -1,18 +1,30 @@
 """Per-stage class activation maps against a model whose evidence sits where the test
 puts it, and a model left exactly as it was."""
 
+import io
+
 import matplotlib
 import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 from tbfeat import FeatureLogger, stage_cams
-from tbfeat.render import CAM_ALPHA, cam_overlay
+from tbfeat.render import (
+    CAM_ALPHA,
+    CAM_CMAP,
+    LEVELS,
+    cam_indices,
+    cam_overlay,
+    cam_values,
+    palette,
+    to_rgb8,
+)
 from tbfeat.targets import CamTarget, choose
 
-from .helpers import decode, read_events
+from .helpers import blended, decode, indices, read_events
 
 
 class Spots(nn.Module):
@@ -270,27 +282,44 @@ def test_torchvision_detectors_give_maps_at_their_transforms_size(builder):
     assert_unchanged(model, before, run, reference)
 
 
-def test_log_blends_each_stages_map_over_the_image_at_every_step(tmp_path):
-    """``cam/<NN>_<Type>/<image>``: the map of ``stage_cams`` over the image, through the
-    documented colormap and alpha, pixel for pixel, at each step."""
+def test_log_stores_each_stages_map_and_the_image_once_and_export_blends_them(tmp_path):
+    """``cam/<NN>_<Type>/<image>``: the map of ``stage_cams`` as palette indices of the
+    documented colormap, at each step; ``input/<image>``: the image the model saw, written
+    once while it does not change; export draws the map over it, through the documented
+    colormap and alpha, as ``cam_overlay`` draws the map in memory."""
     model, image = Spots(), spots_image()
     logger = FeatureLogger(model, logdir=tmp_path, stages=["act"], max_channels=2)
     for step in (1, 2):
         logger.log([image], step=step, names=["spots"])
+    logger.log([image.flip(-1)], step=3, names=["spots"])
     logger.close()
     acc = read_events(tmp_path)
     assert [t for t in acc.Tags()["images"] if t.startswith("cam/")] == ["cam/01_ReLU/spots"]
     events = acc.Images("cam/01_ReLU/spots")
-    assert [e.step for e in events] == [1, 2]
-    expected = cam_overlay(image, stage_cams(model, image, stages=["act"])["01_ReLU"][0])
-    assert np.array_equal(decode(events[-1]), expected)
+    assert [e.step for e in events] == [1, 2, 3]
+    cam = stage_cams(model, image, stages=["act"])["01_ReLU"][0]
+    assert np.array_equal(indices(events[1]), cam_indices(cam))
+    with Image.open(io.BytesIO(events[1].encoded_image_string)) as im:
+        lut = np.asarray(im.getpalette(), dtype=np.uint8).reshape(-1, 3)[:LEVELS]
+    assert np.array_equal(lut, palette(CAM_CMAP)[:LEVELS])
+    inputs = acc.Images("input/spots")
+    assert [e.step for e in inputs] == [1, 3]  # again only when the image changed
+    assert np.array_equal(decode(inputs[0]), to_rgb8(image))
+    assert np.array_equal(decode(inputs[1]), to_rgb8(image.flip(-1)))
+
+    drawn = blended(tmp_path, "cam/01_ReLU/spots", 2)
+    assert np.array_equal(drawn, cam_overlay(image, cam_values(indices(events[1]))))
+    assert np.abs(drawn.astype(int) - cam_overlay(image, cam)).max() <= 1  # 8 bits suffice
+    flipped = stage_cams(model, image.flip(-1), stages=["act"])["01_ReLU"][0]
+    assert np.abs(blended(tmp_path, "cam/01_ReLU/spots", 3).astype(int)
+                  - cam_overlay(image.flip(-1), flipped)).max() <= 1  # fmt: skip
     inferno = matplotlib.colormaps["inferno"]
     red = np.array([255.0, 0.0, 0.0])
     spot = (1 - CAM_ALPHA) * red + CAM_ALPHA * 255 * np.array(inferno(1.0)[:3])
-    assert np.abs(expected[5, 6] - spot).max() <= 1  # the top-1 class's spot, brightest
+    assert np.abs(drawn[5, 6] - spot).max() <= 1  # the top-1 class's spot, brightest
     green = np.array([0.0, 0.6 * 255, 0.0])
     dark = (1 - CAM_ALPHA) * green + CAM_ALPHA * 255 * np.array(inferno(0.0)[:3])
-    assert np.abs(expected[25, 22] - dark).max() <= 1  # the other class's spot: no evidence
+    assert np.abs(drawn[25, 22] - dark).max() <= 1  # the other class's spot: no evidence
 
 
 def test_cam_none_logs_no_maps_and_a_failing_map_warns_once(tmp_path):
@@ -330,10 +359,8 @@ def test_captured_forwards_get_maps_only_when_asked(tmp_path):
     cams = sorted(t for t in acc.Tags()["images"] if t.startswith("cam/"))
     assert cams == ["cam/01_ReLU/0", "cam/01_ReLU/1", "cam/01_ReLU/2"]
     maps = stage_cams(model, batch, stages=["act"])["01_ReLU"]
-    for tag, image_, cam in zip(
-        cams, [image, image.flip(-1), image], [*maps, maps[0]], strict=True
-    ):
-        assert np.array_equal(decode(acc.Images(tag)[-1]), cam_overlay(image_, cam))
+    for tag, cam in zip(cams, [*maps, maps[0]], strict=True):
+        assert np.array_equal(indices(acc.Images(tag)[-1]), cam_indices(cam))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 

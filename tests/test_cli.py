@@ -61,10 +61,11 @@ def test_sweep_ultralytics_checkpoints_in_epoch_order_once(tmp_path, yolo_weight
     assert "img" in proc.stderr  # the progress bar
     acc = read_events(logdir)
     tags = acc.Tags()["images"]
-    assert len(tags) == 2 * 22 and all(t.endswith("/bus") for t in tags)
+    assert len(tags) == 2 * 22 + 1 and all(t.endswith("/bus") for t in tags)
     for stage in ("00_Conv", "09_SPPF", "21_C2f"):  # grids and maps at every checkpoint
         for kind in ("features", "cam"):
             assert [e.step for e in acc.Images(f"{kind}/{stage}/bus")] == [1, 2]
+    assert [e.step for e in acc.Images("input/bus")] == [1]  # the same image at both
     # again: nothing twice
     again = tbfeat("sweep", yolo_weights, "--images", BUS, "--logdir", logdir, "--imgsz", 64)
     assert again.returncode == 0 and "already in" in again.stderr
@@ -85,7 +86,7 @@ def test_sweep_ultralytics_checkpoints_in_epoch_order_once(tmp_path, yolo_weight
     )
     assert over.returncode == 0, over.stderr[-2000:]
     acc = read_events(logdir)
-    assert sorted(acc.Tags()["images"]) == ["cam/09_SPPF/bus", "features/09_SPPF/bus"]
+    assert sorted(acc.Tags()["images"]) == ["cam/09_SPPF/bus", "features/09_SPPF/bus", "input/bus"]
     assert [e.step for e in acc.Images("features/09_SPPF/bus")] == [1, 2]
 
 
@@ -110,7 +111,9 @@ def test_sweep_state_dicts_with_arch_given_out_of_order(tmp_path, tv_checkpoints
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     acc = read_events(logdir)
-    assert sorted(acc.Tags()["images"]) == ["cam/17_fpn_0/bus", "features/17_fpn_0/bus"]
+    assert sorted(acc.Tags()["images"]) == [
+        "cam/17_fpn_0/bus", "features/17_fpn_0/bus", "input/bus"
+    ]  # fmt: skip
     assert [e.step for e in acc.Images("features/17_fpn_0/bus")] == [1, 2]
     assert [e.step for e in acc.Images("cam/17_fpn_0/bus")] == [1, 2]
     means = [e.value for e in acc.Scalars("stats/17_fpn_0/mean")]

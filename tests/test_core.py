@@ -335,7 +335,9 @@ def test_imports_are_layered_one_way():
         assert not graph[leaf] & {"tbfeat.logger", "tbfeat.adapters", "tbfeat.recorder"}
 
 
-TAG_PREFIXES = ("features/", "cam/", "activations/", "stats/", "drift/", "evolution/", "overview/")
+TAG_PREFIXES = (
+    "features/", "cam/", "input/", "activations/", "stats/", "drift/", "evolution/", "overview/"
+)  # fmt: skip
 
 
 def tag_literals(path: Path) -> list[tuple[int, str]]:

@@ -12,8 +12,9 @@ from PIL import Image
 
 from tbfeat import FeatureLogger
 from tbfeat.export import ExportError, export, panel_layout, select_stages
+from tbfeat.render import cam_overlay, cam_values
 
-from .helpers import decode, read_events
+from .helpers import blended, decode, indices, read_events
 
 TRAIN_FILES = {
     *(f"{kind}_{stage}_{image}.png" for kind in ("features", "cam")
@@ -71,8 +72,9 @@ def sweep_dir(demo, yolo_weights):
 
 
 def assert_panels_exact(path, events, dpi=300):
-    """Each panel of the figure, taken every k-th pixel, is the logged PNG of its step."""
-    logged = [decode(e) for e in events]
+    """Each panel of the figure, taken every k-th pixel, is the logged PNG of its step
+    (image events) or the picture given (arrays)."""
+    logged = [e if isinstance(e, np.ndarray) else decode(e) for e in events]
     lay = panel_layout([a.shape[:2] for a in logged], dpi=dpi)
     with Image.open(path) as im:
         assert round(im.info["dpi"][0]) >= dpi and round(im.info["dpi"][1]) >= dpi
@@ -97,7 +99,13 @@ def test_training_run_figures_keep_every_logged_pixel(demo, tmp_path):
         out / "features_05_layer2_1.png", acc.Images("features/05_layer2/1")
     )
     assert len(grids) == 3 and not np.array_equal(grids[0], grids[2])
-    assert_panels_exact(out / "cam_04_layer1_0.png", acc.Images("cam/04_layer1/0"))
+    maps = acc.Images("cam/04_layer1/0")
+    drawn = [blended(demo / "train", "cam/04_layer1/0", e.step) for e in maps]
+    assert_panels_exact(out / "cam_04_layer1_0.png", drawn)
+    (seen,) = acc.Images("input/0")  # the map of each step over the one probe image
+    for event, picture in zip(maps, drawn, strict=True):
+        image = torch.from_numpy(decode(seen)).permute(2, 0, 1) / 255
+        assert np.array_equal(picture, cam_overlay(image, cam_values(indices(event))))
     for tag, name in (
         ("evolution/05_layer2", "evolution_05_layer2"),
         ("overview/drift", "overview_drift"),

@@ -104,13 +104,18 @@ def test_same_tags_at_every_step_and_image_sizes(tmp_path):
     acc = read_events(tmp_path)
     images = acc.Tags()["images"]
     keys = ("00_Conv2d", "01_BatchNorm2d", "02_ReLU", "03_3")
-    assert sorted(images) == sorted(f"{kind}/{k}/{i}" for kind in ("cam", "features")
-                                    for k in keys for i in (0, 1))  # fmt: skip
+    assert sorted(images) == sorted([f"{kind}/{k}/{i}" for kind in ("cam", "features")
+                                     for k in keys for i in (0, 1)]
+                                    + ["input/0", "input/1"])  # fmt: skip
     for tag in images:
         events = acc.Images(tag)
+        if tag.startswith("input/"):  # the 16x16 input, once: it did not change
+            assert [(e.step, e.width, e.height) for e in events] == [(1, 16, 16)]
+            continue
         assert [e.step for e in events] == [1, 2, 3]
-        if tag.startswith("cam/"):  # each map over the 16x16 input
-            assert {(e.width, e.height) for e in events} == {(16, 16)}
+        if tag.startswith("cam/"):  # each map at its stage's resolution
+            side = 7 if tag.startswith("cam/03") else 16
+            assert {(e.width, e.height) for e in events} == {(side, side)}
         elif tag.startswith("features/03"):  # 4 channels of 7x7
             assert {(e.width, e.height) for e in events} == {(4 * 8 - 1, 7)}
         else:  # 4 of 8 channels of 16x16
@@ -182,7 +187,7 @@ def test_resnet18_logs_one_grid_per_default_stage(tmp_path):
     logger.close()
     acc = read_events(tmp_path)
     assert sorted(acc.Tags()["images"]) == sorted(
-        f"{kind}/{s.key}/0" for kind in ("cam", "features") for s in stages[:-1]
+        [f"{kind}/{s.key}/0" for kind in ("cam", "features") for s in stages[:-1]] + ["input/0"]
     )
     sizes = {t: (acc.Images(t)[0].width, acc.Images(t)[0].height) for t in acc.Tags()["images"]}
     assert sizes["features/07_layer4/0"] == (8 * 3 - 1, 4 * 3 - 1)  # 32 of 512 ch, 2x2 maps

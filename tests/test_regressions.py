@@ -102,6 +102,8 @@ def test_duplicate_probe_names_are_made_unique(tmp_path):
         "cam/00_Conv/bus_1",
         "features/00_Conv/bus",
         "features/00_Conv/bus_1",
+        "input/bus",
+        "input/bus_1",
     ]
 
 

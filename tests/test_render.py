@@ -166,6 +166,18 @@ def test_png_from_isal_and_from_zlib_decode_to_the_same_pixels(monkeypatch):
             np.testing.assert_array_equal(np.asarray(im.convert("RGB")), colorize(grid))
 
 
+def test_a_stage_sized_map_is_drawn_over_the_whole_image():
+    from tbfeat.render import cam_overlay
+
+    image, cam = torch.rand(3, 4, 6), torch.tensor([[0.0, 1.0, 0.5], [0.25, 0.75, 1.0]])
+    out = cam_overlay(image, cam, alpha=1.0)
+    lut = np.rint(matplotlib.colormaps["inferno"](np.rint(cam.numpy() * 255) / 255)[..., :3] * 255)
+    # a 2x upsample keeps the corners' values; the rest lies between its neighbours
+    for (y, x), (i, j) in (((0, 0), (0, 0)), ((0, 5), (0, 2)), ((3, 0), (1, 0)), ((3, 5), (1, 2))):
+        assert np.abs(out[y, x].astype(int) - lut[i, j]).max() <= 1
+    assert out.shape == (4, 6, 3)
+
+
 def test_cam_overlay_blends_the_colour_mapped_map_over_the_image():
     from tbfeat.render import cam_overlay
 
@@ -182,8 +194,8 @@ def test_cam_overlay_blends_the_colour_mapped_map_over_the_image():
     assert torch.equal(image, image_before) and torch.equal(cam, cam_before)
     assert np.array_equal(cam_overlay(image, cam, alpha=0.0), np.rint(image.permute(1, 2, 0)
                           .numpy() * 255).astype(np.uint8))  # fmt: skip
-    with pytest.raises(ValueError, match=r"cam must be an \(H, W\) tensor of the image's size"):
-        cam_overlay(image, cam[:3])
+    with pytest.raises(ValueError, match=r"cam must be an \(h, w\) tensor, got \(6, 7, 1\)"):
+        cam_overlay(image, cam[..., None])
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 2"):
         cam_overlay(image, cam, alpha=2)
     with pytest.raises(ValueError, match=r"cam must hold values in \[0, 1\]"):

@@ -76,12 +76,14 @@ def test_detector_logs_body_stages_and_every_feature_level(arch, tmp_path):
     logger.close()
     acc = read_events(tmp_path)
     assert sorted(acc.Tags()["images"]) == sorted(
-        f"{kind}/{k}/img" for kind in ("cam", "features") for k in keys
+        [f"{kind}/{k}/img" for kind in ("cam", "features") for k in keys] + ["input/img"]
     )
     # the levels are those of the transformed (resized, normalized, padded) image
     h, w = transformed_size(model, image)
-    # and each stage's class activation map lies over that image
-    assert {(e.width, e.height) for k in keys for e in acc.Images(f"cam/{k}/img")} == {(w, h)}
+    # which is written for the class activation maps to lie over, each at its stage's size
+    assert [(e.width, e.height) for e in acc.Images("input/img")] == [(w, h)]
+    cam_sizes = {k: (e.width, e.height) for k in keys for e in acc.Images(f"cam/{k}/img")}
+    assert all(max(size) <= 128 and size[0] < w for size in cam_sizes.values())
     first_level = next(iter(feats.values()))
     if not arch.startswith("ssd"):  # FPN levels: the transformed size over a power of two
         assert h / first_level.shape[-2] == w / first_level.shape[-1] in (4, 8, 16, 32)
@@ -93,6 +95,7 @@ def test_detector_logs_body_stages_and_every_feature_level(arch, tmp_path):
         th, tw = max(1, round(th * s)), max(1, round(tw * s))
     channels = min(8, first_level.shape[1])
     assert (event.width, event.height) == (channels * (tw + 1) - 1, th)
+    assert cam_sizes[level_key] == (tw, th)
     assert all(not m._forward_hooks for m in model.modules())
 
 
@@ -109,7 +112,7 @@ def test_classifier_logs_its_blocks(arch, tmp_path):
     logger.log(torch.rand(1, 3, 64, 64), step=0)
     logger.close()
     tags = read_events(tmp_path).Tags()
-    logged = {t.split("/")[1] for t in tags["images"]}
+    logged = {t.split("/")[1] for t in tags["images"] if not t.startswith("input/")}
     outputs = {}
 
     def record(key):
