@@ -12,7 +12,7 @@ from PIL import Image
 
 from tbfeat import FeatureLogger
 from tbfeat.export import ExportError, export, panel_layout, select_stages
-from tbfeat.render import cam_overlay, cam_values
+from tbfeat.render import CAM_CMAP, cam_overlay, cam_values, colorize
 
 from .helpers import blended, decode, indices, read_events
 
@@ -210,3 +210,33 @@ def test_bad_arguments_exit_2_with_one_line_and_write_nothing(demo, tmp_path):
         for fragment in fragments:
             assert fragment in line, (fragment, line)
         assert not (tmp_path / f"out{i}").exists()
+
+
+def test_maps_of_a_given_writer_and_overlays_of_older_runs_are_drawn_too(tmp_path):
+    """A writer given to tbfeat takes RGB pictures: its maps are the colormap's colours,
+    read back as the same indices. A run written before maps were stored as maps has
+    full-size overlays under cam/ and no input/: they are shown as they were logged."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    net = torchvision.models.resnet18(weights=None, num_classes=3)
+    image = torch.rand(3, 48, 48)
+    own = FeatureLogger(net, logdir=tmp_path / "own", stages=["layer1"], max_channels=2)
+    own.log([image], step=1, names=["x"])
+    own.close()
+    with SummaryWriter(tmp_path / "given") as writer:
+        given = FeatureLogger(net, writer=writer, stages=["layer1"], max_channels=2)
+        given.log([image], step=1, names=["x"])
+        given.close()
+    tag = "cam/04_layer1/x"
+    stored = indices(read_events(tmp_path / "own").Images(tag)[0])
+    rgb = decode(read_events(tmp_path / "given").Images(tag)[0])
+    assert np.array_equal(rgb, colorize(stored, CAM_CMAP))
+    assert np.array_equal(blended(tmp_path / "given", tag, 1), blended(tmp_path / "own", tag, 1))
+
+    overlay = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    with SummaryWriter(tmp_path / "older") as writer:  # what tbfeat wrote before
+        writer.add_image("features/04_layer1/x", overlay[:12, :25], 1, dataformats="HWC")
+        writer.add_image(tag, overlay, 1, dataformats="HWC")
+    paths = export(tmp_path / "older", tmp_path / "figures")
+    assert {p.name for p in paths} == {"features_04_layer1_x.png", "cam_04_layer1_x.png"}
+    assert_panels_exact(tmp_path / "figures" / "cam_04_layer1_x.png", [overlay])
