@@ -406,3 +406,31 @@ def test_many_stage_outputs_warn_once_with_the_measured_cost(tmp_path, monkeypat
     assert len(said) == 1, said
     assert f"step 0 logged {recorder.MANY_OUTPUTS} stage outputs" in said[0]
     assert re.search(r"busy for \d+\.\d\d s \(\d+\.\d ms each\)", said[0])
+
+
+def test_a_probe_step_with_maps_stays_small(tmp_path):
+    """yolov8n at 320 px with maps on (the default): the maps of all 22 stages cost a
+    few percent of the grids, and the probe image is written once, not per step."""
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    from tbfeat.reader import Reader
+
+    logger = FeatureLogger(YOLO("yolov8n.yaml"), logdir=tmp_path, imgsz=320)
+    for step in (1, 2):
+        logger.log([ASSETS / "bus.jpg"], step=step)
+    logger.close()
+    reader = Reader(tmp_path)
+    sizes: dict[tuple[str, int], int] = {}
+    for tag, info in reader.tags(".").items():
+        if info.kind == "image":
+            for step in info.steps:
+                key = (tag.partition("/")[0], step)
+                sizes[key] = sizes.get(key, 0) + len(reader.image(".", tag, step))
+    assert set(sizes) >= {("features", 2), ("cam", 2), ("input", 1)}
+    assert ("input", 2) not in sizes
+    assert sizes["cam", 2] <= 45_000  # 22 maps, at most 160 x 160 each (15x smaller before)
+    assert sizes["cam", 2] <= 0.1 * sizes["features", 2]
+    assert sizes["input", 1] <= 3 * 320 * 320 + 4096  # the picture, once
+    step_2 = sum(n for (kind, step), n in sizes.items() if step == 2)
+    assert step_2 <= 900_000  # 5.14 MB at 320 px with full-size overlays
