@@ -11,11 +11,21 @@ measures, each in a fresh process (peak resident memory is the process's own,
 - ``re-index``: the same reader refreshed again, nothing changed (the kept index);
 - ``export``: ``tbfeat export`` of one stage at three steps (first, middle, last);
 - ``tensorboard`` (``--tensorboard``): TensorBoard's ``EventAccumulator`` loading every
-  image, as ``tbfeat export`` did before the reader (slow: minutes per GB).
+  image, as ``tbfeat export`` did before the reader (slow: minutes per GB);
+- ``board`` (``--board N``): the server ``tbfeat board`` starts, keeping ``N`` image steps
+  per tag (``--samples_per_plugin images=N``): its resident memory, children included,
+  once it has loaded the last step.
+
+``--probe`` measures instead what a real probe writes: yolov8n at 640 px with maps on,
+4 probe images, a few steps: bytes per image and step by tag kind, the 300-epoch
+projection, and what ``cam/`` would cost as 256 px RGB overlays or, as before, full-size
+ones.
 
     python scripts/bench_scale.py                      # 300 steps x 8 images x 22 stages
     python scripts/bench_scale.py --steps 30 --tensorboard
     python scripts/bench_scale.py --logdir /data/big --keep   # write once, measure again
+    python scripts/bench_scale.py --steps 300 --images 4 --size 256 --board 100
+    python scripts/bench_scale.py --probe
 """
 
 from __future__ import annotations
@@ -49,15 +59,21 @@ def write_logdir(logdir: Path, steps: int, images: int, stages: int, size: int) 
         sink.encode_image("x", rng.integers(0, 256, (size, size), dtype=np.uint8))
         for _ in range(VARIANTS)
     ]
+    maps = [sink.encode_image("x", rng.integers(0, 254, (40, 40), dtype=np.uint8))
+            for _ in range(VARIANTS)]  # fmt: skip
     bases = [f"{i:02d}_Conv2d" for i in range(stages)]
     n = 0
     for step in range(1, steps + 1):
         bundle = StepBundle(step=step)
+        if step == 1:  # each probe image once, as tbfeat writes it
+            for k in range(images):
+                rgb = rng.integers(0, 256, (4 * size, 4 * size, 3), dtype=np.uint8)
+                bundle.images.append(sink.encode_rgb(tags.input(f"img{k}"), rgb))
         for base in bases:
             for k in range(images):
-                for build in (tags.features, tags.cam):
-                    value = type(encoded[0])()
-                    value.CopyFrom(encoded[n % VARIANTS])
+                for build, variants in ((tags.features, encoded), (tags.cam, maps)):
+                    value = type(variants[0])()
+                    value.CopyFrom(variants[n % VARIANTS])
                     value.tag = build(base, f"img{k}")
                     bundle.images.append(value)
                     n += 1
@@ -110,6 +126,54 @@ def measure(what: str, logdir: str, steps: int) -> dict:
     return row
 
 
+def board_memory(logdir: Path, steps: int, images: int, samples: int) -> dict:
+    """Start ``tbfeat board``'s server keeping ``samples`` image steps per tag; wait until
+    the last step of the last tag is served; its resident memory, children included."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from tbfeat.cli import board_command
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = board_command(logdir, port, samples)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start, last = time.perf_counter(), f"features/00_Conv2d/img{images - 1}"
+    query = urllib.parse.urlencode({"run": ".", "tag": last})
+    url = f"http://127.0.0.1:{port}/data/plugin/images/images?{query}"
+    try:
+        while time.perf_counter() - start < 3600:
+            time.sleep(5)
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r:
+                    served = json.loads(r.read())
+            except OSError:
+                continue
+            if served and served[-1]["step"] == steps:
+                break
+        loaded = time.perf_counter() - start
+        time.sleep(10)  # the reload finishes its other tags
+        return {"case": f"board {samples}", "seconds": loaded,
+                "peak MiB": tree_rss_mib(proc.pid), "steps kept": len(served)}  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and its children (Linux ``/proc``), in MiB."""
+    pids, total = [pid], 0
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,rss="], capture_output=True, text=True)
+    rows = [tuple(map(int, line.split())) for line in out.stdout.splitlines() if line.strip()]
+    while pids:
+        p = pids.pop()
+        total += sum(rss for q, _, rss in rows if q == p)
+        pids += [q for q, parent, _ in rows if parent == p]
+    return total / 1024
+
+
 def child(what: str, logdir: Path, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--measure", what, "--logdir", str(logdir),
            "--steps", str(steps)]  # fmt: skip
@@ -138,6 +202,8 @@ def main() -> None:
     p.add_argument("--logdir", type=Path, help="reuse (or write) this logdir")
     p.add_argument("--keep", action="store_true", help="keep the logdir written")
     p.add_argument("--tensorboard", action="store_true", help="also time EventAccumulator")
+    p.add_argument("--board", type=int, metavar="N", help="also measure tbfeat board's server")
+    p.add_argument("--probe", action="store_true", help="measure a real probe's bytes instead")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     args = p.parse_args()
     for name in ("steps", "images", "stages", "size"):
@@ -145,6 +211,9 @@ def main() -> None:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.measure:
         print(json.dumps(measure(args.measure, str(args.logdir), args.steps)))
+        return
+    if args.probe:
+        probe_bytes()
         return
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="tbfeat-bench-scale-"))
     try:
@@ -155,12 +224,91 @@ def main() -> None:
         size = sum(f.stat().st_size for f in logdir.glob("events.out.tfevents.*"))
         cases = ["imports", "index", "re-index", "export"]
         rows = [child(c, logdir, args.steps) for c in cases + ["tensorboard"] * args.tensorboard]
+        if args.board is not None:
+            rows.append(board_memory(logdir, args.steps, args.images, args.board))
         print(table(rows, f"{args.steps} steps x {args.images} images x {args.stages} stages "
                           f"x 2 grids of {args.size} px: {size / 2**20:.0f} MiB, "
                           f"written in {wrote:.1f} s"))  # fmt: skip
     finally:
         if not args.keep and args.logdir is None:
             shutil.rmtree(logdir, ignore_errors=True)
+
+
+PROBE_STEPS = 3
+
+
+def probe_bytes() -> None:
+    """Bytes a yolov8n probe at 640 px writes per image and step, with maps on."""
+    from PIL import Image, ImageOps
+    from ultralytics import YOLO
+    from ultralytics.utils import ASSETS
+
+    from tbfeat import FeatureLogger
+
+    photos = [Image.open(ASSETS / name).convert("RGB") for name in ("bus.jpg", "zidane.jpg")]
+    probes = [*photos, *(ImageOps.mirror(p) for p in photos)]
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = FeatureLogger(YOLO("yolov8n.yaml"), logdir=tmp, imgsz=640)
+        for step in range(1, PROBE_STEPS + 1):
+            logger.log(probes, step=step, names=["bus", "zidane", "bus_flip", "zidane_flip"])
+        overlays = overlay_bytes(logger, probes)
+        logger.close()
+        kinds, once, total = logged_bytes(Path(tmp))
+    n, mib = len(probes), 2**20
+    print(f"yolov8n 640 px, {n} probe images, maps on: bytes per image and step")
+    for kind, nbytes in sorted(kinds.items()):
+        print(f"  {kind:<12} {nbytes / n / mib:8.3f} MiB")
+    step = total / PROBE_STEPS / n
+    print(f"  {'all':<12} {step / mib:8.3f} MiB  (input/, once per run: {once / n / mib:.3f} MiB)")
+    print(f"300 epochs x {n} images: {(300 * step * n + once) / 2**30:.2f} GiB")
+    for what, nbytes in overlays.items():
+        print(f"cam/ as {what} RGB overlays instead: {nbytes / n / mib:.3f} MiB per image-step")
+
+
+def logged_bytes(logdir: Path) -> tuple[dict[str, float], int, int]:
+    """Per tag kind, the mean bytes per step; the ``input/`` bytes; the event files' size
+    after the first step's ``input/`` pictures (the rest of the run)."""
+    from tbfeat.reader import Reader
+
+    reader = Reader(logdir)
+    sums: dict[str, int] = {}
+    once = 0
+    for tag, info in reader.tags(".").items():
+        if info.kind != "image":
+            continue
+        nbytes = sum(len(reader.image(".", tag, s)) for s in info.steps)
+        kind = tag.partition("/")[0]
+        if kind == "input":
+            once += nbytes
+        else:
+            sums[kind] = sums.get(kind, 0) + nbytes
+    size = sum(f.stat().st_size for f in logdir.glob("events.out.tfevents.*"))
+    return {k: v / PROBE_STEPS for k, v in sums.items()}, once, size - once
+
+
+def overlay_bytes(logger, probes) -> dict[str, float]:
+    """What the maps of one probe step would cost as RGB overlays: at most 256 px on the
+    long side, and at the input's full size (as tbfeat wrote them before)."""
+    import torch.nn.functional as F
+
+    from tbfeat.cams import compute_cams
+    from tbfeat.render import CAM_CMAP, cam_overlay, encode_rgb_png
+
+    adapter = logger.adapter
+    prepared = adapter.prepare(probes, [str(i) for i in range(len(probes))], imgsz=640,
+                               preprocess=None)  # fmt: skip
+    target = logger.options.cam_target_spec()
+    result = compute_cams(adapter, prepared.inputs, logger.stages, "layercam", target)
+    out = {"256 px": 0.0, "full-size": 0.0}
+    for i, seen in enumerate(result.seen):
+        h, w = seen.shape[-2:]
+        scale = 256 / max(h, w)
+        small = F.interpolate(seen[None], size=(round(h * scale), round(w * scale)),
+                              mode="bilinear", antialias=True)[0].clamp(0, 1)  # fmt: skip
+        for maps in result.maps.values():
+            out["256 px"] += len(encode_rgb_png(cam_overlay(small, maps[i], CAM_CMAP)))
+            out["full-size"] += len(encode_rgb_png(cam_overlay(seen, maps[i], CAM_CMAP)))
+    return out
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ from typing import Any
 ALL_STEPS = 100_000
 """``--samples_per_plugin images=`` value: TensorBoard keeps only 10 image steps per tag by
 default (tensorboard#1575), and ``images=0`` shows none (tensorboard#5550)."""
+BOARD_IMAGE_SAMPLES = 100
+"""Image steps per tag ``tbfeat board`` keeps in TensorBoard's memory by default (its
+reservoir sample: the last step always, the others drawn evenly): a 300-epoch
+training's Images tab then stays under 2 GiB (``scripts/bench_scale.py --board``).
+Export and the reader see every step."""
 
 
 class UsageError(Exception):
@@ -146,12 +151,13 @@ def _print_progress(trainer: Any) -> None:
 
 
 # ------------------------------------------------------------------------- board
-def board_command(logdir: str | Path, port: int) -> list[str]:
-    """The TensorBoard command ``tbfeat board`` runs: localhost only, every image step kept."""
+def board_command(logdir: str | Path, port: int, samples: int = ALL_STEPS) -> list[str]:
+    """The TensorBoard command ``tbfeat board`` runs: localhost only, keeping ``samples``
+    image steps per tag."""
     return [
         sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
         "--host", "127.0.0.1", "--port", str(port),
-        "--samples_per_plugin", f"images={ALL_STEPS}",
+        "--samples_per_plugin", f"images={samples}",
     ]  # fmt: skip
 
 
@@ -159,8 +165,8 @@ BOARD_START = "#custom_scalars"
 """Where ``tbfeat board`` opens: the custom scalars overview that every run carries."""
 
 
-def run_board(logdir: Path, port: int) -> int:
-    cmd = board_command(logdir, port)
+def run_board(logdir: Path, port: int, samples: int = BOARD_IMAGE_SAMPLES) -> int:
+    cmd = board_command(logdir, port, samples)
     print(
         f"TensorBoard at http://127.0.0.1:{port}/{BOARD_START} (Ctrl-C stops it): the drift "
         "overview of every stage; the Images tab holds the grids, maps and overview/drift",
@@ -176,7 +182,7 @@ def cmd_board(args: argparse.Namespace) -> int:
     logdir = Path(args.logdir)
     if not logdir.is_dir():
         raise UsageError(f"logdir not found: {str(logdir)!r}")
-    return run_board(logdir, args.port)
+    return run_board(logdir, args.port, args.image_samples)
 
 
 # ------------------------------------------------------------------------- stages
@@ -351,9 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=positive_int, default=6006)
     p.set_defaults(func=cmd_demo)
 
-    p = subcommand(sub, "board", "start TensorBoard showing every logged step")
+    p = subcommand(sub, "board", "start TensorBoard on a logdir tbfeat wrote")
     p.add_argument("logdir")
     p.add_argument("--port", type=positive_int, default=6006)
+    p.add_argument("--image-samples", type=positive_int, default=BOARD_IMAGE_SAMPLES,
+                   metavar="N", help="image steps per tag TensorBoard keeps in memory "
+                   f"(default {BOARD_IMAGE_SAMPLES}; the last always)")  # fmt: skip
     p.set_defaults(func=cmd_board)
 
     p = subcommand(sub, "stages", "print the stage table that --stages selects from")

@@ -6,11 +6,11 @@ run, one figure per ``features/`` and ``cam/`` tag with the picture of each chos
 side by side, one per ``evolution/`` tag, and the ``overview/drift`` picture where the
 run has one. A ``cam/`` map, stored at its stage's resolution, is drawn over the
 ``input/`` picture of its image, at the picture's size (:class:`Blended`). Every other
-logged pixel is kept as it is: a panel is repeated ``k`` times on both axes (nearest neighbour, integer ``k``) and placed at integer
-pixel offsets, so a PNG crop of a panel, taken every ``k``-th pixel, is the logged PNG
-exactly (:func:`panel_layout` says where each panel lies). PDF and SVG embed the same
-pixels in a vector page. Figures are drawn with matplotlib's object-oriented API only: no
-pyplot, no window, no global state.
+logged pixel is kept as it is: a panel is repeated ``k`` times on both axes (nearest
+neighbour, integer ``k``) and placed at integer pixel offsets, so a PNG crop of a panel,
+taken every ``k``-th pixel, is the logged PNG exactly (:func:`panel_layout` says where
+each panel lies). PDF and SVG embed the same pixels in a vector page. Figures are drawn
+with matplotlib's object-oriented API only: no pyplot, no window, no global state.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The tbfeat command end to end, in subprocesses."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -275,14 +276,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_board_serves_the_logdir_on_localhost(tmp_path):
+def test_board_serves_the_logdir_on_localhost_keeping_the_image_steps_asked(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(tmp_path / "run") as w:
         w.add_scalar("x", 1.0, 0)
+        for step in range(12):
+            w.add_image("features/00_Conv/a", torch.full((1, 2, 2), step / 11), step)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tbfeat", "board", tmp_path, "--port", str(port)],
+        [sys.executable, "-m", "tbfeat", "board", tmp_path, "--port", str(port),
+         "--image-samples", "5"],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -297,9 +301,16 @@ def test_board_serves_the_logdir_on_localhost(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert body is not None and "run" in body
+        query = "run=run&tag=features/00_Conv/a"
+        url = f"http://127.0.0.1:{port}/data/plugin/images/images?{query}"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            steps = [e["step"] for e in json.loads(r.read())]
+        assert len(steps) == 5 and steps[-1] == 11  # a sample, and always the last
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
     # it opens where the story starts: the overview of every stage's drift
     assert f"http://127.0.0.1:{port}/#custom_scalars" in output
     assert_usage_error(tbfeat("board", tmp_path / "missing"), "logdir not found")
+    bad = tbfeat("board", tmp_path, "--image-samples", "0")
+    assert bad.returncode == 2 and "--image-samples: must be >= 1, got 0" in bad.stderr
