@@ -169,9 +169,16 @@ _PROBER: StepProber | None = None
 """The worker process's prober (set by :func:`_start`, used by :func:`_log_step`)."""
 
 
+WORKER_NICE = 10
+"""The niceness of worker processes: that of the writer thread (:mod:`tbfeat.worker`),
+which would otherwise wait for the CPU while the workers probe the next steps."""
+
+
 def _start(job: SweepJob, threads: int) -> None:
     global _PROBER
     torch.set_num_threads(threads)
+    with contextlib.suppress(AttributeError, OSError):  # Linux; elsewhere as they are
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), WORKER_NICE))
     _PROBER = StepProber(job)
 
 
