@@ -314,7 +314,8 @@ def sweep(
             step in step order, so the run equals a serial sweep's. ``1``: one at a
             time, here. Under ``torchrun`` (``torch.distributed`` initialized, or
             ``RANK``/``WORLD_SIZE`` set) the ranks share the checkpoints instead (each on
-            ``cuda:<LOCAL_RANK>`` when CUDA is available) and rank 0 alone writes.
+            ``cuda:<LOCAL_RANK>`` when CUDA is available) and rank 0 alone writes:
+            every rank calls :func:`sweep`.
         on_step: Called after each step is logged, with the number of images.
         warn: Called with a message for each decision about a checkpoint or image folder
             (skipped, logged at a step of its own).
