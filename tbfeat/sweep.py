@@ -353,7 +353,7 @@ def sweep(
                                                     arch, model, trust, warn)  # fmt: skip
         result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
         if shared is not None and shared.rank:  # rank 0 writes; the others log their share
-            log_on_ranks(replace(job, device=rank_device()), todo, shared, _no_record)
+            _log_for_rank0(job, todo, shared)
             result.logged = [p.step for p in todo]
             return result
         manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
@@ -440,8 +440,16 @@ def _log_elsewhere(
         raise SweepError(f"{e.what} ({kept_now} in {run.folder})") from e
 
 
-def _no_record(p: PlannedStep, messages: Messages) -> None:
-    raise RuntimeError("only rank 0 writes a sweep")
+def _log_for_rank0(job: SweepJob, todo: list[PlannedStep], shared: Ranks) -> None:
+    """On a rank other than 0: log this rank's share of the steps; rank 0 writes them."""
+
+    def record(p: PlannedStep, messages: Messages) -> None:
+        raise RuntimeError("only rank 0 writes a sweep")
+
+    try:
+        log_on_ranks(replace(job, device=rank_device()), todo, shared, record)
+    except StepFailed as e:
+        raise SweepError(e.what) from e
 
 
 def _plan_on_rank0(

@@ -286,12 +286,10 @@ def log_on_ranks(job: SweepJob, todo: Sequence[Any], ranks: Ranks, record: Recor
     calls this; after each round rank 0 tells all whether the sweep goes on.
 
     Raises:
-        StepFailed: on rank 0, the first step that failed; no step after it is recorded.
-        SweepError: on the other ranks, when rank 0 stopped (a step failed, or writing).
+        StepFailed: on rank 0, the first step that failed (no step after it is
+            recorded); on the other ranks, when rank 0 stopped (a step failed, or writing).
     """
     import torch.distributed as dist
-
-    from .sweep import SweepError
 
     prober = StepProber(job)
     for start in range(0, len(todo), ranks.world):
@@ -302,7 +300,7 @@ def log_on_ranks(job: SweepJob, todo: Sequence[Any], ranks: Ranks, record: Recor
                 dist.send_object_list([result], dst=0, group=ranks.group)
             stop = ranks.broadcast(None)
             if stop is not None:
-                raise SweepError(f"rank 0 stopped the sweep: {stop}")
+                raise StepFailed(None, f"rank 0 stopped the sweep: {stop}", "")
             continue
         results = [result] + [
             _receive(i, ranks) for i in range(1, min(ranks.world, len(todo) - start))

@@ -232,8 +232,10 @@ RANKS = textwrap.dedent(
         [root / f"model_{e}.pth" for e in range(5)], images=[root / "a.png", root / "b.png"],
         logdir=logdir, model=f"{root / 'net.py'}:create",
     )
-    print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "logged": result.logged,
-                                  "pid": os.getpid()}), flush=True)
+    rank = int(os.environ["RANK"])  # each rank its own file: their stdout lines interleave
+    Path(f"result-{rank}.json").write_text(
+        json.dumps({"rank": rank, "logged": result.logged, "pid": os.getpid()})
+    )
     os._exit(0)  # leave without gloo's native teardown (see test_distributed.py)
     """
 )
@@ -250,8 +252,7 @@ def test_a_torchrun_sweep_writes_the_run_a_serial_sweep_writes(tmp_path, sweep_f
         capture_output=True, text=True, env=clean_env(), timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
-               if "RESULT " in line]  # fmt: skip
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
     by_rank = {r["rank"]: r for r in results}
     assert sorted(by_rank) == [0, 1]
     assert by_rank[0]["logged"] == by_rank[1]["logged"] == [1, 2, 3, 4, 5]
