@@ -16,7 +16,7 @@ measures, each in a fresh process (peak resident memory is the process's own,
   per tag (``--samples_per_plugin images=N``): its resident memory, children included,
   once it has loaded the last step.
 
-``--probe`` measures instead what a real probe writes: yolov8n at 640 px with maps on,
+``--case probe`` measures instead what a real probe writes: yolov8n at 640 px with maps on,
 4 probe images, a few steps: bytes per image and step by tag kind, the 300-epoch
 projection, and what ``cam/`` would cost as 256 px RGB overlays or, as before, full-size
 ones.
@@ -25,7 +25,8 @@ ones.
     python scripts/bench_scale.py --steps 30 --tensorboard
     python scripts/bench_scale.py --logdir /data/big --keep   # write once, measure again
     python scripts/bench_scale.py --steps 300 --images 4 --size 256 --board 100
-    python scripts/bench_scale.py --probe
+    python scripts/bench_scale.py --case probe
+    python scripts/bench_scale.py --case sweep --checkpoints 6 --workers 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -193,6 +194,71 @@ def table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+SWEEP_ARCH = "fasterrcnn_mobilenet_v3_large_fpn"
+
+
+def save_checkpoints(folder: Path, n: int) -> list[Path]:
+    """``n`` state dicts of :data:`SWEEP_ARCH` (no download), each its own weights."""
+    import torch
+
+    from tbfeat.integrations.torchvision import build
+
+    torch.manual_seed(0)
+    model = build(SWEEP_ARCH, weights_backbone=None, num_classes=3)
+    paths = []
+    for epoch in range(n):
+        with torch.no_grad():
+            for p in model.backbone.parameters():
+                p.mul_(1.1)
+        paths.append(folder / f"model_{epoch}.pth")
+        torch.save({"model": model.state_dict(), "epoch": epoch}, paths[-1])
+    return paths
+
+
+def probe_image(folder: Path) -> Path:
+    """Ultralytics' bus.jpg when installed, else a picture of noise."""
+    try:
+        from ultralytics.utils import ASSETS
+
+        if (Path(ASSETS) / "bus.jpg").is_file():
+            return Path(ASSETS) / "bus.jpg"
+    except ImportError:
+        pass
+    from PIL import Image
+
+    path = folder / "probe.png"
+    noise = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)
+    return path
+
+
+def bench_sweep(checkpoints: int, workers: int, rounds: int, imgsz: int) -> None:
+    """Serial against ``workers`` processes, interleaved; medians and the speed-up."""
+    import statistics
+
+    import tbfeat
+
+    folder = Path(tempfile.mkdtemp(prefix="tbfeat-bench-sweep-"))
+    try:
+        paths = save_checkpoints(folder, checkpoints)
+        image = probe_image(folder)
+        times: dict[int, list[float]] = {1: [], workers: []}
+        for r in range(rounds):
+            for w in (1, workers):
+                start = time.perf_counter()
+                tbfeat.sweep(paths, images=[image], logdir=folder / f"run{w}", arch=SWEEP_ARCH,
+                             imgsz=imgsz, overwrite=True, workers=w)  # fmt: skip
+                times[w].append(time.perf_counter() - start)
+                print(f"round {r + 1}: workers={w}: {times[w][-1]:.1f} s", flush=True)
+        serial, parallel = statistics.median(times[1]), statistics.median(times[workers])
+        print(f"{checkpoints} checkpoints of {SWEEP_ARCH} at {imgsz} px, maps on, "
+              f"{os.cpu_count()} CPUs: serial {serial:.1f} s ({serial / checkpoints:.1f} s each), "
+              f"workers={workers} {parallel:.1f} s ({parallel / checkpoints:.1f} s each): "
+              f"{serial / parallel:.2f}x (medians of {rounds})")  # fmt: skip
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
@@ -203,17 +269,26 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the logdir written")
     p.add_argument("--tensorboard", action="store_true", help="also time EventAccumulator")
     p.add_argument("--board", type=int, metavar="N", help="also measure tbfeat board's server")
-    p.add_argument("--probe", action="store_true", help="measure a real probe's bytes instead")
     p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=["read", "probe", "sweep"], default="read",
+                   help="read a big logdir back (default), measure a real probe's bytes, "
+                   "or time a sweep's workers")  # fmt: skip
+    p.add_argument("--checkpoints", type=int, default=6, help="sweep: checkpoints")
+    p.add_argument("--workers", type=int, default=2, help="sweep: worker processes")
+    p.add_argument("--rounds", type=int, default=3, help="sweep: interleaved rounds")
+    p.add_argument("--imgsz", type=int, default=320, help="sweep: min_size/max_size")
     args = p.parse_args()
+    if args.case == "sweep":
+        bench_sweep(args.checkpoints, args.workers, args.rounds, args.imgsz)
+        return
+    if args.case == "probe":
+        probe_bytes()
+        return
     for name in ("steps", "images", "stages", "size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.measure:
         print(json.dumps(measure(args.measure, str(args.logdir), args.steps)))
-        return
-    if args.probe:
-        probe_bytes()
         return
     logdir = args.logdir or Path(tempfile.mkdtemp(prefix="tbfeat-bench-scale-"))
     try:

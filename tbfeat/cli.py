@@ -44,6 +44,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .sweep import print_warning, sweep
+    from .writer import global_rank
 
     bar = tqdm(unit="img", desc="sweep", file=sys.stderr)
 
@@ -63,12 +64,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             max_images=args.max_images,
             overwrite=args.overwrite,
             trust=args.trust_checkpoints,
+            workers=args.workers,
             on_step=on_step,
             warn=print_warning,
             max_channels=args.max_channels,
         )
     finally:
         bar.close()
+    if global_rank() != 0:
+        return 0  # rank 0 says what the sweep did
     for step in result.skipped:
         print_warning(f"step {step} is already in {result.logdir}; skipped (--overwrite to redo)")
     if not result.logged:
@@ -345,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-channels", type=positive_int, default=32, help="channels per grid")
     p.add_argument("--overwrite", action="store_true",
                    help="start the sweep's run over instead of skipping logged steps")  # fmt: skip
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="processes that load and probe checkpoints side by side; this one "
+                        "writes (under torchrun the ranks share them instead)")  # fmt: skip
     add_trust_flag(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,18 @@ from .checkpoints import (
 from .files import atomic_write
 from .options import LogOptions
 from .stages import StageSpec
+from .sweep_workers import (
+    Messages,
+    Ranks,
+    StepFailed,
+    SweepJob,
+    check_workers,
+    log_in_workers,
+    log_on_ranks,
+    rank_device,
+    ranks,
+    what_failed,
+)
 
 MANIFEST = "tbfeat-sweep.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -270,6 +282,7 @@ def sweep(
     max_images: int = 8,
     overwrite: bool = False,
     trust: bool = False,
+    workers: int = 1,
     on_step: Callable[[PlannedStep, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **options: Any,
@@ -296,6 +309,13 @@ def sweep(
         trust: Load checkpoints that need globals off tbfeat's allow-list, with full
             unpickling: they can run code, so only for files you trust. Without it such a
             file stops the sweep before any checkpoint is loaded.
+        workers: Processes that load and probe checkpoints side by side (spawned, on the
+            CPU, each with its share of the CPU's threads); this process writes every
+            step in step order, so the run equals a serial sweep's. ``1``: one at a
+            time, here. Under ``torchrun`` (``torch.distributed`` initialized, or
+            ``RANK``/``WORLD_SIZE`` set) the ranks share the checkpoints instead (each on
+            ``cuda:<LOCAL_RANK>`` when CUDA is available) and rank 0 alone writes:
+            every rank calls :func:`sweep`.
         on_step: Called after each step is logged, with the number of images.
         warn: Called with a message for each decision about a checkpoint or image folder
             (skipped, logged at a step of its own).
@@ -308,8 +328,8 @@ def sweep(
         SweepError: a checkpoint failed; the message says which steps are kept.
         UnsafeCheckpointError: without ``trust``, a checkpoint to log needs globals off
             the allow-list; nothing is loaded or logged.
-        ValueError: bad images, checkpoints, architecture, model, stages or options,
-            before anything is created.
+        ValueError: bad images, checkpoints, architecture, model, stages, workers or
+            options, before anything is created.
 
     Example:
         ::
@@ -317,46 +337,152 @@ def sweep(
             tbfeat.sweep(["runs/detect/train/weights"], images=["bus.jpg"],
                          logdir="runs/sweep", imgsz=640)
     """
+    check_workers(workers)
     image_files = collect_images(images, max_images, warn)
     options["max_images"] = len(image_files)
-    LogOptions.from_kwargs(**options)
+    job = SweepJob(tuple(image_files), arch, model, stages, imgsz, trust,
+                   LogOptions.from_kwargs(**options))  # fmt: skip
     source = _model_source(arch, model)
     folder = Path(logdir)
-    manifest = (
-        {"version": 2, "steps": {}, "checkpoints": {}} if overwrite else read_manifest(folder)
-    )
-    plan, todo, kept = _plan(checkpoints, manifest, arch, model, trust, warn)
-    result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
-    manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
-    created = not folder.exists()
-    run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
-    try:
-        for p in todo:
-            try:
-                unreadable = p.kind == "unreadable"  # kind_of raises its reason
-                kind = kind_of(p.path, trust=trust) if unreadable else p.kind
-                loaded = load_checkpoint(p.path, kind, arch, imgsz, trust=trust, model=source)
-                run.log(loaded.model, image_files, imgsz, p)
-            except Exception as e:
-                raise _failed(e, p, sorted(kept + result.logged), folder) from e
-            result.logged.append(p.step)
-            if on_step is not None:
-                on_step(p, len(image_files))
-    finally:
-        run.close()
-        if created and not result.logged:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # made for a first step that failed, if nothing was written
+    with ranks() as shared:
+        if shared is None and workers > 1:
+            job.check_portable()
+        elif shared is not None and workers > 1 and warn is not None:
+            warn(f"workers={workers} is left aside: the {shared.world} ranks share the checkpoints")
+        manifest, plan, todo, kept = _plan_on_rank0(shared, checkpoints, folder, overwrite,
+                                                    arch, model, trust, warn)  # fmt: skip
+        result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
+        if shared is not None and shared.rank:  # rank 0 writes; the others log their share
+            _log_for_rank0(job, todo, shared)
+            result.logged = [p.step for p in todo]
+            return result
+        manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
+        created = not folder.exists()
+        run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
+        try:
+            if shared is None and workers == 1:
+                _log_here(todo, run, result, kept, image_files, arch, imgsz, trust, source,
+                          on_step)  # fmt: skip
+            else:
+                _log_elsewhere(job, todo, shared, workers, run, result, kept, on_step)
+        finally:
+            run.close()
+            if created and not result.logged:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # made for a first step that failed, if nothing was written
     return result
+
+
+def _log_here(
+    todo: list[PlannedStep],
+    run: _Run,
+    result: SweepResult,
+    kept: list[int],
+    image_files: list[Path],
+    arch: str | None,
+    imgsz: int | None,
+    trust: bool,
+    source: Callable[[], Any] | None,
+    on_step: Callable[[PlannedStep, int], None] | None,
+) -> None:
+    """Load, probe and write each step in this process, one at a time."""
+    for p in todo:
+        try:
+            unreadable = p.kind == "unreadable"  # kind_of raises its reason
+            kind = kind_of(p.path, trust=trust) if unreadable else p.kind
+            loaded = load_checkpoint(p.path, kind, arch, imgsz, trust=trust, model=source)
+            run.log(loaded.model, image_files, imgsz, p)
+        except Exception as e:
+            raise _failed(e, p, sorted(kept + result.logged), run.folder) from e
+        result.logged.append(p.step)
+        if on_step is not None:
+            on_step(p, len(image_files))
 
 
 def _failed(error: Exception, p: PlannedStep, kept: list[int], folder: Path) -> SweepError:
     """The error a failed step stops the sweep with, saying which steps are kept."""
-    where = f"steps {', '.join(map(str, kept))} are kept" if kept else "no step is kept"
-    what = str(error) if isinstance(error, CheckpointError) else (
-        f"{p.path}: {type(error).__name__}: {error}"
-    )  # fmt: skip
-    return SweepError(f"{what} ({where} in {folder})")
+    return SweepError(f"{what_failed(error, p)} ({_kept(kept)} in {folder})")
+
+
+def _kept(kept: list[int]) -> str:
+    return f"steps {', '.join(map(str, kept))} are kept" if kept else "no step is kept"
+
+
+# ------------------------------------------------------------------ other processes
+def _log_elsewhere(
+    job: SweepJob,
+    todo: list[PlannedStep],
+    shared: Ranks | None,
+    workers: int,
+    run: _Run,
+    result: SweepResult,
+    kept: list[int],
+    on_step: Callable[[PlannedStep, int], None] | None,
+) -> None:
+    """Log the steps in worker processes or over the ranks; write each here, in order."""
+
+    def record(p: PlannedStep, messages: Messages) -> None:
+        try:
+            run.record(p, messages)
+        except Exception as e:
+            raise _failed(e, p, sorted(kept + result.logged), run.folder) from e
+        result.logged.append(p.step)
+        if on_step is not None:
+            on_step(p, len(job.images))
+
+    try:
+        if shared is not None:
+            log_on_ranks(replace(job, device=rank_device()), todo, shared, record)
+        else:
+            log_in_workers(job, todo, workers, record)
+    except StepFailed as e:
+        kept_now = _kept(sorted(kept + result.logged))
+        raise SweepError(f"{e.what} ({kept_now} in {run.folder})") from e
+
+
+def _log_for_rank0(job: SweepJob, todo: list[PlannedStep], shared: Ranks) -> None:
+    """On a rank other than 0: log this rank's share of the steps; rank 0 writes them."""
+
+    def record(p: PlannedStep, messages: Messages) -> None:
+        raise RuntimeError("only rank 0 writes a sweep")
+
+    try:
+        log_on_ranks(replace(job, device=rank_device()), todo, shared, record)
+    except StepFailed as e:
+        raise SweepError(e.what) from e
+
+
+def _plan_on_rank0(
+    shared: Ranks | None,
+    checkpoints: Sequence[str | os.PathLike],
+    folder: Path,
+    overwrite: bool,
+    arch: str | None,
+    model: Any,
+    trust: bool,
+    warn: Callable[[str], None] | None,
+) -> tuple[dict[str, Any], list[PlannedStep], list[PlannedStep], list[int]]:
+    """The manifest, the plan, the steps to log and the logged steps that stay: read and
+    planned here, or on rank 0 and sent to every rank (its error raised on each)."""
+
+    def planned() -> tuple[dict[str, Any], list[PlannedStep], list[PlannedStep], list[int]]:
+        empty = {"version": 2, "steps": {}, "checkpoints": {}}
+        manifest = empty if overwrite else read_manifest(folder)
+        return (manifest, *_plan(checkpoints, manifest, arch, model, trust, warn))
+
+    if shared is None:
+        return planned()
+    outcome: Any = None
+    if shared.rank == 0:
+        try:
+            outcome = planned()
+        except Exception as e:
+            shared.broadcast(e)
+            raise
+    outcome = shared.broadcast(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def _plan(
@@ -396,6 +522,8 @@ class _Run:
         self.folder, self.manifest, self.stages, self.run = folder, manifest, stages, run
         self.options = options
         self.logger: Any = None
+        self.pipeline: Any = None
+        """The :class:`~tbfeat.run.Run` of steps captured in other processes."""
 
     def log(self, model: Any, images: list[Path], imgsz: int | None, p: PlannedStep) -> None:
         from .logger import FeatureLogger
@@ -407,6 +535,25 @@ class _Run:
         logger = self.logger
         logger.probe(logger.prepare(images, model=model, imgsz=imgsz), model=model, step=p.step)
         logger.flush()
+        self._done(p)
+
+    def record(self, p: PlannedStep, messages: Messages) -> None:
+        """Write a step whose messages were captured in another process (its stages,
+        maps and end), as :meth:`log` writes one captured here."""
+        from .run import Run
+        from .writer import check_logdir
+
+        if self.pipeline is None:
+            check_logdir(self.folder)
+            options = LogOptions.from_kwargs(**self.options)
+            self.pipeline = Run(self.folder, options=options, mode=self.run)
+        for message, nbytes in messages:
+            if not self.pipeline.post(message, nbytes):
+                raise OSError("the writer thread did not make room in time")
+        self.pipeline.flush()
+        self._done(p)
+
+    def _done(self, p: PlannedStep) -> None:
         entry = {"checkpoint": str(p.path.resolve()), "time": time.time()}
         self.manifest["steps"][str(p.step)] = entry
         write_manifest(self.folder, self.manifest)
@@ -414,6 +561,8 @@ class _Run:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if self.pipeline is not None:
+            self.pipeline.close()
 
 
 def _model_source(arch: str | None, model: ModelSource | None) -> Callable[[], Any] | None:
