@@ -285,8 +285,17 @@ def test_board_serves_the_logdir_on_localhost_keeping_the_image_steps_asked(tmp_
             w.add_image("features/00_Conv/a", torch.full((1, 2, 2), step / 11), step)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tbfeat", "board", tmp_path, "--port", str(port),
-         "--image-samples", "5"],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tbfeat",
+            "board",
+            tmp_path,
+            "--port",
+            str(port),
+            "--image-samples",
+            "5",
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
