@@ -367,7 +367,8 @@ def overlay_bytes(logger, probes) -> dict[str, float]:
     import torch.nn.functional as F
 
     from tbfeat.cams import compute_cams
-    from tbfeat.render import CAM_CMAP, cam_overlay, encode_rgb_png
+    from tbfeat.pictures import CAM_CMAP, encode_rgb_png
+    from tbfeat.render import cam_overlay
 
     adapter = logger.adapter
     prepared = adapter.prepare(probes, [str(i) for i in range(len(probes))], imgsz=640,

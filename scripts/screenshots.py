@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     reason = browser_missing()
     if reason:
         parser.error(reason)
-    sys.path.insert(0, str(ROOT))  # tbfeat.cli.ALL_STEPS from this checkout
+    sys.path.insert(0, str(ROOT))  # tbfeat.cli.board_command from this checkout
     if args.stats is None:
         from tbfeat import tags
 

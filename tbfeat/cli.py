@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ALL_STEPS = 100_000
-"""``--samples_per_plugin images=`` value: TensorBoard keeps only 10 image steps per tag by
-default (tensorboard#1575), and ``images=0`` shows none (tensorboard#5550)."""
 BOARD_IMAGE_SAMPLES = 100
-"""Image steps per tag ``tbfeat board`` keeps in TensorBoard's memory by default (its
-reservoir sample: the last step always, the others drawn evenly): a 300-epoch
-training's Images tab then stays under 2 GiB (``scripts/bench_scale.py --board``).
+"""Image steps per tag ``tbfeat board`` keeps in TensorBoard's memory by default
+(``--samples_per_plugin images=``; its reservoir sample: the last step always, the others
+drawn evenly). TensorBoard keeps only 10 by default (tensorboard#1575), ``images=0``
+shows none (tensorboard#5550), and every step holds the whole logdir in memory; with 100
+a 300-epoch training's server stays under 2 GiB (``scripts/bench_scale.py --board``).
 Export and the reader see every step."""
 
 
@@ -135,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     python = shlex.quote(sys.executable)  # runs without an activated environment
     print(f"  {python} -m tbfeat board {shlex.quote(str(root))}")
     print(f"  (or: {python} -m tensorboard.main --logdir {shlex.quote(str(root))} "
-          f"--samples_per_plugin images={ALL_STEPS})")  # fmt: skip
+          f"--samples_per_plugin images={BOARD_IMAGE_SAMPLES})")  # fmt: skip
     if args.serve:
         return run_board(root, args.port)
     return 0
@@ -155,7 +154,7 @@ def _print_progress(trainer: Any) -> None:
 
 
 # ------------------------------------------------------------------------- board
-def board_command(logdir: str | Path, port: int, samples: int = ALL_STEPS) -> list[str]:
+def board_command(logdir: str | Path, port: int, samples: int = BOARD_IMAGE_SAMPLES) -> list[str]:
     """The TensorBoard command ``tbfeat board`` runs: localhost only, keeping ``samples``
     image steps per tag."""
     return [

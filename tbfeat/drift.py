@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .files import atomic_write, open_regular
 from .notes import warn
-from .render import SEPARATOR_INDEX, quantize
+from .pictures import SEPARATOR_INDEX
+from .render import quantize
 
 HISTORY_FILE = "tbfeat-history.pt"
 HISTORY_MAX_BYTES = 2**30

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import tags as tagging
 from .files import atomic_write
@@ -151,13 +150,12 @@ class Blended(Mapping[int, bytes]):
         self._input_steps = sorted(inputs)
 
     def __getitem__(self, step: int) -> bytes:
-        from .render import CAM_CMAP, cam_overlay, cam_values, encode_rgb_png
+        from .pictures import CAM_CMAP, blend, cam_values, encode_rgb_png
 
         indices = decode_indices(self._maps[step], CAM_CMAP)
         at = bisect.bisect_right(self._input_steps, step) - 1
         image = decode_png(self._inputs[self._input_steps[max(at, 0)]])
-        pixels = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
-        return encode_rgb_png(cam_overlay(pixels, cam_values(indices), CAM_CMAP))
+        return encode_rgb_png(blend(image, cam_values(indices), CAM_CMAP))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._maps)
@@ -218,7 +216,7 @@ def decode_indices(data: bytes, cmap: str) -> np.ndarray:
     of an RGB one (a writer given to tbfeat takes RGB pictures only)."""
     from PIL import Image
 
-    from .render import palette_indices
+    from .pictures import palette_indices
 
     with Image.open(io.BytesIO(data)) as im:
         if im.mode == "P":

@@ -114,7 +114,7 @@ class LogOptions:
         self.cam_target_spec()  # raises for a bad cam_target or cam_conf
         if not isinstance(self.cmap, str):
             raise TypeError(f"cmap must be a colormap name, got {self.cmap!r}")
-        from .render import colormap_names  # deferred: matplotlib loads only when needed
+        from .pictures import colormap_names  # deferred: matplotlib loads only when needed
 
         names = colormap_names()
         if self.cmap not in names:

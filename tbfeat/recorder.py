@@ -28,8 +28,8 @@ from .capture import CamImages, Capture, EndStep, Scalars, SetLogdir
 from .drift import HISTORY_FILE, History, mean_map_cell, sample_rows
 from .notes import Notes
 from .options import LogOptions
+from .pictures import CAM_CMAP
 from .render import (
-    CAM_CMAP,
     cam_indices,
     drift_overview,
     feature_tiles,

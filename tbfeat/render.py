@@ -3,64 +3,29 @@
 The heavy part runs on the tensor's own device under ``torch.no_grad()``: pick the
 channels, area-pool each to at most ``tile`` pixels, normalize, quantize to palette
 indices and lay the tiles out in a grid. Only the small ``uint8`` grid moves to the CPU,
-where it is written as an 8-bit palette PNG whose palette is the colormap.
-
-Palette layout (see :func:`palette`): indices ``0..LEVELS-1`` are the colormap from its
-low end to its high end, :data:`NONFINITE_INDEX` marks NaN/Inf pixels and
-:data:`SEPARATOR_INDEX` is the 1 px line between tiles.
+where it is written as an 8-bit palette PNG whose palette is the colormap (the palette,
+its layout and the PNG encoder are in :mod:`tbfeat.pictures`, which needs no torch).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import struct
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-LEVELS = 254
-"""Colour levels of a colormap in a grid; a value ``v`` in [0, 1] maps to ``round(v * 253)``."""
-NONFINITE_INDEX = 254
-SEPARATOR_INDEX = 255
-NONFINITE_RGB = (255, 0, 255)
-SEPARATOR_RGB = (255, 255, 255)
+from .pictures import (
+    CAM_ALPHA,
+    LEVELS,
+    NONFINITE_INDEX,
+    SEPARATOR_INDEX,
+    blend,
+    palette,
+)
+
 _REL_EPS = 1e-5
-
-
-@functools.lru_cache(maxsize=1)
-def colormap_names() -> tuple[str, ...]:
-    """Names accepted as ``cmap``: every colormap registered with matplotlib."""
-    import matplotlib
-
-    return tuple(sorted(matplotlib.colormaps))
-
-
-@functools.lru_cache(maxsize=32)
-def colormap_lut(cmap: str = "viridis", levels: int = LEVELS) -> np.ndarray:
-    """``(levels, 3)`` uint8 RGB table: entry ``i`` is the colormap at ``i / (levels - 1)``."""
-    import matplotlib
-
-    if cmap not in colormap_names():
-        raise ValueError(f"unknown cmap {cmap!r}; allowed: {', '.join(colormap_names())}")
-    rgba = matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, levels))
-    lut = np.round(rgba[:, :3] * 255.0).astype(np.uint8)
-    lut.setflags(write=False)
-    return lut
-
-
-@functools.lru_cache(maxsize=32)
-def palette(cmap: str = "viridis") -> np.ndarray:
-    """The full 256-entry ``(256, 3)`` uint8 palette of a grid: colormap, NaN marker, separator."""
-    pal = np.empty((256, 3), dtype=np.uint8)
-    pal[:LEVELS] = colormap_lut(cmap, LEVELS)
-    pal[NONFINITE_INDEX] = NONFINITE_RGB
-    pal[SEPARATOR_INDEX] = SEPARATOR_RGB
-    pal.setflags(write=False)
-    return pal
 
 
 def pool_factor(height: int, width: int, tile: int) -> int:
@@ -261,75 +226,6 @@ def colorize(indices: np.ndarray | torch.Tensor, cmap: str = "viridis") -> np.nd
     return palette(cmap)[indices]
 
 
-def encode_png(indices: np.ndarray, cmap: str = "viridis", compress_level: int = 1) -> bytes:
-    """Encode a 2-D uint8 index grid as an 8-bit palette PNG with the colormap as palette.
-
-    The PNG is assembled here (``IHDR``, ``PLTE``, one ``IDAT``, ``IEND``; no row
-    filters) and deflated by ISA-L (the ``isal`` package) when it is installed, about 7x
-    faster than zlib at the same size, else by zlib. The bytes decode to the same pixels
-    either way.
-    """
-    if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8 or indices.ndim != 2:
-        raise TypeError("indices must be a 2-D uint8 numpy array from feature_grid")
-    height, width = indices.shape
-    rows = np.zeros((height, width + 1), dtype=np.uint8)  # filter byte 0 (None) per row
-    rows[:, 1:] = indices
-    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)  # 8-bit palette
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"PLTE", palette(cmap).tobytes()),
-            _png_chunk(b"IDAT", _deflate()(rows.tobytes(), compress_level)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
-
-
-def encode_rgb_png(rgb: np.ndarray, compress_level: int = 1) -> bytes:
-    """Encode an ``(H, W, 3)`` uint8 RGB array as an 8-bit truecolour PNG (as
-    :func:`encode_png`, without a palette)."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.shape[2:] != (3,):
-        raise TypeError("rgb must be an (H, W, 3) uint8 numpy array")
-    height, width, _ = rgb.shape
-    rows = np.zeros((height, 3 * width + 1), dtype=np.uint8)  # filter byte 0 per row
-    rows[:, 1:] = rgb.reshape(height, 3 * width)
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    return b"".join(
-        (
-            _PNG_SIGNATURE,
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", _deflate()(rows.tobytes(), compress_level)),
-            _png_chunk(b"IEND", b""),
-        )
-    )
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    crc = zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-
-@functools.lru_cache(maxsize=1)
-def _deflate() -> Callable[[bytes, int], bytes]:
-    """``compress(data, level)`` into a zlib stream: ISA-L's when available."""
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return zlib.compress
-    return lambda data, level: isal_zlib.compress(data, min(max(level, 0), 3))
-
-
-CAM_ALPHA = 0.5
-"""Weight of the colour-mapped class activation map over the image in :func:`cam_overlay`."""
-CAM_CMAP = "inferno"
-"""The perceptually uniform colormap of logged class activation maps: dark is no
-evidence, bright yellow the strongest."""
-
-
 @torch.no_grad()
 def cam_indices(cam: torch.Tensor, tile: int = 128) -> np.ndarray:
     """A class activation map as tbfeat stores it: ``(h, w)`` uint8 palette indices of
@@ -352,37 +248,6 @@ def cam_indices(cam: torch.Tensor, tile: int = 128) -> np.ndarray:
     return quantize(x, dims=(2, 3))[0, 0].numpy()
 
 
-def cam_values(indices: np.ndarray) -> torch.Tensor:
-    """The ``(h, w)`` map in [0, 1] that :func:`cam_indices` stored.
-
-    Example:
-        >>> import numpy as np
-        >>> cam_values(np.array([[0, 253]], dtype=np.uint8)).tolist()
-        [[0.0, 1.0]]
-    """
-    if not isinstance(indices, np.ndarray) or indices.dtype != np.uint8 or indices.ndim != 2:
-        raise TypeError("indices must be a 2-D uint8 numpy array from cam_indices")
-    return torch.from_numpy(np.minimum(indices, LEVELS - 1).astype(np.float32) / (LEVELS - 1))
-
-
-def palette_indices(rgb: np.ndarray, cmap: str) -> np.ndarray:
-    """The palette indices of an ``(H, W, 3)`` picture :func:`colorize` drew with
-    ``cmap`` (the colours of a writer given to tbfeat, which takes RGB only); a colour
-    not in the palette takes the nearest one's index."""
-    pal = palette(cmap)[:LEVELS].astype(np.int64)
-    flat = rgb.reshape(-1, 3).astype(np.int64)
-    weights = np.array([1 << 16, 1 << 8, 1])
-    keys, wanted = pal @ weights, flat @ weights
-    order = np.argsort(keys, kind="stable")
-    pos = np.searchsorted(keys[order], wanted).clip(max=len(keys) - 1)
-    found = order[pos]
-    missing = np.flatnonzero(keys[found] != wanted)
-    if missing.size:  # not drawn by colorize: the nearest colour, a few pixels at a time
-        distance = ((flat[missing, None, :] - pal[None]) ** 2).sum(-1)
-        found[missing] = distance.argmin(1)
-    return found.astype(np.uint8).reshape(rgb.shape[:2])
-
-
 def to_rgb8(image: torch.Tensor) -> np.ndarray:
     """A ``(3, H, W)`` float image in [0, 1] (clipped) as an ``(H, W, 3)`` uint8 array."""
     rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
@@ -395,14 +260,16 @@ def cam_overlay(
 ) -> np.ndarray:
     """A class activation map blended over the image the model saw.
 
-    The map, of any size (a stage's own resolution, as tbfeat stores it), is resized to
-    the image bilinearly; each pixel is then ``(1 - alpha) * image + alpha * cmap(cam)``,
-    rounded to uint8. The colormap is perceptually uniform by default, so brightness
-    follows the map.
+    The image is taken as 8-bit (:func:`to_rgb8`); the map, of any size (a stage's own
+    resolution, as tbfeat stores it), is resized to it bilinearly, and each pixel is
+    ``(1 - alpha) * image + alpha * cmap(cam)``, rounded to uint8
+    (:func:`tbfeat.pictures.blend`). The colormap is perceptually uniform by default, so
+    brightness follows the map.
 
     Args:
         image: ``(3, H, W)`` RGB float tensor in [0, 1] (values outside are clipped).
-        cam: ``(h, w)`` map in [0, 1], as :func:`tbfeat.stage_cams` gives per image.
+        cam: ``(h, w)`` map in [0, 1] (tensor or array), as :func:`tbfeat.stage_cams`
+            gives per image.
         cmap: A matplotlib colormap name.
         alpha: Weight of the map, in [0, 1].
 
@@ -417,22 +284,15 @@ def cam_overlay(
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be a (3, H, W) tensor, got {got}")
-    if not isinstance(cam, torch.Tensor) or cam.dim() != 2 or 0 in cam.shape:
-        got = tuple(cam.shape) if isinstance(cam, torch.Tensor) else type(cam).__name__
+    if not isinstance(cam, (torch.Tensor, np.ndarray)) or cam.ndim != 2 or 0 in cam.shape:
+        got = tuple(cam.shape) if isinstance(cam, (torch.Tensor, np.ndarray)) else type(cam)
         raise ValueError(f"cam must be an (h, w) tensor, got {got}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    values = cam.detach().float().cpu().nan_to_num(0.0)
+    values = torch.as_tensor(cam).detach().float().cpu().nan_to_num(0.0).numpy()
     if float(values.min()) < -1e-6 or float(values.max()) > 1 + 1e-6:
         raise ValueError("cam must hold values in [0, 1] (stage_cams scales each map so)")
-    size = tuple(image.shape[1:])
-    if tuple(values.shape) != size:
-        values = F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)
-        values = values[0, 0]
-    lut = colormap_lut(cmap, 256).astype(np.float32)
-    colour = lut[np.rint(values.clamp(0, 1).numpy() * 255).astype(np.int64)]
-    rgb = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0
-    return np.rint((1.0 - alpha) * rgb + alpha * colour).clip(0, 255).astype(np.uint8)
+    return blend(to_rgb8(image), values, cmap, alpha)
 
 
 DRIFT_CMAP = "magma"

@@ -343,7 +343,7 @@ class EventSink:
             return (tag, colorize(grid, cmap))
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from .render import encode_png
+        from .pictures import encode_png
 
         height, width = grid.shape
         png = encode_png(grid, cmap)
@@ -357,7 +357,7 @@ class EventSink:
             return (tag, rgb)
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from .render import encode_rgb_png
+        from .pictures import encode_rgb_png
 
         height, width, _ = rgb.shape
         png = encode_rgb_png(rgb)

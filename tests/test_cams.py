@@ -12,16 +12,8 @@ from PIL import Image
 from torch import nn
 
 from tbfeat import FeatureLogger, stage_cams
-from tbfeat.render import (
-    CAM_ALPHA,
-    CAM_CMAP,
-    LEVELS,
-    cam_indices,
-    cam_overlay,
-    cam_values,
-    palette,
-    to_rgb8,
-)
+from tbfeat.pictures import CAM_ALPHA, CAM_CMAP, LEVELS, cam_values, palette
+from tbfeat.render import cam_indices, cam_overlay, to_rgb8
 from tbfeat.targets import CamTarget, choose
 
 from .helpers import blended, decode, indices, read_events

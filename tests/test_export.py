@@ -12,7 +12,8 @@ from PIL import Image
 
 from tbfeat import FeatureLogger
 from tbfeat.export import ExportError, export, panel_layout, select_stages
-from tbfeat.render import CAM_CMAP, cam_overlay, cam_values, colorize
+from tbfeat.pictures import CAM_CMAP, cam_values
+from tbfeat.render import cam_overlay, colorize
 
 from .helpers import blended, decode, indices, read_events
 
@@ -240,3 +241,22 @@ def test_maps_of_a_given_writer_and_overlays_of_older_runs_are_drawn_too(tmp_pat
     paths = export(tmp_path / "older", tmp_path / "figures")
     assert {p.name for p in paths} == {"features_04_layer1_x.png", "cam_04_layer1_x.png"}
     assert_panels_exact(tmp_path / "figures" / "cam_04_layer1_x.png", [overlay])
+
+
+def test_export_reads_back_without_loading_torch(demo, tmp_path):
+    """What reads a logdir back loads neither torch nor the model side: the command's
+    memory is that of the pictures it draws (maps blended over their images included)."""
+    code = (
+        "import sys\n"
+        "from tbfeat.cli import main\n"
+        "rc = main(['export', sys.argv[1], '--out', sys.argv[2], '--stages', '4', '--dpi', '72'])\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('tbfeat.'))\n"
+        "print(rc, *loaded)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, demo / "train", tmp_path], text=True,
+                          capture_output=True, check=False, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rc, *loaded = proc.stdout.split("\n")[-2].split()
+    assert rc == "0" and "torch" not in loaded, loaded
+    assert {"tbfeat.export", "tbfeat.reader", "tbfeat.pictures"} <= set(loaded)
+    assert (tmp_path / "cam_04_layer1_0.png").is_file()

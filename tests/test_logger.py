@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from tbfeat import STAT_NAMES, FeatureLogger, LogOptions, list_stages
 from tbfeat.integrations.torchvision import build
-from tbfeat.render import LEVELS
+from tbfeat.pictures import LEVELS
 
 from .helpers import decode, read_events
 

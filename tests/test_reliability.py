@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from tbfeat import FeatureLogger
-from tbfeat.render import NONFINITE_RGB
+from tbfeat.pictures import NONFINITE_RGB
 
 from .helpers import decode, read_events
 

@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 
 from tbfeat import colorize, feature_grid
-from tbfeat.render import (
+from tbfeat.pictures import (
     LEVELS,
     NONFINITE_INDEX,
     NONFINITE_RGB,
     SEPARATOR_INDEX,
     SEPARATOR_RGB,
     encode_png,
-    select_channels,
 )
+from tbfeat.render import select_channels
 
 
 def expected_rgb(values: np.ndarray, lo: float, hi: float, cmap: str = "viridis") -> np.ndarray:
@@ -149,7 +149,7 @@ def test_strongest_channels_are_ranked_by_mean():
 def test_png_from_isal_and_from_zlib_decode_to_the_same_pixels(monkeypatch):
     import zlib
 
-    import tbfeat.render as render
+    import tbfeat.pictures as render
 
     rng = np.random.default_rng(0)
     grid = rng.integers(0, 256, (37, 129), dtype=np.uint8)

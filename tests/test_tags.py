@@ -16,7 +16,7 @@ from tensorboard.plugins.scalar import scalars_plugin
 from torch import nn
 
 from tbfeat import STAT_NAMES, FeatureLogger, tags
-from tbfeat.render import LEVELS, palette
+from tbfeat.pictures import LEVELS, palette
 from tbfeat.tags import Grid, Output, RunInfo, Tag
 
 from .helpers import decode, read_events

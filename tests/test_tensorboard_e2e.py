@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tbfeat.cli import ALL_STEPS
+from tbfeat.cli import BOARD_IMAGE_SAMPLES
 
 pytest.importorskip("ultralytics")  # the demo trains YOLOv8n
 
@@ -148,7 +148,7 @@ def board(demo, events, tmp_path_factory):
     tb = shots.TensorBoard(demo, log=tmp_path_factory.mktemp("tb") / "tensorboard.log")
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(demo)]
     command += ["--host", "127.0.0.1", "--port", str(tb.port)]
-    command += ["--samples_per_plugin", f"images={ALL_STEPS}"]
+    command += ["--samples_per_plugin", f"images={BOARD_IMAGE_SAMPLES}"]
     assert tb.command == command  # as `tbfeat board` runs it
     tb.start(timeout=60)
     try:

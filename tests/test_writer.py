@@ -82,7 +82,7 @@ def test_a_writer_without_raw_access_gets_the_public_api(tmp_path):
 
 
 def test_write_errors_warn_once_and_later_steps_still_land(tmp_path, monkeypatch):
-    import tbfeat.render as render
+    import tbfeat.pictures as render
 
     real = render.encode_png
     state = {"fail": True}
