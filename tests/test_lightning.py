@@ -83,10 +83,11 @@ def test_callback_logs_each_validation_epoch_into_lightnings_own_run(tmp_path):
         for kind in ("cam", "features")
         for k in ("00_Conv2d", "01_BatchNorm2d", "02_ReLU")
         for n in ("a", "b")
-    ]
+    ] + ["input/a", "input/b"]
     # every epoch, the sanity check skipped, next to Lightning's own metrics
     for kind in ("features", "cam"):
         assert [e.step for e in acc.Images(f"{kind}/00_Conv2d/a")] == [0, 1, 2]
+    assert [e.step for e in acc.Images("input/a")] == [0]  # the same probe image each epoch
     assert "val_loss" in tags["scalars"] and "train_loss" in tags["scalars"]
     assert [e.step for e in acc.Scalars("stats/03_head/mean")] == [0, 1, 2]
     # the model trained between epochs: its first stage's statistics moved
