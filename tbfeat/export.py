@@ -141,9 +141,10 @@ def image_tag(tag: str) -> tuple[str, str, str | None] | None:
 
 class Blended(Mapping[int, bytes]):
     """The ``cam/`` maps of one image by step, each drawn over the ``input/`` picture
-    of the image at the latest step up to it (the earliest, for a step before any), as a
-    PNG. A run tbfeat wrote before maps were stored as maps holds no ``input/`` tags: its
-    ``cam/`` tags are the overlays themselves, read as they are."""
+    of the image at the latest step up to it, as a PNG. tbfeat wrote the picture with
+    the first map, so a step before any picture was written before maps were stored as
+    maps (a run continued after an upgrade): its ``cam/`` PNG is the overlay itself, read
+    as it is, as are the ``cam/`` tags of a run with no ``input/`` tags at all."""
 
     def __init__(self, maps: Mapping[int, bytes], inputs: Mapping[int, bytes]) -> None:
         self._maps, self._inputs = maps, inputs
@@ -152,9 +153,11 @@ class Blended(Mapping[int, bytes]):
     def __getitem__(self, step: int) -> bytes:
         from .pictures import CAM_CMAP, blend, cam_values, encode_rgb_png
 
-        indices = decode_indices(self._maps[step], CAM_CMAP)
         at = bisect.bisect_right(self._input_steps, step) - 1
-        image = decode_png(self._inputs[self._input_steps[max(at, 0)]])
+        if at < 0:
+            return self._maps[step]
+        indices = decode_indices(self._maps[step], CAM_CMAP)
+        image = decode_png(self._inputs[self._input_steps[at]])
         return encode_rgb_png(blend(image, cam_values(indices), CAM_CMAP))
 
     def __iter__(self) -> Iterator[int]:

@@ -241,6 +241,14 @@ def test_maps_of_a_given_writer_and_overlays_of_older_runs_are_drawn_too(tmp_pat
     paths = export(tmp_path / "older", tmp_path / "figures")
     assert {p.name for p in paths} == {"features_04_layer1_x.png", "cam_04_layer1_x.png"}
     assert_panels_exact(tmp_path / "figures" / "cam_04_layer1_x.png", [overlay])
+    # the same run continued by today's tbfeat: the old step as logged, the new one drawn
+    more = FeatureLogger(net, logdir=tmp_path / "older", stages=["layer1"], max_channels=2)
+    more.log([image], step=2, names=["x"])
+    more.close()
+    export(tmp_path / "older", tmp_path / "continued")
+    drawn = blended(tmp_path / "older", tag, 2)
+    assert np.array_equal(drawn, blended(tmp_path / "own", tag, 1))
+    assert_panels_exact(tmp_path / "continued" / "cam_04_layer1_x.png", [overlay, drawn])
 
 
 def test_export_reads_back_without_loading_torch(demo, tmp_path):
