@@ -257,15 +257,16 @@ def _shape(output: Any) -> str:
 
 # ------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .export import DPI, export
 
+    dpi = DPI if args.dpi is None else args.dpi
     paths = export(
         args.logdir, args.out, stages=args.stages, steps=args.steps, images=args.images,
-        fmt=args.format, dpi=args.dpi,
+        fmt=args.format, dpi=dpi,
     )  # fmt: skip
     for path in paths:
         print(path)
-    print(f"exported {len(paths)} figures ({args.format}, {args.dpi} dpi) to {args.out}")
+    print(f"exported {len(paths)} figures ({args.format}, {dpi} dpi) to {args.out}")
     return 0
 
 
@@ -395,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image names; default all")  # fmt: skip
     p.add_argument("--format", default="png", metavar="{png,pdf,svg}",
                    help="png at --dpi, or vector pdf/svg with the panels embedded")  # fmt: skip
-    p.add_argument("--dpi", type=int, default=300, help="resolution, at least 72")
+    p.add_argument("--dpi", type=int, default=None,
+                   help="resolution, at least 72 (default: tbfeat.export.DPI, 300)")  # fmt: skip
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from .reader import Reader
 
 FORMATS = ("png", "pdf", "svg")
 MIN_DPI = 72
+DPI = 300
+"""The resolution figures are drawn at unless asked otherwise (``tbfeat export --dpi``)."""
 PANEL_INCHES = 2.0
 """A panel is upscaled (integer factor) to at least this width, where the cap allows."""
 MAX_SCALE = 24
@@ -516,7 +519,13 @@ def _text_width(text: str, points: float, dpi: int) -> int:
 
 
 def render(plate: Plate, path: Path, fmt: str = "png", dpi: int = 300) -> None:
-    """Draw one figure into ``path`` (a new temporary file, then renamed over it).
+    """Draw one figure into ``path`` (a new temporary file, then renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: draw(plate, f, fmt, dpi), durable=False)
+
+
+def draw(plate: Plate, file: IO[bytes], fmt: str = "png", dpi: int = 300) -> None:
+    """Draw one figure into a binary file.
 
     The panels lie where :func:`panel_layout` puts them; the title is left-aligned above
     them, and the figure grows to the right where the title is the wider.
@@ -541,9 +550,7 @@ def render(plate: Plate, path: Path, fmt: str = "png", dpi: int = 300) -> None:
         fig.figimage(big, xo=box.x, yo=lay.height - box.y - box.height, origin="upper")
         text(box.x + box.width / 2, box.y - lay.label_band / 2, label, LABEL_PT)
     text(lay.margin, lay.margin + lay.title_band / 2, plate.title, TITLE_PT, ha="left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, facecolor="white"),
-                 durable=False)  # fmt: skip
+    fig.savefig(file, format=fmt, dpi=dpi, facecolor="white")
 
 
 def _check_output(out: Path, fmt: str, dpi: int) -> str:
@@ -567,7 +574,7 @@ def export(
     steps: Iterable[int] | None = None,
     images: Iterable[str] | None = None,
     fmt: str = "png",
-    dpi: int = 300,
+    dpi: int = DPI,
 ) -> list[Path]:
     """Draw figures of what tbfeat logged under ``logdir`` into ``out``; no model needed.
 

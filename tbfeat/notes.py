@@ -44,17 +44,20 @@ class Notes:
         False
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log: bool = False) -> None:
+        self.log = log
+        """Say warnings too in the ``tbfeat`` log (one line each, at WARNING), not as
+        Python warnings: for a server, whose log is its output."""
         self._said: set[str] = set()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, object]:
         """What was said, without the lock: an object that holds notes stays picklable
         (a callback sent to a DDP process)."""
-        return {"said": set(self._said)}
+        return {"said": set(self._said), "log": self.log}
 
     def __setstate__(self, state: dict[str, object]) -> None:
-        self.__init__()
+        self.__init__(bool(state.get("log", False)))
         self._said = set(state["said"])
 
     def __call__(self, key: str, message: str, warn: bool = False, stacklevel: int = 2) -> bool:
@@ -63,7 +66,9 @@ class Notes:
             if key in self._said:
                 return False
             self._said.add(key)
-        if warn:
+        if warn and self.log:
+            logging.getLogger("tbfeat").warning(_text(message))
+        elif warn:
             _warning(message, stacklevel + 1)
         else:
             logging.getLogger("tbfeat").info(_text(message))

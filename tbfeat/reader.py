@@ -35,7 +35,9 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -82,14 +84,16 @@ class TagInfo:
 
 
 class _Tag:
-    """One tag's index: ``steps`` maps a step to ``(file, record, position in it)``."""
+    """One tag's index: ``steps`` maps a step to ``(file, record, position in it)``;
+    a scalar tag also keeps its values (``values``, by step), a few bytes each."""
 
-    __slots__ = ("kind", "plugin", "steps")
+    __slots__ = ("kind", "plugin", "steps", "values")
 
     def __init__(self, kind: str, plugin: str = "") -> None:
         self.kind = kind
         self.plugin = plugin
         self.steps: dict[int, tuple[FileIndex, Record, int]] = {}
+        self.values: dict[int, float] = {}
 
 
 def _open(path: str) -> int | None:
@@ -190,6 +194,8 @@ class FileIndex:
             if not tag.plugin and value.HasField("metadata"):
                 tag.plugin = value.metadata.plugin_data.plugin_name
             tag.steps[record.step] = (self, record, position)
+            if kind == "scalar":
+                tag.values[record.step] = value.simple_value
 
     def read(self, record: Record) -> Any:
         """The ``Event`` of one indexed record, read alone.
@@ -215,11 +221,59 @@ class FileIndex:
         return Event.FromString(payload)
 
 
+class RecordCache:
+    """The events parsed last, up to ``max_bytes`` of records, least recently used out.
+
+    tbfeat writes a step as one event, so the cells of a step that a dashboard asks for
+    at once share one record: it is read and parsed once, by the first request, while
+    the others wait for it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._size = 0
+        self._pending: dict[tuple, Future] = {}
+
+    def get(self, key: tuple, size: int, load: Callable[[], Any]) -> Any:
+        """The value cached at ``key``, else ``load()``'s (kept if ``size`` fits)."""
+        if size > self.max_bytes:
+            return load()
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key][0]
+            pending = self._pending.get(key)
+            if pending is None:
+                mine = self._pending[key] = Future()
+        if pending is not None:
+            return pending.result()
+        try:
+            value = load()
+        except BaseException as e:
+            with self._lock:
+                del self._pending[key]
+            mine.set_exception(e)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._items[key] = (value, size)
+            self._size += size
+            while self._size > self.max_bytes:
+                self._size -= self._items.popitem(last=False)[1][1]
+        mine.set_result(value)
+        return value
+
+
 class Reader:
     """Runs, tags, steps and single values of the event files under a logdir.
 
     Args:
         logdir: A run folder, or a folder of runs.
+        cache_bytes: Keep the events parsed last, up to this many bytes of records
+            (:class:`RecordCache`; 0, the default, reads each value anew).
+        notes: Where the reader says what it skipped (a damaged record, an odd entry);
+            default a :class:`~tbfeat.notes.Notes` of its own, as Python warnings.
 
     Example:
         >>> import tempfile
@@ -227,15 +281,19 @@ class Reader:
         []
     """
 
-    def __init__(self, logdir: str | os.PathLike) -> None:
+    def __init__(
+        self, logdir: str | os.PathLike, cache_bytes: int = 0, notes: Notes | None = None
+    ) -> None:
         self.logdir = Path(logdir)
+        self._cache = RecordCache(cache_bytes)
+        self._versions: dict[str, int] = {}
         self.bytes_read = 0
         """Bytes of event files read so far, to index them or read values."""
         self._files: dict[str, FileIndex] = {}
         self._runs: dict[str, list[FileIndex]] = {}
         self._views: dict[str, dict[str, _Tag]] = {}
         self._skipped: set[str] = set()
-        self._notes = Notes()
+        self._notes = notes if notes is not None else Notes()
         self._fresh = False
         self._lock = threading.RLock()
         """Held while the index is read or changed: a dashboard asks from many threads."""
@@ -262,6 +320,7 @@ class Reader:
                     runs.setdefault(run, []).append(file)
             if changed:
                 self._views.pop(run, None)
+                self._versions[run] = self._versions.get(run, 0) + 1
         self._files, self._runs, self._fresh = files, runs, True
         self._views = {r: v for r, v in self._views.items() if r in runs}
 
@@ -319,6 +378,7 @@ class Reader:
                         merged = view[name] = _Tag(tag.kind, merged.plugin if merged else "")
                     merged.plugin = merged.plugin or tag.plugin
                     merged.steps.update(tag.steps)
+                    merged.values.update(tag.values)
         self._views[run] = view
         return view
 
@@ -329,6 +389,12 @@ class Reader:
         with self._lock:
             self._ensure()
             return list(self._runs)
+
+    def version(self, run: str) -> int:
+        """A number that grows each time :meth:`refresh` finds the run changed (what is
+        derived from its index can be kept until then); 0 for an unknown run."""
+        with self._lock:
+            return self._versions.get(run, 0)
 
     def tags(self, run: str) -> dict[str, TagInfo]:
         """Every tag of a run, sorted, with its kind, plugin and steps."""
@@ -351,13 +417,18 @@ class Reader:
     def value(self, run: str, tag: str, step: int) -> Any:
         """The ``Summary.Value`` logged at ``(run, tag, step)``, read from its record."""
         file, record, position = self._locate(run, tag, step)
-        event = file.read(record)
-        with self._lock:
-            self.bytes_read += HEAD.size + record.length + TAIL.size
+        event = self._cache.get((file.path, file.key[:2] if file.key else None, record),
+                                record.length, lambda: self._read(file, record))  # fmt: skip
         values = event.summary.value
         if position >= len(values) or values[position].tag != tag or event.step != step:
             raise NotLogged(f"event file {file.path!r} changed at byte {record.offset}")
         return values[position]
+
+    def _read(self, file: FileIndex, record: Record) -> Any:
+        event = file.read(record)
+        with self._lock:
+            self.bytes_read += HEAD.size + record.length + TAIL.size
+        return event
 
     def image(self, run: str, tag: str, step: int) -> bytes:
         """The encoded picture (PNG for tbfeat's) of an image tag at a step."""
@@ -367,11 +438,22 @@ class Reader:
         return value.image.encoded_image_string
 
     def scalar(self, run: str, tag: str, step: int) -> float:
-        """The value of a scalar tag at a step."""
-        value = self.value(run, tag, step)
-        if value.WhichOneof("value") != "simple_value":
-            raise NotLogged(f"tag {tag!r} of run {run!r} is not a scalar")
-        return value.simple_value
+        """The value of a scalar tag at a step (kept in the index: nothing is read)."""
+        with self._lock:
+            found = self._tag(run, tag)
+            if found.kind != "scalar":
+                raise NotLogged(f"tag {tag!r} of run {run!r} is not a scalar")
+            if step not in found.values:
+                raise NotLogged(f"run {run!r} has no step {step!r} of tag {tag!r}")
+            return found.values[step]
+
+    def scalars(self, run: str, tag: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of a scalar tag, by step (from the index: nothing is read)."""
+        with self._lock:
+            found = self._tag(run, tag)
+            if found.kind != "scalar":
+                raise NotLogged(f"tag {tag!r} of run {run!r} is not a scalar")
+            return sorted(found.values.items())
 
     def run_info(self, run: str, step: int | None = None) -> tagging.RunInfo | None:
         """The run's metadata (:class:`tbfeat.tags.RunInfo`) as logged last at or before
