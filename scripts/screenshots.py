@@ -84,15 +84,26 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------------- TensorBoard
 class TensorBoard:
-    """The real TensorBoard server on 127.0.0.1 and a free port, with every image step
-    kept (the setting ``tbfeat board`` uses); a context manager that always stops it."""
+    """The real TensorBoard server on 127.0.0.1 and a free port, as ``tbfeat board`` runs
+    it (or, with ``plain``, as ``tensorboard --logdir`` does); a context manager that
+    always stops it."""
 
-    def __init__(self, logdir: str | Path, *, port: int | None = None, log: Path | None = None):
+    def __init__(
+        self,
+        logdir: str | Path,
+        *,
+        port: int | None = None,
+        log: Path | None = None,
+        plain: bool = False,
+    ):
         from tbfeat.cli import board_command
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = board_command(logdir, self.port)
+        if plain:  # plain `tensorboard --logdir`, with no flag of tbfeat's
+            self.command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+                            "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         self.own_log = log is None  # removed by stop()
         if log is None:
             fd, name = tempfile.mkstemp(prefix="tensorboard-", suffix=".log")

@@ -88,3 +88,42 @@ def numpy_stats(a: np.ndarray) -> dict:
         "negative_fraction": (a < 0).mean(),
         "nonfinite_count": 0.0,
     }
+
+
+TINY_SHAPES = {"00_Conv2d": (8, 32, 40), "01_ReLU": (8, 32, 40), "02_Conv2d": (16, 16, 20),
+               "03_ReLU": (16, 16, 20), "04_AdaptiveAvgPool2d": (16, 1, 1)}  # fmt: skip
+"""The stages of :func:`tiny_run`'s model with a feature map, and their shapes (C, H, W)."""
+TINY_IMAGES = ("bus", "zidane")
+
+
+def tiny_model(seed: int = 0):
+    """A small classifier: two convolutions, pooling, a linear head."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
+    )  # fmt: skip
+
+
+def tiny_run(logdir, steps: int, seed: int = 0, start: int = 0) -> None:
+    """A real run of :func:`tiny_model`: each step perturbs the weights, then logs two
+    32x40 probe images (grids, maps, drift) and the "training's" own scalars
+    ``metrics/mAP50(B)`` (``step / 100``) and ``train/box_loss`` (``1 / (step + 1)``)."""
+    import torch
+
+    from tbfeat import FeatureLogger
+
+    model = tiny_model(seed)
+    gen = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 32, 40, generator=gen) for _ in TINY_IMAGES]
+    with FeatureLogger(model, logdir, images=images, run="append") as fl:
+        for step in range(start, start + steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=gen))
+            fl.log(step=step, names=list(TINY_IMAGES))
+            fl.writer.add_scalar("metrics/mAP50(B)", step / 100, step)
+            fl.writer.add_scalar("train/box_loss", 1 / (step + 1), step)

@@ -22,7 +22,6 @@ class App {
     this.root = root;
     this.infos = new Map();
     this.state = {};
-    this.ready = false;
   }
 
   async load() {
@@ -98,9 +97,11 @@ class App {
     const main = el('main', {class: `view-${this.state.view}`});
     this.root.replaceChildren(this.toolbar(), main);
     const views = {compare: renderCompare, drift: renderDrift, channel: renderChannel};
-    this.ready = false;
-    Promise.resolve(views[this.state.view](this, main)).then(() => { this.ready = true; },
-      (e) => { main.append(el('p', {class: 'error'}, String(e.message || e))); });
+    // data-ready: 1 once every cell of the view is drawn (what tests and screenshots await)
+    document.body.dataset.ready = '0';
+    Promise.resolve(views[this.state.view](this, main)).catch((e) => {
+      main.append(el('p', {class: 'error'}, String(e.message || e)));
+    }).finally(() => { document.body.dataset.ready = '1'; });
   }
 
   toolbar() {

@@ -13,7 +13,9 @@ export async function renderCompare(app, main) {
   const infos = await Promise.all(runs.map((r) => app.info(r)));
   main.append(controls(app, infos[0]));
   const steps = app.steps;
-  const outputs = infos[0].outputs.filter((o) => !app.stages.length || app.stages.includes(o.base));
+  const shown = (o) => infos.some((info) => info.grids.includes(o.base) || info.maps.includes(o.base));
+  const outputs = infos[0].outputs.filter((o) => shown(o)
+    && (!app.stages.length || app.stages.includes(o.base)));
   const columns = steps.flatMap((step) => runs.map((run, k) => ({run, info: infos[k], step})));
   const table = el('div', {class: 'compare', id: 'compare',
     style: {gridTemplateColumns: `minmax(11em, max-content) repeat(${columns.length}, minmax(0, 1fr))`}});
@@ -81,7 +83,9 @@ function rowLabel(app, output, steps) {
   const {run, image, mode} = app.state;
   const [index, ...rest] = output.base.split('_');
   const shape = output.shape.length ? output.shape.join('×') : '';
-  const kinds = mode === 'both' ? ['features', 'cam'] : [mode === 'cam' ? 'cam' : 'features'];
+  const info = app.infos.get(run);
+  const kinds = (mode === 'both' ? ['features', 'cam'] : [mode === 'cam' ? 'cam' : 'features'])
+    .filter((kind) => (kind === 'cam' ? info.maps : info.grids).includes(output.base));
   return el('div', {class: 'label', dataset: {base: output.base}},
     el('b', {}, index), ' ', rest.join('_'),
     el('div', {class: 'type'}, [output.type, shape].filter(Boolean).join(' · ')),
