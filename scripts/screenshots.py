@@ -364,6 +364,30 @@ class Browser:
     LEFT = "\ue012"
     RIGHT = "\ue014"
 
+    def frame(self, element: dict[str, str] | None) -> None:
+        """Drive the iframe ``element`` (from ``execute``), or the top page with ``None``."""
+        if element is None:
+            self.command("POST", "/frame/parent", {})
+        else:
+            self.command("POST", "/frame", {"id": element})
+
+    def click_at(self, element: dict[str, str], x: float, y: float) -> None:
+        """A real mouse click at ``(x, y)`` CSS pixels from the element's centre."""
+        move = {"type": "pointerMove", "origin": element, "x": round(x), "y": round(y)}
+        self._actions("pointer", [move, {"type": "pointerDown", "button": 0},
+                                  {"type": "pointerUp", "button": 0}])  # fmt: skip
+
+    def press(self, key: str) -> None:
+        """Press and release a key (W3C key code: ``Browser.RIGHT``) in the focused page."""
+        self._actions("key", [{"type": "keyDown", "value": key}, {"type": "keyUp", "value": key}])
+
+    def _actions(self, kind: str, steps: list[dict[str, Any]]) -> None:
+        source: dict[str, Any] = {"type": kind, "id": kind, "actions": steps}
+        if kind == "pointer":
+            source["parameters"] = {"pointerType": "mouse"}
+        self.command("POST", "/actions", {"actions": [source]})
+        self.command("DELETE", "/actions")
+
     def screenshot(self) -> bytes:
         return base64.b64decode(self.command("GET", "/screenshot"))
 

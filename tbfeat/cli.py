@@ -164,15 +164,15 @@ def board_command(logdir: str | Path, port: int, samples: int = BOARD_IMAGE_SAMP
     ]  # fmt: skip
 
 
-BOARD_START = "#custom_scalars"
-"""Where ``tbfeat board`` opens: the custom scalars overview that every run carries."""
+BOARD_START = "#tbfeat"
+"""Where ``tbfeat board`` opens: the tbfeat dashboard (:mod:`tbfeat.dashboard`)."""
 
 
 def run_board(logdir: Path, port: int, samples: int = BOARD_IMAGE_SAMPLES) -> int:
     cmd = board_command(logdir, port, samples)
     print(
-        f"TensorBoard at http://127.0.0.1:{port}/{BOARD_START} (Ctrl-C stops it): the drift "
-        "overview of every stage; the Images tab holds the grids, maps and overview/drift",
+        f"TensorBoard at http://127.0.0.1:{port}/{BOARD_START} (Ctrl-C stops it): the tbfeat "
+        "dashboard compares steps side by side; Custom Scalars charts every stage's drift",
         flush=True,
     )
     sys.stderr.flush()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -127,3 +129,12 @@ def tiny_run(logdir, steps: int, seed: int = 0, start: int = 0) -> None:
             fl.log(step=step, names=list(TINY_IMAGES))
             fl.writer.add_scalar("metrics/mAP50(B)", step / 100, step)
             fl.writer.add_scalar("train/box_loss", 1 / (step + 1), step)
+
+
+def screenshots():
+    """scripts/screenshots.py as a module: the TensorBoard server and browser helpers."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "screenshots.py"
+    spec = importlib.util.spec_from_file_location("tbfeat_screenshots", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

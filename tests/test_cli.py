@@ -318,8 +318,8 @@ def test_board_serves_the_logdir_on_localhost_keeping_the_image_steps_asked(tmp_
     finally:
         proc.terminate()
         output, _ = proc.communicate(timeout=30)
-    # it opens where the story starts: the overview of every stage's drift
-    assert f"http://127.0.0.1:{port}/#custom_scalars" in output
+    # it opens where the story starts: the dashboard that compares steps
+    assert f"http://127.0.0.1:{port}/#tbfeat" in output
     assert_usage_error(tbfeat("board", tmp_path / "missing"), "logdir not found")
     bad = tbfeat("board", tmp_path, "--image-samples", "0")
     assert bad.returncode == 2 and "--image-samples: must be >= 1, got 0" in bad.stderr

@@ -10,7 +10,6 @@ screenshots the same way.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import re
@@ -28,14 +27,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tbfeat.cli import BOARD_IMAGE_SAMPLES
 
+from .helpers import screenshots
+
 pytest.importorskip("ultralytics")  # the demo trains YOLOv8n
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location(
-    "tbfeat_screenshots", ROOT / "scripts" / "screenshots.py"
-)
-shots = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(shots)
+shots = screenshots()
 
 RUNS = ("sweep", "train")
 STEPS = [1, 2]
@@ -320,3 +316,36 @@ def test_the_overview_layout_is_served_and_charts_every_stages_drift(board, demo
             t for t in drift if not t.endswith("_vs_first")
         }, run
         assert drawn["drift vs the first step"] == {t for t in drift if t.endswith("_vs_first")}
+
+
+def test_the_dashboard_on_the_demo_shows_the_logged_grids_and_the_trainings_metrics(
+    browser, board, events
+):
+    """``tbfeat board`` opens the dashboard (``#tbfeat``): the training run's first view
+    holds the logged grids of every stage at its epochs, and each column's header the
+    mAP50 that Ultralytics logged at that epoch."""
+    browser.get(f"{board.url}/#tbfeat&run=train&image=val_000")
+    browser.command("POST", "/refresh", {})
+    frame = browser.wait_for("const f = deepAll('iframe'); return f.length ? f[0] : null;")
+    browser.frame(frame)
+    try:
+        browser.wait_for("return document.body.dataset.ready === '1';", what="the dashboard")
+        shown = browser.execute(
+            "return [...document.querySelectorAll('img.grid')].map((i) => "
+            "[i.dataset.tag, Number(i.dataset.step), i.src]);"
+        )
+        heads = browser.execute(
+            "return [...document.querySelectorAll('.head')].map((h) => h.innerText);"
+        )
+    finally:
+        browser.frame(None)
+    assert {tag.split("/")[1] for tag, _, _ in shown} == set(STAGES)
+    assert sorted({step for _, step, _ in shown}) == STEPS
+    for tag, step, src in shown:
+        (event,) = [e for e in events["train"].Images(tag) if e.step == step]
+        assert board.get(src.removeprefix(board.url)) == event.encoded_image_string, (tag, step)
+    for step, head in zip(STEPS, heads, strict=True):
+        (m,) = [e.value for e in events["train"].Scalars("metrics/mAP50(B)") if e.step == step]
+        assert f"step {step}" in head and "mAP50(B)" in head, head
+        if m == 0 or 0.001 <= abs(m) < 1000:  # 3 significant digits, as the page writes them
+            assert f"mAP50(B) {float(f'{m:.3g}'):g}" in head, (head, m)
