@@ -66,10 +66,13 @@ def write_logdir(logdir: Path, steps: int, images: int, stages: int, size: int) 
     n = 0
     for step in range(1, steps + 1):
         bundle = StepBundle(step=step)
-        if step == 1:  # each probe image once, as tbfeat writes it
+        if step == 1:  # each probe image once, as tbfeat writes it, and the run's layout
             for k in range(images):
                 rgb = rng.integers(0, 256, (4 * size, 4 * size, 3), dtype=np.uint8)
                 bundle.images.append(sink.encode_rgb(tags.input(f"img{k}"), rgb))
+            bundle.run = run_info(bases, images, size)
+        else:
+            bundle.scalars += [(tags.drift(b, vs), rng.random()) for b in bases for vs in (0, 1)]
         for base in bases:
             for k in range(images):
                 for build, variants in ((tags.features, encoded), (tags.cam, maps)):
@@ -82,6 +85,17 @@ def write_logdir(logdir: Path, steps: int, images: int, stages: int, size: int) 
         if not sink.write(bundle):
             raise SystemExit(f"could not write step {step} to {logdir}")
     sink.close()
+
+
+def run_info(bases: list[str], images: int, size: int):
+    """The synthetic run's metadata: each grid 3 tiles wide, of 9 channels."""
+    from tbfeat import tags
+
+    tile = (size - 2) // 3
+    grid = tags.Grid(tuple(range(9)), 3, (tile, tile))
+    names = tuple((f"img{k}", (9, tile, tile)) for k in range(images))
+    return tags.RunInfo(tuple(tags.Output(b, "Conv2d", "Conv2d", f"model.{i}", (9, tile, tile),
+                                          names, grid) for i, b in enumerate(bases)))  # fmt: skip
 
 
 def measure(what: str, logdir: str, steps: int) -> dict:

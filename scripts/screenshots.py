@@ -5,10 +5,12 @@ Chromium; also the browser and server helpers of tests/test_tensorboard_e2e.py.
     python scripts/screenshots.py --logdir runs/demo  # an existing demo run instead
     scripts/install_browser.sh                        # once: Debian's chromium + chromedriver
 
-Writes docs/grid_epoch1.png and docs/grid_epoch<last>.png (the Images dashboard filtered to
-a few stages of bus.jpg, every card's step slider at the first or the last epoch),
-docs/cams_epoch1.png and docs/cams_epoch<last>.png (the same stages' class activation
-maps), docs/histograms.png (activation histograms), docs/scalars.png (statistics
+Writes docs/dashboard_compare.png, docs/dashboard_cams.png, docs/dashboard_drift.png and
+docs/dashboard_channel.png (the tbfeat dashboard: a few stages' grids and maps at the
+first, a middle and the last step, the drift map, one channel at every step),
+docs/grid_epoch1.png and docs/grid_epoch<last>.png (the Images dashboard filtered to
+the same stages of bus.jpg, every card's step slider at the first or the last epoch),
+docs/histograms.png (activation histograms), docs/scalars.png (statistics
 scalars), docs/overview_drift.png (the training run's drift overview, as logged) and
 docs/export_grid.png (``tbfeat export``'s figure of one stage of the sweep).
 
@@ -519,11 +521,7 @@ def take_screenshots(
         train = _accumulator(logdir / "train")
         parsed = [tags.parse(t) for t in train.Tags()["images"]]
         shape = sorted(p.image for p in parsed if p and p.kind == "cam" and p.base == stages[0])[0]
-        train_steps = sorted(e.step for e in train.Images(tags.cam(stages[0], shape)))
-        cams = tags.pattern(*(tags.cam(s, shape) for s in stages))
-        browser.get(dashboard_url(tb, "images", cams, runs="^train$"))
-        wait_for_image_cards(browser, len(stages))
-        save_first_and_last(browser, train_steps, out / "cams_epoch{step}.png")
+        take_dashboard(tb, browser, out, stages, image, shape)
 
         hist = tags.pattern(*map(tags.activations, hist_stages))
         browser.get(dashboard_url(tb, "histograms", hist, runs="^sweep$"))
@@ -563,6 +561,43 @@ def take_screenshots(
         wait_for_image_cards(browser, len(stages[::2]))
         time.sleep(0.5)
         _save(browser, out / "evolution.png")
+
+
+def open_dashboard(browser: Browser, tensorboard: TensorBoard, state: str = "") -> None:
+    """Open TensorBoard at the tbfeat dashboard (``state``: ``&key=value...``, as in its
+    address), drive the dashboard's iframe, and wait until its view is drawn."""
+    browser.frame(None)
+    browser.get(f"{tensorboard.url}/#tbfeat{state}")
+    browser.command("POST", "/refresh", {})  # a new hash alone does not reload the page
+    frame = browser.wait_for("const f = deepAll('iframe'); return f.length ? f[0] : null;",
+                             timeout=60, what="the dashboard's iframe")  # fmt: skip
+    browser.frame(frame)
+    wait_for_dashboard(browser)
+
+
+def wait_for_dashboard(browser: Browser, timeout: float = 120) -> None:
+    """Wait until the dashboard's view is drawn, its pictures included."""
+    browser.wait_for("return document.body.dataset.ready === '1' && [...document"
+                     ".querySelectorAll('img')].every((i) => i.complete || i.loading === 'lazy');",
+                     timeout=timeout, what="the dashboard's view")  # fmt: skip
+
+
+def take_dashboard(tb: TensorBoard, browser: Browser, out: Path, stages: list[str],
+                   image: str, shape: str) -> None:  # fmt: skip
+    """The dashboard's views: grids and maps side by side, the drift map, one channel."""
+    chosen = ",".join(stages)
+    views = {
+        "dashboard_compare.png": f"&run=sweep&image={image}&stages={chosen}",
+        "dashboard_cams.png": f"&run=train&image={shape}&stages={chosen}&mode=cam",
+        "dashboard_drift.png": "&run=train&view=drift",
+        "dashboard_channel.png": f"&run=sweep&image={image}&view=channel&stage={stages[-1]}"
+                                 "&channel=0",
+    }  # fmt: skip
+    for name, state in views.items():
+        open_dashboard(browser, tb, state)
+        time.sleep(0.5)  # the last pictures paint
+        browser.frame(None)
+        _save(browser, out / name)
 
 
 def save_first_and_last(browser: Browser, steps: list[int], pattern: Path) -> None:

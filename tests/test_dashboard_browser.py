@@ -56,20 +56,11 @@ def browser():
 
 # ------------------------------------------------------------------------- helpers
 def open_view(browser, tb, state: str = "") -> None:
-    """Open TensorBoard at the dashboard (``state``: ``&key=value...``), drive its iframe
-    and wait until the view is drawn."""
-    browser.frame(None)
-    browser.get(f"{tb.url}/#tbfeat{state}")
-    browser.command("POST", "/refresh", {})  # a new hash alone would not reload the page
-    frame = browser.wait_for("const f = deepAll('iframe'); return f.length ? f[0] : null;",
-                             timeout=60, what="the dashboard's iframe")  # fmt: skip
-    browser.frame(frame)
-    wait_drawn(browser)
+    shots.open_dashboard(browser, tb, state)
 
 
 def wait_drawn(browser) -> None:
-    browser.wait_for("return document.body.dataset.ready === '1';", timeout=60,
-                     what="the drawn view")  # fmt: skip
+    shots.wait_for_dashboard(browser)
 
 
 def address(browser) -> dict[str, str]:
