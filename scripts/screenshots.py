@@ -87,8 +87,8 @@ def _stop(proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------- TensorBoard
 class TensorBoard:
     """The real TensorBoard server on 127.0.0.1 and a free port, as ``tbfeat board`` runs
-    it (or, with ``plain``, as ``tensorboard --logdir`` does); a context manager that
-    always stops it."""
+    it (or, with ``plain``, as ``tensorboard --logdir`` does, run by ``python``: another
+    environment's TensorBoard); a context manager that always stops it."""
 
     def __init__(
         self,
@@ -97,6 +97,7 @@ class TensorBoard:
         port: int | None = None,
         log: Path | None = None,
         plain: bool = False,
+        python: str = sys.executable,
     ):
         from tbfeat.cli import board_command
 
@@ -104,7 +105,7 @@ class TensorBoard:
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = board_command(logdir, self.port)
         if plain:  # plain `tensorboard --logdir`, with no flag of tbfeat's
-            self.command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir),
+            self.command = [python, "-m", "tensorboard.main", "--logdir", str(logdir),
                             "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
         self.own_log = log is None  # removed by stop()
         if log is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -39,7 +40,11 @@ def events(logdir):
 
 @pytest.fixture(scope="module")
 def tb(logdir, tmp_path_factory):
-    with shots.TensorBoard(logdir, plain=True, log=tmp_path_factory.mktemp("tb") / "tb.log") as t:
+    """Plain TensorBoard; ``TBFEAT_TENSORBOARD_PYTHON`` runs it with another environment's
+    Python (another TensorBoard release, tbfeat installed there too)."""
+    python = os.environ.get("TBFEAT_TENSORBOARD_PYTHON", sys.executable)
+    log = tmp_path_factory.mktemp("tb") / "tb.log"
+    with shots.TensorBoard(logdir, plain=True, python=python, log=log) as t:
         yield t
 
 
