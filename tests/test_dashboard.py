@@ -220,3 +220,28 @@ def test_a_run_being_written_shows_its_new_steps_and_never_half_a_record(tmp_pat
     (last,) = [e for e in events.Images("features/00_Conv2d/bus") if e.step == 4]
     served = get(client, "image", run="live", tag="features/00_Conv2d/bus", step=4).get_data()
     assert served == last.encoded_image_string
+
+
+def test_the_plugin_never_loads_torch(logdir):
+    """TensorBoard imports every installed plugin at start: the dashboard answers its
+    routes without torch (0.6 GiB resident on its own)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tensorboard.plugins import base_plugin\n"
+        "from werkzeug.test import Client\n"
+        "from tensorboard.backend.application import TensorBoardWSGI\n"
+        "from tbfeat.dashboard.plugin import DashboardPlugin\n"
+        f"plugin = DashboardPlugin(base_plugin.TBContext(logdir={str(logdir)!r}))\n"
+        "client = Client(TensorBoardWSGI([plugin]))\n"
+        "for route in ('runs', 'run?run=a', 'drift?run=a',\n"
+        "              'image?run=a&tag=cam/00_Conv2d/bus&step=3',\n"
+        "              'tile?run=a&tag=features/00_Conv2d/bus&step=3&channel=1'):\n"
+        "    assert client.get('/data/plugin/tbfeat/' + route).status_code == 200, route\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False"]
