@@ -591,8 +591,8 @@ def take_dashboard(tb: TensorBoard, browser: Browser, out: Path, stages: list[st
         "dashboard_compare.png": f"&run=sweep&image={image}&stages={chosen}",
         "dashboard_cams.png": f"&run=train&image={shape}&stages={chosen}&mode=cam",
         "dashboard_drift.png": "&run=train&view=drift",
-        "dashboard_channel.png": f"&run=sweep&image={image}&view=channel&stage={stages[-1]}"
-                                 "&channel=0",
+        "dashboard_channel.png": f"&run=sweep&image={image}&view=channel&stage={stages[0]}"
+                                 "&channel=3",
     }  # fmt: skip
     for name, state in views.items():
         open_dashboard(browser, tb, state)

@@ -48,6 +48,7 @@ function controls(app, info) {
     else field.setCustomValidity(`step ${step} was not logged`), field.reportValidity();
   };
   const stages = [['', 'all stages'], ...info.outputs.map((o) => [o.base, o.base])];
+  if (app.stages.length > 1) stages.push([app.state.stages, `${app.stages.length} stages`]);
   return el('div', {class: 'controls'},
     el('span', {class: 'group', id: 'modes'}, ['grid', 'cam', 'both'].map((m) => el('button', {
       class: m === s.mode ? 'mode active' : 'mode', dataset: {mode: m},
@@ -55,7 +56,7 @@ function controls(app, info) {
     }, {grid: 'Grid', cam: 'CAM', both: 'Both'}[m]))),
     el('label', {}, 'map opacity ', el('input', {type: 'range', id: 'alpha', min: 0, max: 1,
       step: 0.05, value: s.alpha, onchange: (e) => app.set({alpha: e.target.value})})),
-    el('label', {}, 'stages ', select(stages, app.stages.length === 1 ? app.stages[0] : '',
+    el('label', {}, 'stages ', select(stages, app.state.stages || '',
       (stage) => app.set({stages: stage}), {id: 'stages'})),
     el('span', {class: 'group', id: 'steps'}, 'steps ', app.steps.map((step) => el('button', {
       class: 'chip', dataset: {step}, title: 'remove this column',
