@@ -42,6 +42,11 @@ from .stats import RunningStats
 from .writer import EventSink, StepBundle
 
 RUN_MODES = ("auto", "new", "append")
+OVERVIEW_FIRST = 10
+"""``overview/drift`` is drawn at each of a recorder's first steps with drift, this many,"""
+OVERVIEW_EVERY = 10
+"""... then at every this many-th: drawing it takes about 60 ms (matplotlib), the most of
+a small model's step; the dashboard's drift map is live at every step."""
 MANY_OUTPUTS = 64
 """Stage outputs in one step from which the first step's cost is reported."""
 COSTLY_S = 0.25
@@ -130,6 +135,7 @@ class Recorder:
         self._history: History | None = None
         self._note = Notes()
         self._costed = False
+        self._drift_steps = 0  # steps with drift seen, which paces the overview picture
         self._layout: dict[str, Any] | None = None
         self._run_info: tags.RunInfo | None = None
         self._inputs: dict[str, bytes] = {}  # the digest of each input/ picture written
@@ -286,7 +292,11 @@ class Recorder:
         overview = history.overview()
         if overview is None:
             return
-        bundle.images.append(self.sink.encode_rgb(tags.OVERVIEW, drift_overview(*overview)))
+        self._drift_steps += 1
+        n = self._drift_steps
+        if n <= OVERVIEW_FIRST or n % OVERVIEW_EVERY == 0:
+            picture = drift_overview(*overview)
+            bundle.images.append(self.sink.encode_rgb(tags.OVERVIEW, picture))
         layout = overview_layout(overview[0], sorted(_bases(bundle, "stats")))
         if layout != self._layout:
             bundle.layout = layout
@@ -332,6 +342,7 @@ class Recorder:
             self._end_step(step)
         self._layout = self._run_info = None  # the new folder's run gets its own
         self._inputs = {}
+        self._drift_steps = 0
         self._save_history()
         self.sink.set_logdir(logdir)
         if self.sink.logdir == logdir:

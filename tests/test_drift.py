@@ -179,3 +179,22 @@ def test_one_overview_of_every_stages_drift_in_the_run(tmp_path):
     )
     expected = drift_overview(bases, [2, 3, 4], values)
     assert np.array_equal(decode(events[-1]), expected)
+
+
+def test_the_overview_picture_is_drawn_at_the_first_ten_drift_steps_then_every_tenth(tmp_path):
+    """Drawing ``overview/drift`` costs about 60 ms a step; the drift scalars (and the
+    dashboard's drift map drawn from them) stay at every step."""
+    from tbfeat.recorder import OVERVIEW_EVERY, OVERVIEW_FIRST
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    x = torch.rand(1, 3, 12, 12)
+    with FeatureLogger(model, logdir=tmp_path, max_channels=2, cam=None) as logger:
+        for step in range(31):
+            logger.log(x, step=step)
+    acc = read_events(tmp_path, derived=True)
+    drift_steps = [e.step for e in acc.Scalars("drift/00_Conv2d")]
+    assert drift_steps == list(range(1, 31))
+    drawn = [e.step for e in acc.Images("overview/drift")]
+    expected = [s for n, s in enumerate(drift_steps, 1)
+                if n <= OVERVIEW_FIRST or n % OVERVIEW_EVERY == 0]  # fmt: skip
+    assert drawn == expected == [*range(1, 11), 20, 30]
