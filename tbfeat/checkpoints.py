@@ -15,9 +15,11 @@ own restricted loader); any other file raises :class:`UnsafeCheckpointError` unl
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import difflib
+import functools
 import importlib
 import importlib.util
 import os
@@ -203,18 +205,57 @@ def model_factory(source: ModelSource) -> Callable[[], Any]:
             "model must be 'MODULE:FUNCTION', 'path/to/file.py:FUNCTION', a function or "
             f"an nn.Module, got {type(source).__name__}"
         )
-    where, sep, name = source.rpartition(":")
-    if not sep or not where or not name.isidentifier():
+    m = _SPEC.fullmatch(source.strip())
+    if m is None:
         raise ValueError(
             f"model {source!r} must be 'MODULE:FUNCTION' or 'path/to/file.py:FUNCTION', "
+            "optionally with literal arguments ('file.py:create_model(num_classes=6)'): "
             "a function that returns the nn.Module the checkpoints load into"
         )
+    where, name = m["where"], m["name"]
+    args, kwargs = call_arguments(m["call"] or "()", source)
     module = _import_source(where)
     fn = getattr(module, name, None)
     if not callable(fn):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise ValueError(f"{where!r} has no function {name!r}{did_you_mean(name, names)}")
-    return _checked(fn, source)
+    return _checked(functools.partial(fn, *args, **kwargs) if m["call"] else fn, source)
+
+
+_SPEC = re.compile(r"(?P<where>.+):(?P<name>[A-Za-z_]\w*)\s*(?P<call>\(.*\))?", re.S)
+
+
+def call_arguments(call: str, source: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of ``(1, num_classes=6)``: Python literals only, read with
+    ``ast.literal_eval``; nothing in them is ever evaluated.
+
+    Example:
+        >>> call_arguments("(3, num_classes=6, names=['a', 'b'])", "f.py:make(...)")
+        ((3,), {'num_classes': 6, 'names': ['a', 'b']})
+        >>> call_arguments("(x=__import__('os').system('true'))", "f.py:make(...)")
+        Traceback (most recent call last):
+        ...
+        ValueError: model 'f.py:make(...)': argument x=__import__('os').system('true') is not a Python literal (numbers, strings, True/False/None, tuples, lists, dicts, sets)
+    """  # noqa: E501
+    try:
+        node = ast.parse(f"f{call}", mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"model {source!r}: arguments {call!r} do not parse: {e.msg}") from None
+    if not isinstance(node, ast.Call) or any(isinstance(a, ast.Starred) for a in node.args) \
+            or any(k.arg is None for k in node.keywords):  # fmt: skip
+        raise ValueError(f"model {source!r}: give arguments as (value, name=value, ...)")
+
+    def literal(what: str, value: ast.expr) -> Any:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(
+                f"model {source!r}: argument {what}{ast.unparse(value)} is not a Python literal "
+                "(numbers, strings, True/False/None, tuples, lists, dicts, sets)"
+            ) from None
+
+    args = tuple(literal("", a) for a in node.args)
+    return args, {k.arg: literal(f"{k.arg}=", k.value) for k in node.keywords}
 
 
 def _import_source(where: str) -> Any:

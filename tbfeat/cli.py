@@ -306,7 +306,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE:FUNCTION",
         help="your own model for state-dict checkpoints: a function of a module "
         "(mypkg.models:build) or of a file (path/to/model.py:build) that returns the "
-        "nn.Module the state dict loads into",
+        "nn.Module the state dict loads into; literal arguments may follow: "
+        "'model.py:build(num_classes=6)'",
     )
 
 

@@ -157,6 +157,22 @@ def test_model_sources_name_what_is_wrong(tmp_path):
         model_factory(lambda: 3)()
 
 
+def test_a_model_source_takes_literal_arguments_and_evaluates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = model_factory(f"{MODEL}(num_classes=5)")()
+    assert model.roi_heads.box_predictor.cls_score.out_features == 5
+    made = model_factory(f"{MODEL}( num_classes = 7 , )")()
+    assert made.roi_heads.box_predictor.cls_score.out_features == 7
+    attack = f"{MODEL}(num_classes=__import__('pathlib').Path('pwned').touch())"
+    with pytest.raises(ValueError, match="num_classes=__import__.* is not a Python literal"):
+        model_factory(attack)
+    with pytest.raises(ValueError, match="give arguments as"):
+        model_factory(f"{MODEL}(**{{'num_classes': 3}})")
+    with pytest.raises(ValueError, match="do not parse"):
+        model_factory(f"{MODEL}(num_classes=)")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_sweep_with_model_and_with_arch_log_the_same_maps(
     tmp_path, tutorial_checkpoints, square_image
 ):
