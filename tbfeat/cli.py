@@ -15,6 +15,8 @@ import os
 import shlex
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,28 @@ def parse_stages(values: list[str] | None) -> list[int | str] | None:
 
 
 # ------------------------------------------------------------------------- sweep
+@contextlib.contextmanager
+def above(bar: Any) -> Iterator[Callable[[str], None]]:
+    """While a progress bar is shown, what is said goes on lines of its own above it
+    (``tqdm.write``), never into the bar's line: the sweep's messages through the
+    function yielded, Python warnings through ``warnings.showwarning``."""
+
+    def say(message: str) -> None:
+        bar.write(f"tbfeat: {message}", file=sys.stderr)
+
+    def show(message: Any, category: type, filename: str, lineno: int, *_: Any) -> None:
+        text = str(message)
+        if not text.startswith("tbfeat: "):  # another library's: where it comes from
+            text = warnings.formatwarning(message, category, filename, lineno).rstrip()
+        bar.write(text, file=sys.stderr)
+
+    shown, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield say
+    finally:
+        warnings.showwarning = shown
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -52,22 +76,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         bar.update(images)
 
     try:
-        result = sweep(
-            args.checkpoints,
-            images=args.images,
-            logdir=args.logdir,
-            arch=args.arch,
-            model=args.model,
-            stages=parse_stages(args.stages),
-            imgsz=args.imgsz,
-            max_images=args.max_images,
-            overwrite=args.overwrite,
-            trust=args.trust_checkpoints,
-            workers=args.workers,
-            on_step=on_step,
-            warn=print_warning,
-            max_channels=args.max_channels,
-        )
+        with above(bar) as say:
+            result = sweep(
+                args.checkpoints,
+                images=args.images,
+                logdir=args.logdir,
+                arch=args.arch,
+                model=args.model,
+                stages=parse_stages(args.stages),
+                imgsz=args.imgsz,
+                max_images=args.max_images,
+                overwrite=args.overwrite,
+                trust=args.trust_checkpoints,
+                workers=args.workers,
+                on_step=on_step,
+                warn=say,
+                max_channels=args.max_channels,
+            )
     finally:
         bar.close()
     if global_rank() != 0:
@@ -78,7 +103,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"nothing to do: every step is already in {result.logdir}")
         return 0
     print(f"logged steps {', '.join(map(str, result.logged))} to {result.logdir}")
-    print(f"open: tbfeat board {result.logdir}")
+    print(f"open: tbfeat board {shlex.quote(str(result.logdir))}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The tbfeat command end to end, in subprocesses."""
 
 import json
+import shlex
 import socket
 import subprocess
 import sys
@@ -210,6 +211,26 @@ def test_cli_rough_edges(tmp_path):
     assert "layer1.0.conv1" not in hint.stderr
     assert_usage_error(tbfeat("stages", "yolov8n.yaml", "--arch", "resnet18"), "leave it out")
     assert "(default: 8)" in tbfeat("sweep", "--help").stdout
+
+
+def test_sweep_messages_go_above_the_bar_and_printed_commands_are_quoted(tmp_path):
+    """What the sweep says while its progress bar is shown starts a line of its own (the
+    bar's line is cleared first), and the command it prints pastes into a shell."""
+    folder = tmp_path / "my checkpoints"
+    folder.mkdir()
+    state = build("resnet18").state_dict()
+    for name in ("first.pth", "second.pth"):  # no epoch, no number: steps by order
+        torch.save(state, folder / name)
+    logdir = tmp_path / "my runs" / "it's here"
+    proc = tbfeat("sweep", folder, "--arch", "resnet18", "--images", BUS, "--imgsz", 32,
+                  "--stages", "layer1", "--logdir", logdir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.split("\n") if "tbfeat: " in line]
+    assert len(said) == 2 and all("stores no epoch and has no number" in s for s in said)
+    for line in said:  # after the bar's last carriage return, the message alone
+        assert line.split("\r")[-1].startswith("tbfeat: "), repr(line)
+    (opened,) = [line for line in proc.stdout.splitlines() if line.startswith("open: ")]
+    assert shlex.split(opened.removeprefix("open: ")) == ["tbfeat", "board", str(logdir)]
 
 
 def test_stages_prints_the_table():
