@@ -36,6 +36,9 @@ class Capture:
     """One name per image for 4-D outputs (the tags' last part); empty otherwise."""
     track: bool = False
     """Keep drift samples and evolution cells: the same probe images come back each step."""
+    images: int = 0
+    """How many probe images the step has (a tracked capture's drift samples are split
+    among them); 0 where not known."""
     label: str = ""
     """The stage's label (the text after ``NN_`` in its key)."""
     module_type: str = ""
@@ -90,7 +93,8 @@ class CaptureSession:
         options: What to capture (``max_images``).
         step: The step captures are logged at.
         track: Probe images: keep drift samples and evolution cells.
-        names: Names of the first images of the step.
+        names: Names of the first images of the step (for ``track``, every probe image:
+            their number splits the drift samples).
         note: Where to say what is skipped.
         drain: Called before the first capture of each step: waits until the steps
             before are written, so that at most one step's copies wait in memory (a
@@ -128,6 +132,7 @@ class CaptureSession:
         self.step = step
         self.track = track
         self._note = note if note is not None else Notes()
+        self._probe_images = 0
         self._names: list[str] = []
         self._counts: dict[str, int] = {}
         self._calls: dict[tuple[str, str | int | None], tuple[int, int]] = {}
@@ -136,6 +141,8 @@ class CaptureSession:
         self._captured = False
         self._lock = threading.Lock()  # one model may run on several threads
         self.add_names(names)
+        if track:
+            self._probe_images = min(len(self._names), options.max_images)
 
     @property
     def names(self) -> list[str]:
@@ -231,7 +238,7 @@ class CaptureSession:
             x = t[:k].dequantize() if t.is_quantized else t[:k].detach().clone()
         names = tuple(self._image_name(done + i) for i in range(k)) if x.dim() == 4 else ()
         message = Capture(
-            self.step, base, x, names, self.track and x.dim() == 4,
+            self.step, base, x, names, self.track and x.dim() == 4, self._probe_images,
             label=stage.label, module_type=stage.type, module_name=stage.name,
         )  # fmt: skip
         if self._post(message, x.numel() * x.element_size()):

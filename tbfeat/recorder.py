@@ -226,7 +226,8 @@ class Recorder:
         opts, x = self.options, c.x
         track = state.tracks.setdefault(c.base, _Track(shape=tuple(x.shape[-2:])))
         if opts.drift:
-            per_image = max(1, opts.drift_samples // opts.max_images)
+            # the samples split among the images probed, however many are allowed
+            per_image = max(1, opts.drift_samples // (c.images or opts.max_images))
             track.rows.append(sample_rows(x, per_image))
         if opts.evolution:
             for name, cell in zip(c.names, mean_map_cell(x, opts.evolution_cell), strict=True):

@@ -198,3 +198,51 @@ def test_the_overview_picture_is_drawn_at_the_first_ten_drift_steps_then_every_t
     expected = [s for n, s in enumerate(drift_steps, 1)
                 if n <= OVERVIEW_FIRST or n % OVERVIEW_EVERY == 0]  # fmt: skip
     assert drawn == expected == [*range(1, 11), 20, 30]
+
+
+def _small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2))
+
+
+def test_log_and_a_sweep_of_the_same_weights_give_the_same_drift(tmp_path):
+    """The drift samples are split among the images probed, not among the images
+    allowed: ``log()`` at any ``max_images`` and ``tbfeat.sweep`` (which allows 8 by
+    default) give one value for the same weights and image."""
+    from PIL import Image
+
+    from tbfeat import sweep
+
+    image = tmp_path / "probe.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    model = _small_net()
+    states = []
+    for epoch in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(epoch)))
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        torch.save({"model": states[-1], "epoch": epoch}, folder / f"model_{epoch}.pth")
+    result = sweep([folder], model=_small_net, images=[image], logdir=tmp_path / "sweep")
+    steps = result.logged
+    drifts = {}
+    for max_images in (1, 4, 8):
+        logdir = tmp_path / f"log{max_images}"
+        net = _small_net()
+        with FeatureLogger(net, logdir=logdir, max_images=max_images) as logger:
+            for step, state in zip(steps, states, strict=True):
+                net.load_state_dict(state)
+                logger.log(image, step=step)
+        drifts[max_images] = read_events(logdir, derived=True)
+    swept = read_events(tmp_path / "sweep", derived=True)
+    tags = [t for t in swept.Tags()["scalars"] if t.startswith("drift/")]
+    assert len(tags) == 6  # 3 stages, against the step before and the first
+    for tag in tags:
+        expected = [e.value for e in swept.Scalars(tag)]
+        assert len(expected) == 2 and max(expected) > 0.001, (tag, expected)
+        for max_images, acc in drifts.items():
+            got = [e.value for e in acc.Scalars(tag)]
+            assert got == pytest.approx(expected, abs=1e-6), (tag, max_images)
