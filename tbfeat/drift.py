@@ -211,7 +211,7 @@ class History:
                     out["before"] = 1.0 - cka_from_grams(gram, h.gram("last"))
                 if h.sizes.get("first") == size:
                     out["first"] = 1.0 - cka_from_grams(gram, h.gram("first"))
-            if "first" not in h.sizes:
+            if h.sizes.get("first") != size:  # none yet, or sampled otherwise before
                 h.keep("first", rows, gram)
             if h.last_step is None or step >= h.last_step:
                 h.keep("last", rows, gram)
