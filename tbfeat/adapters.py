@@ -150,10 +150,11 @@ class ModelAdapter:
         with probing(module, hooks), hooks:
             return self.forward(probes.inputs, module, stages)
 
-    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> Any:
+    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> tuple[Any, list[Any]]:
         """The whole model on one batch of :meth:`prepare`'s inputs (of one size), for
-        class activation maps: the heads included."""
-        return self.forward(inputs, module)
+        class activation maps: the heads included. Returns the output and the tensors
+        the gradient is taken towards (the inputs, which require it)."""
+        return self.forward(inputs, module), list(inputs)
 
     def score_tap(self, module: nn.Module) -> ScoreTap:
         """Hooks that collect the class scores of ``module``'s predictions during

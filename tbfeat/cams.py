@@ -10,8 +10,9 @@ scaled to its own maximum, so a strong prediction does not hide a weak one.
 ``method="activation"`` needs no gradient: the channel mean of ``|activation|``. Each map
 is scaled to [0, 1] per image and resized to the input as the model sees it.
 
-The gradient is taken with ``torch.autograd.grad`` towards the input alone, so no
-parameter's ``.grad`` is touched; the model runs in eval mode under the probe lock, out
+The gradient is taken with ``torch.autograd.grad`` towards the input alone (a detector's:
+the batch its transform returns, the transform run without gradient), so no parameter's
+``.grad`` is touched; the model runs in eval mode under the probe lock, out
 of ``torch.inference_mode``, and its hooks are removed, every module's mode and the
 heads' caches restored afterwards.
 """
@@ -170,10 +171,10 @@ def _batch_cams(
     with probing(module, hooks), hooks, tap, torch.inference_mode(False), grad_mode:
         # the input requires grad, so frozen parameters still give stage gradients
         x = [t.detach().clone().requires_grad_(layercam) for t in batch]
-        out = adapter.cam_forward(x, module)
+        out, leaves = adapter.cam_forward(x, module)
         seen = tap.seen(x).detach()
         if layercam:
-            cams = _layercam(out, x, tap, target, acts, grads)
+            cams = _layercam(out, leaves, tap, target, acts, grads)
         else:
             cams = {key: a.float().abs().mean(1) for key, a in acts.items()}
     return {key: _scaled(c.float().cpu()) for key, c in cams.items()}, _displayable(seen)
@@ -181,7 +182,7 @@ def _batch_cams(
 
 def _layercam(
     out: Any,
-    x: list[torch.Tensor],
+    leaves: list[torch.Tensor],
     tap: ScoreTap,
     target: CamTarget,
     acts: dict[str, torch.Tensor],
@@ -198,7 +199,7 @@ def _layercam(
                 "forward under no_grad, or a target that detaches); use method='activation'"
             )
         grads.clear()
-        torch.autograd.grad(score, x, retain_graph=k < len(scores) - 1, allow_unused=True)
+        torch.autograd.grad(score, leaves, retain_graph=k < len(scores) - 1, allow_unused=True)
         for key, a in acts.items():
             g = grads.get(key)  # None: the score does not depend on this stage
             cam = torch.zeros(a.shape[0], *a.shape[2:]) if g is None else _layer_map(a, g)

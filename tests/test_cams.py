@@ -274,6 +274,49 @@ def test_torchvision_detectors_give_maps_at_their_transforms_size(builder):
     assert_unchanged(model, before, run, reference)
 
 
+def test_a_transform_that_pads_into_views_gets_the_maps_of_a_differentiable_one(monkeypatch):
+    """The tutorial's transform pads by ``copy_`` into views of one batch, which autograd
+    refuses once the input requires grad. The maps are taken from the batch the transform
+    returns, and equal those a differentiable copy of it gives when the gradient runs
+    back through it to the image, as it did before."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from tbfeat.integrations.torchvision import DetectionAdapter
+
+    from . import tutorial_detector as tutorial
+
+    class PaddedByF(tutorial.Transform):  # the same batch, padded by F.pad: differentiable
+        def forward(self, images, targets=None):
+            out, _ = super().forward([i.detach() for i in images])
+            h, w = out.tensors.shape[-2:]
+            resized = [F.interpolate(((i - self.mean) / self.std)[None], size=s,
+                                     mode="bilinear", align_corners=False)[0]
+                       for i, s in zip(images, out.image_sizes, strict=True)]  # fmt: skip
+            batch = torch.stack([F.pad(r, (0, w - r.shape[-1], 0, h - r.shape[-2]))
+                                 for r in resized])  # fmt: skip
+            return type(out)(batch, out.image_sizes), targets
+
+    torch.manual_seed(0)
+    model = tutorial.mobilenet_v2().eval()
+    model.transform.min_size, model.transform.max_size = 96, 128
+    x = torch.rand(3, 90, 120)
+    maps = stage_cams(model, x, topk=3)
+    assert maps and any(float(m.max()) == 1.0 for m in maps.values())
+    twin = copy.deepcopy(model)
+    twin.transform = PaddedByF(96, 128)
+    with torch.no_grad():
+        assert torch.equal(twin.transform([x])[0].tensors, model.transform([x])[0].tensors)
+    # the way maps were taken before: the gradient back through the transform to the image
+    monkeypatch.setattr(DetectionAdapter, "cam_forward",
+                        lambda self, inputs, module: (module(list(inputs)), list(inputs)))
+    before = stage_cams(twin, x, topk=3)
+    assert maps.keys() == before.keys()
+    for key in maps:
+        assert torch.allclose(maps[key], before[key], atol=1e-4), key
+
+
 def test_log_stores_each_stages_map_and_the_image_once_and_export_blends_them(tmp_path):
     """``cam/<NN>_<Type>/<image>``: the map of ``stage_cams`` as palette indices of the
     documented colormap, at each step; ``input/<image>``: the image the model saw, written

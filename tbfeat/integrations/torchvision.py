@@ -212,12 +212,53 @@ class DetectionAdapter(ModelAdapter):
         images = images[0] if isinstance(images, tuple) else images  # (ImageList, targets)
         return model.backbone(getattr(images, "tensors", images))
 
-    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> Any:
-        """The whole detector, its transform first, on the probe images."""
-        return module(list(inputs))
+    def cam_forward(self, inputs: Sequence[Any], module: nn.Module) -> tuple[Any, list[Any]]:
+        """The whole detector, its transform first, on the probe images.
+
+        The transform (resize, normalize, pad into one batch) runs without gradient: a
+        transform may pad by writing into views of its batch, which autograd refuses. The
+        gradient is taken towards the batch it returns, what the model saw, so the maps
+        are those of a differentiable transform.
+        """
+        transform = getattr(module, "transform", None)
+        if not isinstance(transform, nn.Module):
+            return module(list(inputs)), list(inputs)
+        leaves: list[torch.Tensor] = []
+        modes: list[bool] = []
+
+        def before(m: nn.Module, args: Any) -> None:
+            modes.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(False)
+
+        def after(m: nn.Module, args: Any, output: Any) -> Any:
+            torch.set_grad_enabled(modes.pop())
+            return _batch_requiring_grad(output, leaves)
+
+        handles = [transform.register_forward_pre_hook(before),
+                   transform.register_forward_hook(after)]  # fmt: skip
+        try:
+            return module(list(inputs)), leaves
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def score_tap(self, module: nn.Module) -> ScoreTap:
         return DetectionScoreTap(module)
+
+
+def _batch_requiring_grad(output: Any, leaves: list[torch.Tensor]) -> Any:
+    """A transform's output whose batch (an ``ImageList``'s ``tensors``, or the tensor
+    itself) is a new leaf that requires grad, appended to ``leaves``."""
+    images = output[0] if isinstance(output, tuple) else output
+    batch = getattr(images, "tensors", images)
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        return output
+    batch = batch.detach().requires_grad_(True)
+    leaves.append(batch)
+    if hasattr(images, "tensors"):
+        images.tensors = batch
+        return output
+    return (batch, *output[1:]) if isinstance(output, tuple) else batch
 
 
 class DetectionScoreTap(ScoreTap):
