@@ -64,6 +64,8 @@ __all__ = [
     "model_factory",
     "natural_key",
     "read_epoch_step",
+    "set_input_size",
+    "takes_input_size",
     "step_from_name",
     "torch_load",
 ]
@@ -367,6 +369,34 @@ def detector_size(arch: str | None, imgsz: int | None) -> dict[str, int]:
     return {}
 
 
+def takes_input_size(model: Any) -> bool:
+    """Whether ``model.transform`` takes ``min_size`` and ``max_size``."""
+    transform = getattr(model, "transform", None)
+    return all(hasattr(transform, a) for a in ("min_size", "max_size"))
+
+
+def set_input_size(model: Any, imgsz: int | None) -> bool:
+    """Give your own detector the input size ``imgsz`` where its transform takes one
+    (``min_size``/``max_size``, as torchvision's ``GeneralizedRCNNTransform`` and the
+    transforms written after it hold); True when it was set. Any other transform decides
+    the size itself.
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        ...     weights=None, weights_backbone=None)
+        >>> set_input_size(m, 256), m.transform.min_size, m.transform.max_size
+        (True, (256,), 256)
+    """
+    if not imgsz or not takes_input_size(model):
+        return False
+    transform = model.transform
+    low = transform.min_size
+    transform.min_size = type(low)([imgsz]) if isinstance(low, (tuple, list)) else imgsz
+    transform.max_size = imgsz
+    return True
+
+
 def load_checkpoint(
     path: Path,
     kind: str,
@@ -387,7 +417,10 @@ def load_checkpoint(
     if kind == "ultralytics":
         return load_ultralytics_checkpoint(path, trust=trust)
     size = detector_size(arch, imgsz) if model is None else {}
-    return load_state_dict_checkpoint(path, arch, trust=trust, model=model, **size)
+    loaded = load_state_dict_checkpoint(path, arch, trust=trust, model=model, **size)
+    if model is not None:
+        set_input_size(loaded.model, imgsz)
+    return loaded
 
 
 def load_model(
@@ -405,7 +438,8 @@ def load_model(
         path_or_name: A checkpoint (``.pt``, ``.pth``, ``.ckpt``), an Ultralytics yaml or
             a torchvision builder name; ``None`` with ``model`` for that model as built.
         arch: The torchvision builder of a state-dict checkpoint.
-        imgsz: ``min_size``/``max_size`` of torchvision detectors.
+        imgsz: ``min_size``/``max_size`` of torchvision detectors (and of your own, where
+            its transform takes them: :func:`set_input_size`).
         trust: Load checkpoints that need globals off the allow-list (full unpickling).
         model: Your own model for a state-dict checkpoint.
 
@@ -420,7 +454,9 @@ def load_model(
     if path_or_name is None:
         if factory is None:
             raise ValueError("give a checkpoint, a model name, or model=")
-        return factory()
+        built = factory()
+        set_input_size(built, imgsz)
+        return built
     path = Path(path_or_name)
     if path.is_file() and path.suffix in SUFFIXES:
         kind = kind_of(path, trust=trust)

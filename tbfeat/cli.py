@@ -243,13 +243,34 @@ def cmd_stages(args: argparse.Namespace) -> int:
                 output = output[stage.output]
             shapes.setdefault((stage.name, stage.output), _shape(output))
 
-        adapter.run_probe(probes, shown, record)
+        seen = _seen(adapter, probes, lambda: adapter.run_probe(probes, shown, record))
     finally:
         logger.close()
     _print_table(shown, marked, shapes)
     what = "selected by --stages" if args.stages else "logged by default"
-    print(f"* {what}; probe input {size}x{size}")
+    print(f"* {what}; probe image {size}x{size}, which the model sees as {seen}")
+    if args.imgsz and args.model and _own_transform(model):
+        print(f"tbfeat: --imgsz {args.imgsz} is not used: {type(model).__name__}'s own "
+              f"transform decides the size (it takes no min_size/max_size)",
+              file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _seen(adapter: Any, probes: Any, run: Callable[[], Any]) -> str:
+    """The shape of the input as the model sees it (after its letterbox, transform or
+    preprocess) while ``run()`` probes: what the adapter's score tap catches."""
+    tap = adapter.score_tap(adapter.module)
+    with tap:
+        run()
+    return "x".join(str(d) for d in tap.seen(list(probes.inputs)).shape)
+
+
+def _own_transform(model: Any) -> bool:
+    """A transform that decides the input size itself: one that takes no
+    ``min_size``/``max_size`` (:func:`tbfeat.checkpoints.takes_input_size`)."""
+    from .checkpoints import takes_input_size
+
+    return getattr(model, "transform", None) is not None and not takes_input_size(model)
 
 
 def _print_table(shown: list[Any], marked: list[Any], shapes: dict[tuple[str, Any], str]) -> None:
@@ -406,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_model_flags(p)
     p.add_argument("--imgsz", type=positive_int, default=None,
-                   help="probe input size (default 640)")  # fmt: skip
+                   help="probe image size (default 640); also the min_size/max_size of "
+                   "a detector's transform, yours included where it takes them")  # fmt: skip
     p.add_argument("--stages", nargs="+", default=None, help="mark what these select")
     add_trust_flag(p)
     p.set_defaults(func=cmd_stages)

@@ -201,6 +201,9 @@ def test_stages_lists_your_own_model_with_or_without_a_checkpoint(tutorial_check
     assert built.returncode == 0, built.stderr[-2000:]
     for key in FPN_KEYS:
         assert key in built.stdout
+    # --imgsz reaches the model's own transform (its min_size/max_size; 320 by default)
+    assert "probe image 128x128, which the model sees as 1x3x128x128" in built.stdout
+    assert "1x256x32x32" in built.stdout  # 05_fpn_0: a quarter of 128
     loaded = tbfeat(
         "stages", tutorial_checkpoints / "resNetFpn-model-1.pth", "--model", MODEL,
         "--imgsz", 128, "--stages", "backbone.body.layer1.2", "fpn_0",
