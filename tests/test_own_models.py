@@ -2,6 +2,7 @@
 older key layout), loaded, swept and listed through the API and the CLI."""
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,36 @@ def test_a_tutorial_detector_gets_the_stem_stages_and_each_fpn_level():
     assert mobile[1:-1] == [f"{i:02d}_InvertedResidual" for i in range(1, 18)]
 
 
+def test_an_fpn_that_adds_its_level_inline_logs_every_level(tmp_path):
+    """As MMDetection's FPN does: ``F.max_pool2d(results[-1], 1, 2, 0)`` inside its
+    ``forward``, no ``extra_blocks``. The levels are what the backbone returns."""
+    import torch.nn.functional as F
+
+    class InlineFPN(tutorial.FPN):
+        def forward(self, x):
+            feats = list(x.values())
+            last = self.inner_blocks[-1](feats[-1])
+            results = [self.layer_blocks[-1](last)]
+            for i in range(len(feats) - 2, -1, -1):
+                lateral = self.inner_blocks[i](feats[i])
+                last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
+                results.insert(0, self.layer_blocks[i](last))
+            results.append(F.max_pool2d(results[-1], 1, 2, 0))
+            return dict(zip([*x, "pool"], results, strict=True))
+
+    model = tutorial.resnet50_fpn().eval()
+    old = model.backbone.fpn
+    model.backbone.fpn = InlineFPN([256, 512, 1024, 2048], 256)
+    del model.backbone.fpn.extra_blocks  # none at all
+    model.backbone.fpn.load_state_dict(old.state_dict())
+    assert [s.key for s in list_stages(model)] == FPN_KEYS
+    with FeatureLogger(model, logdir=tmp_path, max_channels=2, cam=None) as logger:
+        logger.log([torch.rand(3, 64, 96)], step=1)
+    (pool,) = read_events(tmp_path).Images("features/09_fpn_pool/0")
+    (level3,) = read_events(tmp_path).Images("features/08_fpn_3/0")
+    assert pool.height == (level3.height + 1) // 2  # every second row of level 3
+
+
 def test_a_plain_module_with_a_transform_child_stays_a_plain_module(tmp_path):
     """``transform`` + ``backbone`` children alone make no detector: the transform must
     batch images into an ImageList, as a detector's does."""
@@ -82,15 +113,25 @@ def test_a_plain_module_with_a_transform_child_stays_a_plain_module(tmp_path):
 
 
 def test_log_runs_the_transform_and_backbone_only(tmp_path):
+    """The stages' probe runs the transform and backbone; the class activation maps
+    then run the whole detector (the heads' scores are what they explain), and the
+    tutorial's transform, which pads into views of its batch, gets them too."""
     model = tutorial.resnet50_fpn().eval()
     calls = []
     model.rpn.register_forward_hook(lambda *_: calls.append("rpn"))
-    logger = FeatureLogger(model, logdir=tmp_path, max_channels=4)
+    logger = FeatureLogger(model, logdir=tmp_path / "grids", max_channels=4, cam=None)
     out = logger.log([torch.rand(3, 96, 128)], step=1)
     logger.close()
     assert calls == [] and set(out) == {"0", "1", "2", "3", "pool"}  # the backbone's
-    tags = read_events(tmp_path).Tags()["images"]
+    tags = read_events(tmp_path / "grids").Tags()["images"]
     assert sorted(tags) == sorted(f"features/{k}/0" for k in FPN_KEYS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "maps were not logged"
+        with FeatureLogger(model, logdir=tmp_path / "maps", max_channels=4) as logger:
+            logger.log([torch.rand(3, 96, 128)], step=1)
+    assert calls == ["rpn"]
+    maps = [t for t in read_events(tmp_path / "maps").Tags()["images"] if t.startswith("cam/")]
+    assert sorted(maps) == sorted(f"cam/{k}/0" for k in FPN_KEYS)
 
 
 def test_a_chosen_head_logs_activations_not_boxes(tmp_path, caplog):

@@ -168,12 +168,21 @@ class DetectionAdapter(ModelAdapter):
         return stages
 
     def output_keys(self) -> list[str]:
-        """The keys of the backbone's output dict, read from its structure."""
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+        """The keys of the backbone's output dict: read from the structure of
+        torchvision's own classes, else from what the backbone returns (one small
+        forward per model: a user's FPN may add a level inline, in its ``forward``)."""
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.ops.feature_pyramid_network import (
+            FeaturePyramidNetwork,
+            LastLevelMaxPool,
+            LastLevelP6P7,
+        )
 
         backbone = self.module.backbone
         body, fpn = getattr(backbone, "body", None), getattr(backbone, "fpn", None)
         if fpn is not None and hasattr(body, "return_layers"):
+            if type(fpn) is not FeaturePyramidNetwork or type(body) is not IntermediateLayerGetter:
+                return self._probe_keys()
             keys = [str(v) for v in body.return_layers.values()]
             extra = getattr(fpn, "extra_blocks", None)
             if isinstance(extra, LastLevelMaxPool):
