@@ -287,7 +287,8 @@ def test_a_folder_of_images_gives_its_first_max_images(tmp_path, tutorial_checkp
     for i in range(12):
         Image.new("RGB", (64, 48), (i * 20, 0, 0)).save(folder / f"img{i}.png")
     proc = tbfeat("sweep", tutorial_checkpoints / "resNetFpn-model-0.pth", "--model", MODEL,
-                  "--images", folder, "--logdir", tmp_path / "run", "--stages", "stem")  # fmt: skip
+                  "--images", folder, "--logdir", tmp_path / "run", "--stages", "stem",
+                  "--imgsz", 64)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"using the first 8 of 12 images in {str(folder)!r}" in proc.stderr
     names = {t.rsplit("/", 1)[1] for t in read_events(tmp_path / "run").Tags()["images"]}
