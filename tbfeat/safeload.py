@@ -319,9 +319,12 @@ def own_class(name: str) -> Any:
 
 
 def _say_imported(path: Path, before: int, names: Iterable[str]) -> None:
-    """One line naming the user's modules imported for the checkpoint ``path``."""
+    """One line naming the user's modules imported for the checkpoint ``path``; said by the
+    main process only (a sweep's worker processes import them again)."""
+    import multiprocessing
+
     new = _IMPORTED[before:]
-    if not new:
+    if not new or multiprocessing.parent_process() is not None:
         return
     from tqdm import tqdm
 
