@@ -5,19 +5,26 @@ A checkpoint's pickle is inspected without executing it (:func:`inspect_checkpoi
 walk over its instructions (``pickletools``, following the ``weights_only`` unpickler's
 stack) tells which of them it only allocates, calls, or passes around. Every one must be on
 tbfeat's allow-list (:func:`allowed_global`), model classes only ever allocated: a call
-would run their constructor with arguments from the file. Files that pass load with
+would run their constructor with arguments from the file. The allow-list holds torch's and
+Ultralytics' layers and the layers of the user's own modules (:func:`own_class`: files
+under the working directory or a ``PYTHONPATH`` entry). Files that pass load with
 ``torch.load(weights_only=True)`` and exactly those globals (:func:`torch_load`); any other
 raises :class:`UnsafeCheckpointError` unless the caller trusts the file.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import os
 import pickle
 import pickletools
 import re
+import sys
+import sysconfig
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib.machinery import BuiltinImporter, FrozenImporter, ModuleSpec, PathFinder
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +139,12 @@ def allowed_global(name: str) -> tuple[Any, bool] | None:
     """The object an allow-listed global names, and whether a pickle may call it.
 
     Allowed: ``nn.Module`` subclasses defined in ``torch.nn.modules.*``,
-    ``ultralytics.nn.modules.*`` or ``ultralytics.nn.tasks`` and the classes of
-    ``ultralytics.utils.loss``/``.tal`` (these only allocated, never called: a constructor
-    would run with arguments from the file), plus the data types real checkpoints carry:
+    ``ultralytics.nn.modules.*`` or ``ultralytics.nn.tasks``, the classes of
+    ``ultralytics.utils.loss``/``.tal``, and the layers of the user's own modules
+    (:func:`own_class`); these only allocated, never called: a constructor would run with
+    arguments from the file. Plus the data types real checkpoints carry:
     ``argparse.Namespace``, ``ultralytics.utils.IterableSimpleNamespace``, numpy dtypes and
-    scalars. Only the modules named here are imported, never one named only by a file.
+    scalars. Only the modules named here and the user's own modules are imported.
 
     Args:
         name: A pickle global, ``module.name``.
@@ -144,6 +152,24 @@ def allowed_global(name: str) -> tuple[Any, bool] | None:
     Returns:
         ``(object, callable)``, or ``None`` for a global off the allow-list.
     """
+    found = framework_global(name)
+    if found is not None or _is_framework(name.rpartition(".")[0]):
+        return found
+    obj = own_class(name)
+    return None if obj is None else (obj, False)
+
+
+def _is_framework(module: str) -> bool:
+    return (
+        module in _CLASS_MODULES
+        or module == "numpy.dtypes"
+        or _MODULE_HOMES.fullmatch(module) is not None
+    )
+
+
+def framework_global(name: str) -> tuple[Any, bool] | None:
+    """:func:`allowed_global` without the user's own modules: torch's and Ultralytics'
+    classes and the data types; nothing but those frameworks is imported."""
     module, _, attr = name.rpartition(".")
     if not attr.isidentifier():
         return None
@@ -156,7 +182,7 @@ def allowed_global(name: str) -> tuple[Any, bool] | None:
         obj = _import_attr(module, attr)
         ok = isinstance(obj, type) and issubclass(obj, np.dtype)
         return (obj, True) if ok else None
-    if module not in _CLASS_MODULES and not _MODULE_HOMES.fullmatch(module):
+    if not _is_framework(module):
         return None
     obj = _import_attr(module, attr)
     if not isinstance(obj, type) or obj.__new__ is not object.__new__:
@@ -167,6 +193,149 @@ def allowed_global(name: str) -> tuple[Any, bool] | None:
 
     ok = issubclass(obj, nn.Module) and _MODULE_HOMES.fullmatch(obj.__module__)
     return (obj, False) if ok else None
+
+
+# ------------------------------------------------------------------ the user's own layers
+# Never the user's own code, wherever the file lies: torch, and the Ultralytics modules
+# that act on import (text_model installs packages) or construction (AutoBackend).
+_NOT_OWN = re.compile(r"(?:__main__|torch|ultralytics\.nn\.(?:text_model|autobackend))(?:\..*)?")
+# What torch's weights_only unpickler, or a dict it fills, may call on a class or an
+# instance it allocates: the user's classes must leave these to torch.nn.Module/object.
+_RUN_ON_LOAD = (
+    "__new__", "__setstate__", "__setattr__", "__getattribute__", "__hash__", "__eq__", "__del__"
+)  # fmt: skip
+_IMPORTED: list[tuple[str, str]] = []  # the user's modules imported for checkpoints, files
+
+
+def own_roots() -> list[Path]:
+    """Where the user's own modules lie: the working directory and the ``PYTHONPATH``
+    entries."""
+    entries = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    return [Path(e).resolve() for e in entries if e]
+
+
+def _own_file(path: str | None, roots: list[Path]) -> bool:
+    """Whether ``path`` is a file of the user's: under a root, outside any installed
+    package (``site-packages``/``dist-packages``) and the standard library."""
+    if not path:
+        return False
+    file = Path(path).resolve()
+    if {"site-packages", "dist-packages"} & set(file.parts):
+        return False
+    stdlib = {Path(sysconfig.get_paths()[k]).resolve() for k in ("stdlib", "platstdlib")}
+    if any(file.is_relative_to(lib) for lib in stdlib):
+        return False
+    return any(file.is_relative_to(root) for root in roots)
+
+
+def _own_specs(module: str, roots: list[Path]) -> list[ModuleSpec] | None:
+    """The specs of ``module`` and its packages that are not imported yet, each a ``.py``
+    file of the user's; ``None`` when one is not. Found as ``import`` finds them (on
+    ``sys.path``, then under the roots), executing nothing: packages are searched through
+    their specs' locations, not imported."""
+    parts, specs, search = module.split("."), [], [*sys.path, *map(str, roots)]
+    if BuiltinImporter.find_spec(parts[0]) or FrozenImporter.find_spec(parts[0]):
+        return None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        loaded = sys.modules.get(name)
+        spec = loaded.__spec__ if loaded is not None else PathFinder.find_spec(name, search)
+        if spec is None:
+            return None
+        if loaded is None:
+            if not (str(spec.origin).endswith(".py") and _own_file(spec.origin, roots)):
+                return None
+            specs.append(spec)
+        search = list(spec.submodule_search_locations or [])
+    return specs
+
+
+def _defines_class(file: str, name: str) -> bool:
+    """Whether the source of ``file`` defines the class ``name`` at its top level (parsed,
+    not run)."""
+    try:
+        tree = ast.parse(Path(file).read_bytes(), file)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body)
+
+
+def _import_own(module: str, attr: str, roots: list[Path]) -> Any:
+    """``module`` imported when it is the user's own and defines ``attr`` as a class;
+    else ``None``. Its top-level code runs, as when the user's training imports it."""
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return loaded if _own_file(getattr(loaded, "__file__", None), roots) else None
+    specs = _own_specs(module, roots)
+    if not specs or not _defines_class(str(specs[-1].origin), attr):
+        return None
+    root = None  # a top-level module found only under a root, as `python script.py` finds it
+    if "." not in specs[0].name and PathFinder.find_spec(specs[0].name, sys.path) is None:
+        origin = Path(str(specs[0].origin))
+        root = str(origin.parents[1] if specs[0].submodule_search_locations else origin.parent)
+        sys.path.append(root)
+    try:
+        imported = importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - a module that does not import is not allowed
+        return None
+    finally:
+        if root is not None:
+            sys.path.remove(root)
+    if Path(getattr(imported, "__file__", "")).resolve() != Path(str(specs[-1].origin)).resolve():
+        return None
+    _IMPORTED.append((module, str(specs[-1].origin)))
+    return imported
+
+
+def own_class(name: str) -> Any:
+    """The class ``name`` of the user's own code, or ``None``.
+
+    The user's own: a module whose file lies under the working directory or a
+    ``PYTHONPATH`` entry, outside ``site-packages``/``dist-packages`` and the standard
+    library (found without running anything), whose source defines the class at its top
+    level; not ``torch``, not ``__main__``. A module not yet imported is imported, which
+    runs its top-level code as the user's own training does. The class must be an
+    ``nn.Module`` subclass defined there, of plain ``type``, that leaves to
+    ``torch.nn.Module`` and ``object`` everything loading may call on it (allocation,
+    ``__setstate__``, ``__setattr__``, hashing, ``__del__``): allocated by torch's
+    ``weights_only`` unpickler, it runs no code of its own.
+    """
+    from torch import nn
+
+    module, _, attr = name.rpartition(".")
+    if not module or not attr.isidentifier() or _NOT_OWN.fullmatch(module):
+        return None
+    loaded = _import_own(module, attr, own_roots())
+    obj = getattr(loaded, attr, None)
+    if not (type(obj) is type and issubclass(obj, nn.Module) and obj.__module__ == module):
+        return None
+    for klass in obj.__mro__:
+        mod = klass.__module__
+        if klass is object or mod.startswith("torch.") or _MODULE_HOMES.fullmatch(mod):
+            continue
+        if any(method in vars(klass) for method in _RUN_ON_LOAD):
+            return None
+    return obj
+
+
+def _say_imported(path: Path, before: int, names: Iterable[str]) -> None:
+    """One line naming the user's modules imported for the checkpoint ``path``; said by the
+    main process only (a sweep's worker processes import them again)."""
+    import multiprocessing
+
+    new = _IMPORTED[before:]
+    if not new or multiprocessing.parent_process() is not None:
+        return
+    from tqdm import tqdm
+
+    modules = ", ".join(f"{m} ({file})" for m, file in new)
+    classes = [n for n in sorted(names) if n.rpartition(".")[0] in dict(new)]
+    tqdm.write(
+        f"tbfeat: imported your own module{'s' if len(new) > 1 else ''} {modules} for "
+        f"{str(path)!r}, which allocates {', '.join(classes)} without calling "
+        f"{'it' if len(classes) == 1 else 'them'}",
+        file=sys.stderr,
+    )
 
 
 # ------------------------------------------------------------------ inspection
@@ -323,13 +492,18 @@ def inspect_checkpoint(path: Path) -> Inspection:
 def allowed_globals(inspection: Inspection) -> list[Any]:
     """The ``safe_globals`` entries a checkpoint needs, all of them on the allow-list.
 
+    The user's modules imported for the file's classes (:func:`own_class`) are named in
+    one line on stderr.
+
     Raises:
         UnsafeCheckpointError: a global off the allow-list, or a model class the pickle
             calls or passes as a value; the message names them and the opt-in.
     """
-    bad, entries = [], []
+    bad, entries, imported = [], [], len(_IMPORTED)
     for name in sorted(inspection.names):
-        found = allowed_global(name)
+        used = name in inspection.values or name in inspection.calls
+        # the user's own classes are only ever allocated: one the file uses is not imported
+        found = framework_global(name) if used else allowed_global(name)
         if found is None:
             bad.append(name)
             continue
@@ -339,6 +513,7 @@ def allowed_globals(inspection: Inspection) -> list[Any]:
             continue
         own = f"{obj.__module__}.{obj.__qualname__}" == name
         entries.append(obj if own else (obj, name))
+    _say_imported(inspection.path, imported, inspection.names)
     if bad:
         raise UnsafeCheckpointError(
             f"cannot read checkpoint {str(inspection.path)!r} without running code: it needs "

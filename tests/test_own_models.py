@@ -172,8 +172,9 @@ def test_a_checkpoint_that_does_not_fit_names_keys_and_shapes(tmp_path, tutorial
         assert part in str(raised.value)
     with pytest.raises(ValueError) as raised:  # 3 classes saved, 5 built
         load_checkpoint(path, "fasterrcnn_resnet50_fpn", num_classes=5)
-    assert "4 shapes differ, e.g. roi_heads.box_predictor.cls_score.weight (3, 1024)" in str(
-        raised.value
+    assert (
+        "4 shapes differ, e.g. roi_heads.box_predictor.cls_score.weight: checkpoint (3, 1024), "
+        "model (5, 1024)" in str(raised.value)
     )
     assert "pass num_classes=" in str(raised.value)
     with pytest.raises(ValueError) as raised:  # your own model: no builder to pass it to

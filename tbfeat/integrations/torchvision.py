@@ -540,7 +540,7 @@ def _load_state(
     if unexpected:
         parts.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:3])}")
     if mismatched:
-        shown = "; ".join(f"{k} ({a}) vs ({b})" for k, a, b in mismatched[:2])
+        shown = "; ".join(f"{k}: checkpoint ({a}), model ({b})" for k, a, b in mismatched[:2])
         parts.append(f"{len(mismatched)} shapes differ, e.g. {shown}")
     head_only = not (missing or unexpected) and all(
         any(h in k for h in ("predictor", "classif", "head", "fc.", "cls"))

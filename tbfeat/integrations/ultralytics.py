@@ -434,17 +434,18 @@ def _ultralytics_loader(path: Path) -> Any:
 
 def _ultralytics_dict(path: Path) -> dict[str, Any]:
     """An Ultralytics checkpoint's dict, loaded within the allow-list."""
-    entries = allowed_globals(inspect_checkpoint(path))
-    load = _ultralytics_loader(path)
-    if load is not None:
-        ckpt, file = load(str(path), safe_only=True)
-        if Path(file) != path:
-            raise CheckpointError(f"Ultralytics loaded {file!r} instead of {str(path)!r}")
-        return ckpt
     import torch
 
+    entries = allowed_globals(inspect_checkpoint(path))
+    load = _ultralytics_loader(path)
+    # the entries, the user's own layers among them, in addition to Ultralytics' own list
     with torch.serialization.safe_globals(entries):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if load is None:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt, file = load(str(path), safe_only=True)
+    if Path(file) != path:
+        raise CheckpointError(f"Ultralytics loaded {file!r} instead of {str(path)!r}")
+    return ckpt
 
 
 def ultralytics_model(ckpt: Any, path: Path) -> Any:
