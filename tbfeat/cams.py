@@ -103,7 +103,7 @@ def stage_cams(
     probes = adapter.prepare(inputs, imgsz=imgsz, preprocess=preprocess)
     module = adapter.module
     chosen = resolve_stages(module, adapter.candidate_stages(), stages, adapter.default_stages())
-    result = compute_cams(adapter, probes.inputs, chosen, method, cam_target)
+    result = compute_cams(adapter, probes.inputs, chosen, method, cam_target, at_input=True)
     if len({tuple(s.shape) for s in result.seen}) > 1:
         raise ValueError("stage_cams takes images of one size; resize them, or call it per image")
     size = tuple(result.seen[0].shape[-2:])
@@ -124,9 +124,16 @@ def compute_cams(
     method: str,
     target: CamTarget,
     module: nn.Module | None = None,
+    at_input: bool = False,
 ) -> CamResult:
     """The maps of prepared probe inputs (:meth:`ModelAdapter.prepare`), images of one
-    size batched together, for ``module`` (default the adapter's)."""
+    size batched together, for ``module`` (default the adapter's).
+
+    Each explained prediction's map is scaled to its own maximum, and a stage's map is
+    the maximum over the predictions: at the stage's resolution (what a probe stores), or
+    with ``at_input`` at the size the model sees, each prediction's map resized first, as
+    Ultralytics' own ``class_activation_map`` combines them.
+    """
     module = adapter.module if module is None else module
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(inputs):
@@ -135,7 +142,9 @@ def compute_cams(
     seen: list[Any] = [None] * len(inputs)
     for indices in groups.values():
         batch = [inputs[i] for i in indices]
-        group_maps, group_seen = _batch_cams(adapter, module, batch, stages, method, target)
+        group_maps, group_seen = _batch_cams(
+            adapter, module, batch, stages, method, target, at_input
+        )
         for j, i in enumerate(indices):
             seen[i] = group_seen[j]
             for key, m in group_maps.items():
@@ -150,6 +159,7 @@ def _batch_cams(
     stages: Sequence[Stage],
     method: str,
     target: CamTarget,
+    at_input: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     layercam = method == "layercam"
     acts: dict[str, torch.Tensor] = {}
@@ -174,7 +184,8 @@ def _batch_cams(
         out, leaves = adapter.cam_forward(x, module)
         seen = tap.seen(x).detach()
         if layercam:
-            cams = _layercam(out, leaves, tap, target, acts, grads)
+            size = tuple(seen.shape[-2:]) if at_input else None
+            cams = _layercam(out, leaves, tap, target, acts, grads, size)
         else:
             cams = {key: a.float().abs().mean(1) for key, a in acts.items()}
     return {key: _scaled(c.float().cpu()) for key, c in cams.items()}, _displayable(seen)
@@ -187,9 +198,10 @@ def _layercam(
     target: CamTarget,
     acts: dict[str, torch.Tensor],
     grads: dict[str, torch.Tensor],
+    size: tuple[int, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One backward pass per chosen prediction; per stage, the maximum of the passes'
-    LayerCAM maps, each scaled per image to its maximum."""
+    LayerCAM maps, each scaled per image to its maximum (resized to ``size`` first)."""
     scores = [_score(out, target.score).sum()] if target.score else choose(tap.scores(out), target)
     combined: dict[str, torch.Tensor] = {}
     for k, score in enumerate(scores):
@@ -202,14 +214,19 @@ def _layercam(
         torch.autograd.grad(score, leaves, retain_graph=k < len(scores) - 1, allow_unused=True)
         for key, a in acts.items():
             g = grads.get(key)  # None: the score does not depend on this stage
-            cam = torch.zeros(a.shape[0], *a.shape[2:]) if g is None else _layer_map(a, g)
+            cam = _layer_map(a, torch.zeros_like(a) if g is None else g, size)
             combined[key] = cam if key not in combined else torch.maximum(combined[key], cam)
     return combined
 
 
 @torch.no_grad()
-def _layer_map(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _layer_map(
+    act: torch.Tensor, grad: torch.Tensor, size: tuple[int, ...] | None = None
+) -> torch.Tensor:
     cam = (grad.float().clamp(min=0) * act.float()).sum(1).clamp(min=0)
+    if size is not None:
+        cam = nn.functional.interpolate(cam[:, None], size=size, mode="bilinear",
+                                        align_corners=False)[:, 0]  # fmt: skip
     return (cam / cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]).cpu()
 
 

@@ -166,10 +166,32 @@ def test_the_head_inputs_agree_with_ultralytics_own_layercam(tmp_path, monkeypat
         pytest.skip("this Ultralytics release has no class_activation_map to compare with")
     torch.manual_seed(0)
     yolo = YOLO("yolov8n.yaml")
-    for branch in yolo.model.model[-1].cv3:  # class scores that differ between anchors
+    head = yolo.model.model[-1]
+    for branch in head.cv3:  # class scores that differ between anchors
         nn.init.normal_(branch[-1].weight, std=0.02)
         nn.init.zeros_(branch[-1].bias)
     image = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), (320, 320))  # no letterbox padding
+    # each level's 5th best score at 0: the 16 predictions explained lie on all three
+    # levels (with the same bias everywhere, the finest level's 1600 anchors win them all)
+    # (a plain forward: the predictor holds the model it first fuses, so the biases
+    # change before any predict)
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, a: seen.append([t.detach() for t in a[0]]))
+    rgb = torch.from_numpy(image[..., ::-1].copy()).permute(2, 0, 1).float()[None] / 255
+    with torch.no_grad():
+        yolo.model(rgb)
+    handle.remove()
+
+    def best(i):  # each anchor's best class logit on level i
+        with torch.no_grad():
+            return head.cv3[i](seen[0][i]).amax(1).flatten()
+
+    with torch.no_grad():
+        for i, branch in enumerate(head.cv3):
+            branch[-1].bias -= best(i).topk(5).values[-1]
+    levels = torch.cat([torch.full_like(best(i), i) for i in range(3)])
+    top = torch.cat([best(i) for i in range(3)]).topk(16).indices
+    assert set(levels[top].tolist()) == {0, 1, 2}
     theirs = []
     colour = plotting.cv2.applyColorMap
     monkeypatch.setattr(
@@ -178,12 +200,13 @@ def test_the_head_inputs_agree_with_ultralytics_own_layercam(tmp_path, monkeypat
     yolo.predict(image, imgsz=320, visualize=True, save=False, verbose=False, project=tmp_path)
     monkeypatch.undo()
     assert len(theirs) == 1 and theirs[0].shape == (320, 320) and theirs[0].max() > 0
-    head = yolo.model.model[-1]
     maps = stage_cams(yolo, image, stages=list(head.f), conf=0.25, topk=16, imgsz=320)
     assert list(maps) == ["15_C2f", "18_C2f", "21_C2f"]
+    assert all(float(m.max()) == 1.0 for m in maps.values())  # every level explains some
+    # each prediction's map resized to the input before the maximum, as Ultralytics does
     ours = torch.stack(list(maps.values())).amax(0)[0]
     r = np.corrcoef(ours.flatten().numpy(), theirs[0].astype(np.float32).ravel())[0, 1]
-    assert r >= 0.95, r
+    assert r >= 0.96, r  # 0.969 measured; 0.952 when maps were combined before resizing
 
 
 def model_state(model):
