@@ -165,6 +165,6 @@ def test_lightning_ddp_logs_each_validation_epoch_from_rank_zero(tmp_path, strat
     assert sorted(features) == [
         f"features/{k}/{n}" for k in ("00_Conv2d", "01_BatchNorm2d", "02_ReLU") for n in "ab"
     ]
-    assert all([e.step for e in acc.Images(t)] == [0, 1] for t in features)
-    assert [e.step for e in acc.Scalars("stats/03_head/mean")] == [0, 1]
+    assert all([e.step for e in acc.Images(t)] == [1, 2] for t in features)  # 1-based epochs
+    assert [e.step for e in acc.Scalars("stats/03_head/mean")] == [1, 2]
     assert "val_loss" in acc.Tags()["scalars"]

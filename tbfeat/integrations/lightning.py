@@ -43,7 +43,9 @@ class FeatureLoggerCallback(Callback):
             name (``"model"``); or a function of the LightningModule.
         stages: As for :class:`~tbfeat.FeatureLogger`.
         names: One name per probe image for the tags.
-        step: ``"epoch"`` (``trainer.current_epoch``) or ``"global_step"``.
+        step: ``"epoch"``, the 1-based epoch (``trainer.current_epoch + 1``, the step a
+            sweep of the training's checkpoints logs it at, as Ultralytics counts), or
+            ``"global_step"``.
         preprocess: As for :class:`~tbfeat.FeatureLogger` (``weights.transforms()``).
         **options: :class:`~tbfeat.LogOptions` fields; ``every=N`` logs every N-th epoch.
 
@@ -127,7 +129,7 @@ class FeatureLoggerCallback(Callback):
             return
         try:
             logger = self._feature_logger(trainer, pl_module)
-            step = epoch if self.step == "epoch" else trainer.global_step
+            step = epoch + 1 if self.step == "epoch" else trainer.global_step
             logger.log(self.images, step=step, names=self.names)
         except Exception as e:  # noqa: BLE001 - logging never ends the user's training
             self._stopped = True
