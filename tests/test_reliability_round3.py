@@ -258,3 +258,73 @@ def test_a_failing_probe_warns_once_and_the_lightning_training_goes_on(tmp_path)
     assert len(ours) == 1 and "epoch 0" in ours[0] and "RuntimeError" in ours[0], ours
     assert trainer.current_epoch == 3 and module.modes_seen == [True, True, True]
     assert all(not m._forward_hooks for m in module.modules())
+
+
+# ------------------------------------------------------------------ a step is logged once on disk
+def sweep_checkpoints(folder, epochs):
+    model = tiny_model(0)
+    for epoch in range(epochs):
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+        torch.save({"model": model.state_dict(), "epoch": epoch}, folder / f"model_{epoch}.pth")
+    (folder / "net.py").write_text(
+        "from torch import nn\n\n\ndef create():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())\n"
+    )
+    image = folder / "probe.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(image)
+    return image
+
+
+def test_a_step_the_storage_refused_is_not_logged_and_the_next_sweep_logs_it(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+    import json
+
+    from tbfeat.cli import main
+
+    image = sweep_checkpoints(tmp_path, 5)
+    logdir = tmp_path / "sweep"
+    full = {2, 3}  # the disk is full while these steps are written
+    write_own = tbfeat.writer.EventSink._write_own
+
+    def failing(self, bundle):
+        if bundle.step in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_own(self, bundle)
+
+    monkeypatch.setattr(tbfeat.writer.EventSink, "_write_own", failing)
+    files = [str(tmp_path / f"model_{e}.pth") for e in range(4)]
+    args = ["--images", str(image), "--logdir", str(logdir), "--model",
+            f"{tmp_path / 'net.py'}:create", "--stages", "0"]  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="cannot write step 2"):
+        assert main(["sweep", *files, *args]) == 1
+    out, err = capsys.readouterr()
+    assert "logged steps 1, 4 to" in out
+    assert "steps 2, 3 could not be written" in err
+    manifest = json.loads((logdir / MANIFEST).read_text())
+    assert sorted(manifest["steps"], key=int) == ["1", "4"]
+    assert [e.step for e in read_events(logdir).Images("features/00_Conv2d/probe")] == [1, 4]
+
+    # the space is free again; the manifest also lies about a step 5 never written
+    full.clear()
+    manifest["steps"]["5"] = dict(manifest["steps"]["4"], checkpoint=str(tmp_path / "model_4.pth"))
+    (logdir / MANIFEST).unlink()
+    (logdir / MANIFEST).write_text(json.dumps(manifest))
+    said = []
+    result = sweep([tmp_path / f"model_{e}.pth" for e in range(5)], images=[image],
+                   logdir=logdir, model=tiny_model(), stages=[0], warn=said.append)  # fmt: skip
+    assert (result.logged, result.skipped, result.dropped) == ([2, 3, 4, 5], [1], [])
+    assert any("steps 5 are in" in m and "not in the event files" in m for m in said), said
+    acc = read_events(logdir)
+    assert [e.step for e in acc.Images("features/00_Conv2d/probe")] == [1, 2, 3, 4, 5]
+    means = {e.step: e.value for e in acc.Scalars("stats/00_Conv2d/mean")}
+    x = torch.from_numpy(np.asarray(Image.open(image), np.float32) / 255).permute(2, 0, 1)
+    weights = torch.load(tmp_path / "model_2.pth", weights_only=True)["model"]
+    model = tiny_model()
+    model.load_state_dict(weights)
+    assert means[3] == pytest.approx(model[0](x[None]).mean().item(), rel=1e-4)
+    manifest = json.loads((logdir / MANIFEST).read_text())
+    assert sorted(manifest["steps"], key=int) == ["1", "2", "3", "4", "5"]
