@@ -328,3 +328,93 @@ def test_a_step_the_storage_refused_is_not_logged_and_the_next_sweep_logs_it(
     assert means[3] == pytest.approx(model[0](x[None]).mean().item(), rel=1e-4)
     manifest = json.loads((logdir / MANIFEST).read_text())
     assert sorted(manifest["steps"], key=int) == ["1", "2", "3", "4", "5"]
+
+
+# ------------------------------------------------------------------ one writer per folder
+def in_child(work) -> tuple[int, bytes]:
+    """Fork; the child runs ``work(send)`` and ends at once (no test machinery runs
+    there; an alarm ends it after 30 s at most); returns the child's pid and the read end
+    of what it sends. The child runs torch on one thread: OpenMP's pool does not survive a
+    fork."""
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(30)
+            torch.set_num_threads(1)
+            os.close(r)
+            work(lambda data: os.write(w, data))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def test_one_logger_writes_to_a_run_folder_at_a_time(tmp_path):
+    import re
+    import signal
+
+    from tbfeat.files import LOCK_FILE, FolderInUse, FolderLock
+
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    first = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    first.log([image], step=1)  # the run has started: the folder is taken
+    here = f"pid {os.getpid()} host {socket.gethostname()}"
+    assert (tmp_path / LOCK_FILE).read_text().startswith(here)
+    FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0]).close()  # this process shares it
+    assert (tmp_path / LOCK_FILE).read_text().startswith(here)  # the first still holds it
+    first.close()
+    first.close()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+    def hold(send):  # another process takes the folder and is killed holding it
+        FolderLock(tmp_path).acquire()
+        send(b"held")
+        time.sleep(60)
+
+    pid, r = in_child(hold)
+    try:
+        assert os.read(r, 4) == b"held"
+        with pytest.raises(FolderInUse, match=f"pid {pid} host {re.escape(socket.gethostname())}"):
+            FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+    assert (tmp_path / LOCK_FILE).exists()  # left behind: taken over
+    second = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    second.log([image], step=2)
+    second.close()
+    assert second.flushed_step == 2
+    assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 2]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_forked_child_never_writes_into_the_parents_event_file(tmp_path):
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    logger.log([image], step=1)
+    logger.flush()
+    (events,) = event_files(tmp_path)
+    before = events.read_bytes()
+
+    def child(send):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            logger.log([image], step=2)
+            logger.close()
+        send("\n".join(str(w.message) for w in said).encode())
+
+    pid, r = in_child(child)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert said.count("tbfeat: ") == 1 and "was forked from" in said, said
+    assert events.read_bytes() == before and event_files(tmp_path) == [events]
+    logger.log([image], step=3)
+    logger.close()
+    assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 3]
