@@ -418,3 +418,84 @@ def test_a_forked_child_never_writes_into_the_parents_event_file(tmp_path):
     logger.log([image], step=3)
     logger.close()
     assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 3]
+
+
+# ------------------------------------------------------------------ hostile export inputs
+def png_claiming(width, height) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels; its data is a few
+    bytes (decoding it would build the whole claimed picture)."""
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def log_pictures(folder, pictures):
+    """Write ``{tag: PNG bytes}`` as step 1 with tbfeat's own sink."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from tbfeat.writer import EventSink, StepBundle
+
+    sink = EventSink(folder)
+    values = [
+        Summary.Value(tag=tag, image=Summary.Image(height=1, width=1, colorspace=3,
+                                                   encoded_image_string=png))  # fmt: skip
+        for tag, png in pictures.items()
+    ]
+    assert sink.write(StepBundle(1, images=values))
+    sink.close()
+
+
+def small_png(seed) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (6, 6, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("side", [12000, 30000], ids=["12000 square", "PIL's bomb size"])
+def test_export_refuses_a_huge_picture_from_its_header(tmp_path, capsys, side):
+    from tbfeat.cli import main
+
+    log_pictures(tmp_path / "run", {
+        "features/00_Conv2d/a": small_png(0),  # drawn first, were nothing checked before
+        "features/01_Conv2d/b": png_claiming(side, side),
+    })  # fmt: skip
+    tracemalloc.start()
+    try:
+        status = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert status == 2 and peak < 50 * 2**20
+    assert err.count("\n") == 1 and err.startswith("tbfeat: error: "), err
+    assert f"{side} x {side} pixels" in err and "features_01_Conv2d_b" in err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_export_shortens_long_names_before_writing_and_reports_damage_in_one_line(
+    tmp_path, capsys
+):
+    from tbfeat.cli import main
+    from tbfeat.export import MAX_NAME_CHARS
+
+    long = ["x" * 300, "x" * 299 + "y"]  # alike for their first 250 characters
+    log_pictures(tmp_path / "run", {f"features/00_Conv2d/{n}": small_png(i)
+                                    for i, n in enumerate(long)})  # fmt: skip
+    written = export(tmp_path / "run", tmp_path / "out")
+    names = [p.name for p in written]
+    assert len(set(names)) == 2 and all(len(n) <= MAX_NAME_CHARS + len(".png") for n in names)
+    assert names == [p.name for p in export(tmp_path / "run", tmp_path / "again")]  # stable
+
+    log_pictures(tmp_path / "bad", {"features/00_Conv2d/a": small_png(0)[:-30]})  # cut off
+    status = main(["export", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
