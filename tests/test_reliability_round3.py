@@ -443,8 +443,9 @@ def log_pictures(folder, pictures):
 
     sink = EventSink(folder)
     values = [
-        Summary.Value(tag=tag, image=Summary.Image(height=1, width=1, colorspace=3,
-                                                   encoded_image_string=png))  # fmt: skip
+        Summary.Value(
+            tag=tag, image=Summary.Image(height=1, width=1, colorspace=3, encoded_image_string=png)
+        )  # fmt: skip
         for tag, png in pictures.items()
     ]
     assert sink.write(StepBundle(1, images=values))
@@ -481,9 +482,7 @@ def test_export_refuses_a_huge_picture_from_its_header(tmp_path, capsys, side):
     assert not (tmp_path / "out").exists()  # nothing was written
 
 
-def test_export_shortens_long_names_before_writing_and_reports_damage_in_one_line(
-    tmp_path, capsys
-):
+def test_export_shortens_long_names_before_writing_and_reports_damage_in_one_line(tmp_path, capsys):
     from tbfeat.cli import main
     from tbfeat.export import MAX_NAME_CHARS
 
