@@ -211,11 +211,18 @@ def adapt(model: object) -> ModelAdapter:
     never does.
 
     Raises:
-        TypeError: ``model`` is no ``nn.Module`` that any adapter takes (naming its type).
+        TypeError: ``model`` is no ``nn.Module`` that any adapter takes (naming its type),
+            or a TorchScript module (scripted or traced: it runs no hooks).
     """
     if isinstance(model, ModelAdapter):
         return model
     model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):  # scripted and traced alike
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace): its compiled forward runs no module hooks, so no stage "
+            "could be captured; pass the nn.Module it was made from"
+        )
     package = type(model).__module__.split(".", 1)[0]
     for owner, module_name in INTEGRATIONS:
         if package == owner:

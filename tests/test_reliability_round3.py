@@ -498,3 +498,14 @@ def test_export_shortens_long_names_before_writing_and_reports_damage_in_one_lin
     status = main(["export", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out")])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
+
+
+# ------------------------------------------------------------------ TorchScript
+def test_a_torchscript_model_is_refused_when_the_logger_is_built(tmp_path):
+    model = tiny_model()
+    scripted = torch.jit.script(model)
+    traced = torch.jit.trace(model, torch.rand(1, 3, 8, 8))
+    for compiled in (scripted, traced):
+        with pytest.raises(TypeError, match="TorchScript module.*pass the nn.Module"):
+            FeatureLogger(compiled, logdir=tmp_path, stages=[0])
+    assert not event_files(tmp_path)
