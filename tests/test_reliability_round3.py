@@ -509,3 +509,21 @@ def test_a_torchscript_model_is_refused_when_the_logger_is_built(tmp_path):
         with pytest.raises(TypeError, match="TorchScript module.*pass the nn.Module"):
             FeatureLogger(compiled, logdir=tmp_path, stages=[0])
     assert not event_files(tmp_path)
+
+
+def test_a_with_block_that_captures_nothing_warns_once_at_its_end(tmp_path):
+    model = tiny_model()
+    logger = FeatureLogger(model, logdir=tmp_path, stages=[0])
+    x = torch.rand(1, 3, 12, 12)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with logger:
+            model(x)  # captured: nothing to say
+        with logger:
+            pass
+        with logger:
+            pass
+    ours = [str(w.message) for w in said if "tbfeat" in str(w.message)]
+    assert len(ours) == 1 and "captured nothing" in ours[0], ours
+    logger.close()
+    assert [e.step for e in read_events(tmp_path).Images("features/00_Conv2d/0")] == [0]
