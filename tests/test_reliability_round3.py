@@ -527,3 +527,24 @@ def test_a_with_block_that_captures_nothing_warns_once_at_its_end(tmp_path):
     assert len(ours) == 1 and "captured nothing" in ours[0], ours
     logger.close()
     assert [e.step for e in read_events(tmp_path).Images("features/00_Conv2d/0")] == [0]
+
+
+# ------------------------------------------------------------------ image names
+def test_probe_images_sharing_a_file_name_are_named_by_their_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for folder in ("val", "test"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "bus.png")
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), np.uint8)).save(paths[-1])
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path / "run", stages=[0])
+    logger.log(paths, step=1)
+    logger.log(paths[::-1], step=2)  # the order changes, the names stay with the files
+    logger.close()
+    acc = read_events(tmp_path / "run")
+    shown = {
+        name: [e.encoded_image_string for e in acc.Images(f"features/00_Conv2d/{name}")]
+        for name in ("val_bus", "test_bus")
+    }
+    assert shown["val_bus"][0] == shown["val_bus"][1] != shown["test_bus"][0]
+    assert shown["test_bus"][0] == shown["test_bus"][1]
