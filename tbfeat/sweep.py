@@ -231,26 +231,59 @@ def _facts(path: Path, known: dict[str, Any] | None, trust: bool) -> tuple[str, 
         return "unreadable", None
 
 
+MANIFEST_MAX_BYTES = 64 * 2**20
+"""The largest manifest read (a sweep of many thousand checkpoints stays far below)."""
+
+
 def read_manifest(logdir: Path) -> dict[str, Any]:
     """The sweep's manifest: ``{"version": 2, "steps": {step: {...}}, "checkpoints":
     {resolved path: {"size", "mtime_ns", "kind", "epoch_step"}}}``. Manifests written
     before ``"checkpoints"`` existed read with an empty one (their files are read once).
     A link there is none of tbfeat's (it writes files, never links): it reads as none,
-    and the first write replaces the link itself."""
+    and the first write replaces the link itself.
+
+    Raises:
+        SweepError: a manifest that is not one (too large, not UTF-8 JSON, nested too
+            deep, a step that is no integer), naming the file.
+    """
     path = logdir / MANIFEST
     if path.is_symlink() or not path.is_file():
         return {"version": 2, "steps": {}, "checkpoints": {}}
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("steps"), dict):
+        manifest, why = _parse_manifest(path), None
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        manifest, why = None, f"{type(e).__name__}: {e}"
+    if why is None and (not isinstance(manifest, dict)
+                        or not isinstance(manifest.get("steps"), dict)):  # fmt: skip
+        why = "no steps"
+    if why is None:
+        bad = [k for k, v in manifest["steps"].items()
+               if not _is_step(k) or not isinstance(v, dict)]  # fmt: skip
+        why = f"step {bad[0][:40]!r} is not an integer step" if bad else None
+    if why is not None:
         raise SweepError(
-            f"{str(path)!r} is unreadable; delete it or use --overwrite to start over"
-        ) from None
+            f"{str(path)!r} is unreadable ({why[:200]}); delete it or use --overwrite to start over"
+        )
     if not isinstance(manifest.get("checkpoints"), dict):
         manifest["checkpoints"] = {}
     return manifest
+
+
+def _parse_manifest(path: Path) -> Any:
+    from .files import open_regular
+
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ValueError(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    return json.loads(data.decode("utf-8"))
+
+
+def _is_step(key: str) -> bool:
+    try:
+        return str(int(key)) == key and -(2**63) <= int(key) < 2**63
+    except ValueError:
+        return False
 
 
 def check_manifest(

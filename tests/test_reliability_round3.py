@@ -548,3 +548,24 @@ def test_probe_images_sharing_a_file_name_are_named_by_their_folders(tmp_path):
     }
     assert shown["val_bus"][0] == shown["val_bus"][1] != shown["test_bus"][0]
     assert shown["test_bus"][0] == shown["test_bus"][1]
+
+
+# ------------------------------------------------------------------ crafted manifests
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+        (b'{"steps": {"1": {}}, "x": "\xff\xfe"}', "UnicodeDecodeError"),
+        (b'{"steps": {"one": {}}}', "step 'one' is not an integer step"),
+        (b'{"steps": {"1": 5}}', "step '1' is not an integer step"),
+    ],
+    ids=["deep nesting", "bad bytes", "a step that is no number", "a step that is no entry"],
+)
+def test_a_crafted_manifest_is_one_error_naming_the_file(tmp_path, data, why):
+    from tbfeat.sweep import SweepError, read_manifest
+
+    (tmp_path / MANIFEST).write_bytes(data)
+    with pytest.raises(SweepError) as e:
+        read_manifest(tmp_path)
+    assert str(tmp_path / MANIFEST) in str(e.value) and why in str(e.value)
+    assert len(str(e.value)) < 400
