@@ -165,11 +165,33 @@ class ModelAdapter:
     def attach(self, logger: Any) -> Callable[[], None]:
         """Called when a logger's ``with`` block starts; returns what undoes it.
 
-        The generic adapter captures every forward of its module for the block;
-        integrations add framework callbacks instead.
+        The generic adapter captures every forward of its module for the block; a
+        block in which the module never ran (or ran without its hooks: a
+        ``torch.compile`` copy called instead) is said once per logger at its end.
+        Integrations add framework callbacks instead.
         """
-        logger.begin(self.module)
-        return logger.end
+        session = logger.begin(self.module)
+        if session is None:  # a rank other than 0
+            return logger.end
+        ran = [0]
+
+        def count(module: nn.Module, args: Any) -> None:
+            ran[0] += 1
+
+        handle = self.module.register_forward_pre_hook(count)
+
+        def detach() -> None:
+            handle.remove()
+            logger.end()
+            if not ran[0]:
+                session.say_once(
+                    "with-nothing",
+                    f"tbfeat: the with block captured nothing: {type(self.module).__name__} "
+                    "did not run in it with its hooks (call the model itself inside the "
+                    "block, not a torch.compile'd copy; or use logger.log(images))",
+                )
+
+        return detach
 
 
 def _preprocessed(preprocess: Callable[[Any], Any], image: torch.Tensor) -> torch.Tensor:
@@ -211,11 +233,18 @@ def adapt(model: object) -> ModelAdapter:
     never does.
 
     Raises:
-        TypeError: ``model`` is no ``nn.Module`` that any adapter takes (naming its type).
+        TypeError: ``model`` is no ``nn.Module`` that any adapter takes (naming its type),
+            or a TorchScript module (scripted or traced: it runs no hooks).
     """
     if isinstance(model, ModelAdapter):
         return model
     model = unwrap(model)
+    if isinstance(model, torch.jit.ScriptModule):  # scripted and traced alike
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script "
+            "or torch.jit.trace): its compiled forward runs no module hooks, so no stage "
+            "could be captured; pass the nn.Module it was made from"
+        )
     package = type(model).__module__.split(".", 1)[0]
     for owner, module_name in INTEGRATIONS:
         if package == owner:

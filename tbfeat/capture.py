@@ -163,6 +163,10 @@ class CaptureSession:
             self._cam_images = done + k
             return tuple(self._image_name(done + i) for i in range(k))
 
+    def say_once(self, key: str, message: str) -> None:
+        """Warn ``message`` unless ``key`` was said by this session's logger."""
+        self._note(key, message, warn=True, stacklevel=3)
+
     def on_forward(self) -> None:
         """A new forward of the hooked model begins (for calls of shared modules)."""
         with self._lock:

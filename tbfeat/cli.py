@@ -4,6 +4,8 @@ Errors the user can fix (a missing file, a corrupt checkpoint, an unknown archit
 stage) print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
 So does a checkpoint that needs globals off tbfeat's allow-list, before any of it runs:
 ``--trust-checkpoints`` (``sweep``, ``stages``) loads such files with full unpickling.
+A sweep whose steps were not all written (a full disk) names them and exits with
+status 1; running it again logs them.
 """
 
 from __future__ import annotations
@@ -99,12 +101,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0  # rank 0 says what the sweep did
     for step in result.skipped:
         print_warning(f"step {step} is already in {result.logdir}; skipped (--overwrite to redo)")
+    if result.dropped:
+        print_warning(f"steps {', '.join(map(str, result.dropped))} could not be written to "
+                      f"{result.logdir} (see above); run the sweep again to log them")  # fmt: skip
     if not result.logged:
-        print(f"nothing to do: every step is already in {result.logdir}")
-        return 0
+        if not result.dropped:
+            print(f"nothing to do: every step is already in {result.logdir}")
+        return 1 if result.dropped else 0
     print(f"logged steps {', '.join(map(str, result.logged))} to {result.logdir}")
     print(f"open: tbfeat board {shlex.quote(str(result.logdir))}")
-    return 0
+    return 1 if result.dropped else 0
 
 
 # ------------------------------------------------------------------------- demo

@@ -11,20 +11,31 @@ neighbour, integer ``k``) and placed at integer pixel offsets, so a PNG crop of 
 taken every ``k``-th pixel, is the logged PNG exactly (:func:`panel_layout` says where
 each panel lies). PDF and SVG embed the same pixels in a vector page. Figures are drawn
 with matplotlib's object-oriented API only: no pyplot, no window, no global state.
+
+A logdir may come from anyone, so what it holds is read within bounds: records as
+:mod:`tbfeat.reader` reads them (a length is checked against the file's size), each
+logged picture's size read from its PNG header and refused above
+:data:`MAX_PICTURE_PIXELS` or :data:`MAX_PICTURE_SIDE` before any pixel is decoded, and
+every figure's file name made safe and at most :data:`MAX_NAME_CHARS` long before the
+first figure is written. Every failure is an :class:`ExportError` (``tbfeat export``:
+one line, exit status 2).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import hashlib
 import io
 import math
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -47,6 +58,17 @@ MARGIN_INCHES = 0.12
 """The figure's margin and the gap between panels."""
 TITLE_PT = 11
 LABEL_PT = 9
+MAX_PICTURE_PIXELS = 2**25
+"""The most pixels of one logged picture export decodes (33.5 million, e.g. 5792 x 5792:
+about 100 MB as RGB); tbfeat's own grids and maps are far smaller. A larger one is
+refused from its PNG header, before any pixel is decoded."""
+MAX_PICTURE_SIDE = 2**14
+"""The widest or tallest logged picture export decodes (16384 pixels)."""
+MAX_NAME_CHARS = 120
+"""The longest figure file name (without the format's suffix): a longer one keeps its
+first characters and ends in a digest of the whole name, so names stay distinct and
+stable (a file system takes 255 bytes, and a temporary name adds some)."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _INDEX = re.compile(r"(\d+(?:\.\d+)*)_(.+)")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -109,9 +131,14 @@ class Logged(Mapping[int, bytes]):
         self._steps = tuple(steps)
 
     def __getitem__(self, step: int) -> bytes:
+        from .reader import NotLogged
+
         if step not in self._steps:
             raise KeyError(step)
-        return self._reader.image(self._run, self._tag, step)
+        try:
+            return self._reader.image(self._run, self._tag, step)
+        except NotLogged as e:  # the file changed or went since it was indexed
+            raise ExportError(str(e)) from None
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._steps)
@@ -220,11 +247,9 @@ def read_runs(logdir: str | os.PathLike) -> list[Run]:
 def decode_indices(data: bytes, cmap: str) -> np.ndarray:
     """The palette indices of a logged map: a palette PNG's own, or those of the colours
     of an RGB one (a writer given to tbfeat takes RGB pictures only)."""
-    from PIL import Image
-
     from .pictures import palette_indices
 
-    with Image.open(io.BytesIO(data)) as im:
+    with open_picture(data) as im, _decoding():
         if im.mode == "P":
             return np.asarray(im, dtype=np.uint8)
         return palette_indices(np.asarray(im.convert("RGB"), dtype=np.uint8), cmap)
@@ -240,10 +265,45 @@ def decode_png(data: bytes) -> np.ndarray:
         >>> decode_png(buf.getvalue()).shape
         (2, 3, 3)
     """
+    with open_picture(data) as im, _decoding():
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def open_picture(data: bytes) -> Any:
+    """A logged PNG opened (its header read, no pixel decoded yet), its size checked
+    against :data:`MAX_PICTURE_PIXELS` and :data:`MAX_PICTURE_SIDE` first.
+
+    Raises:
+        ExportError: not a PNG, or a larger one.
+    """
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        raise ExportError("a logged picture is not a PNG")
+    width, height = struct.unpack(">II", data[16:24])  # IHDR comes first, by the format
+    if width * height > MAX_PICTURE_PIXELS or max(width, height) > MAX_PICTURE_SIDE:
+        raise ExportError(
+            f"a logged picture of {width} x {height} pixels is larger than export decodes "
+            f"(at most {MAX_PICTURE_PIXELS} pixels, {MAX_PICTURE_SIDE} on a side)"
+        )
+    try:
+        return Image.open(io.BytesIO(data), formats=["PNG"])
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise ExportError(
+            f"a logged picture is not a readable PNG ({type(e).__name__}: {e})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _decoding() -> Iterator[None]:
+    """Decoding a logged picture: its damage (a cut-off or corrupt stream) is an
+    :class:`ExportError`."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL and zlib raise many kinds
+        raise ExportError(f"a logged picture cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 # --------------------------------------------------------------------------- choosing
@@ -377,13 +437,24 @@ def check_steps(
 
 # --------------------------------------------------------------------------- planning
 def safe_name(text: str) -> str:
-    """A file-name-safe form of a tag part.
+    """A file-name-safe form of a tag part, at most :data:`MAX_NAME_CHARS` long (a
+    longer one ends in a digest of the whole).
 
     Example:
         >>> safe_name("05_Concat/1 · x")
         '05_Concat_1_x'
+        >>> len(safe_name("x" * 300)), safe_name("x" * 300) != safe_name("x" * 301)
+        (120, True)
     """
-    return _UNSAFE.sub("_", text).strip("_.") or "_"
+    name = _UNSAFE.sub("_", text).strip("_.") or "_"
+    if len(name) <= MAX_NAME_CHARS:
+        return name
+    return f"{name[: MAX_NAME_CHARS - 9]}-{_digest(text)}"
+
+
+def _digest(text: str) -> str:
+    """8 hex digits that tell names apart, the same in every run."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -416,23 +487,38 @@ def _plates(run: Run, sel: Selection, many: bool) -> list[Plate]:
     order = {"features": 0, "cam": 1, "evolution": 2, "overview": 3}
     parsed = _chosen(run, sel)
     for tag, (kind, key, image) in sorted(parsed.items(), key=lambda t: (order[t[1][0]], t[0])):
-        logged = run.tags[tag]
-        if kind in ("features", "cam"):
-            shown = [s for s in sorted(logged) if steps is None or s in steps]
-            panels = tuple((f"step {s}", logged[s]) for s in shown)
-            what = " · class activation map" if kind == "cam" else ""
-            title, name = f"{key} · {image}{what}{suffix}", f"{kind}_{key}_{image}"
-        else:
-            last = [s for s in sorted(logged) if steps is None or s <= max(steps)]
-            panels = ((f"at step {last[-1]}", logged[last[-1]]),) if last else ()
-            if kind == "evolution":
-                title = f"{key} · evolution (rows: images, columns: steps){suffix}"
-            else:
-                title = f"drift overview{suffix}"
-            name = f"{kind}_{key}"
-        if panels:
-            plates.append(Plate(Path(safe_name(name)), title, panels))
+        try:
+            plate = _plate(run.tags[tag], kind, key, image, steps, suffix)
+        except ExportError as e:
+            raise ExportError(f"tag {tag!r} of run {run.name!r}: {e}") from None
+        if plate is not None:
+            plates.append(plate)
     return plates
+
+
+def _plate(
+    logged: Mapping[int, bytes],
+    kind: str,
+    key: str,
+    image: str | None,
+    steps: list[int] | None,
+    suffix: str,
+) -> Plate | None:
+    """The figure of one tag, ``None`` when no chosen step has it."""
+    if kind in ("features", "cam"):
+        shown = [s for s in sorted(logged) if steps is None or s in steps]
+        panels = tuple((f"step {s}", logged[s]) for s in shown)
+        what = " · class activation map" if kind == "cam" else ""
+        title, name = f"{key} · {image}{what}{suffix}", f"{kind}_{key}_{image}"
+    else:
+        last = [s for s in sorted(logged) if steps is None or s <= max(steps)]
+        panels = ((f"at step {last[-1]}", logged[last[-1]]),) if last else ()
+        if kind == "evolution":
+            title = f"{key} · evolution (rows: images, columns: steps){suffix}"
+        else:
+            title = f"drift overview{suffix}"
+        name = f"{kind}_{key}"
+    return Plate(Path(safe_name(name)), title, panels) if panels else None
 
 
 def plan(
@@ -616,8 +702,17 @@ def export(
         images=None if images is None else list(images),
         fmt=fmt,
     )
+    for plate in plates:  # every picture's header, before the first figure is written
+        try:
+            for _, png in plate.panels:
+                open_picture(png).close()
+        except ExportError as e:
+            raise ExportError(f"figure {str(plate.path)!r} ({plate.title}): {e}") from None
     written = []
     for plate in plates:
-        render(plate, out / plate.path, fmt, dpi)
+        try:
+            render(plate, out / plate.path, fmt, dpi)
+        except ExportError as e:
+            raise ExportError(f"figure {str(plate.path)!r} ({plate.title}): {e}") from None
         written.append(out / plate.path)
     return written

@@ -7,6 +7,13 @@ of a fresh random name in the same folder, created with ``O_CREAT | O_EXCL | O_N
 over the target. A link at the target is replaced by the file, so what it points to is
 never written. A file that is only ever appended to (an event file) is created with
 :func:`create_new`.
+
+One logger writes to a run folder at a time: :class:`FolderLock` holds an advisory lock
+(``fcntl.flock``) on :data:`LOCK_FILE` in the folder while a logger writes there, and
+writes the holder's pid and host into it; the holder removes the file as it lets go. The
+loggers of one process share the lock, and the processes it starts (DDP ranks) write
+beside it. The system releases the lock when the holder ends (a crash or a kill too),
+so a lock file left behind is taken over.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import contextlib
 import errno
 import os
 import secrets
+import socket
 import stat
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -146,3 +156,282 @@ def sync_folder(folder: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------ one writer per folder
+LOCK_FILE = "tbfeat.lock"
+"""The lock file of a run folder (see :class:`FolderLock`)."""
+LOCK_WAIT_S = 1.0
+"""How long taking a folder's lock waits for another holder before it fails."""
+HOLDER_BYTES = 256
+"""The most of a lock file read to name its holder."""
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock there, as before
+    fcntl = None  # type: ignore[assignment]
+
+
+class FolderInUse(OSError):
+    """A run folder whose lock another process holds."""
+
+
+class _Held:
+    """This process's lock of one folder, shared by its loggers there."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pid, self.users = fd, os.getpid(), 1
+
+
+_HELD: dict[str, _Held] = {}
+"""The folders whose locks this process holds, by real path."""
+_HELD_LOCK = threading.Lock()
+
+
+def _forget_locks() -> None:
+    """In a forked process: the parent's locks are not held here."""
+    global _HELD_LOCK
+    _HELD_LOCK = threading.Lock()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks)
+
+
+class FolderLock:
+    """A logger's share of the advisory lock of one run folder, held while it writes there.
+
+    :meth:`acquire` creates :data:`LOCK_FILE` new (:func:`create_new`) or opens the one
+    there (never through a link, never a FIFO), locks it with ``fcntl.flock`` and writes
+    ``pid <pid> host <host> since <time>`` into it; the last :meth:`release` removes it.
+    The loggers of one process share the lock (one after another, they continue one
+    run), and a process the holder started (a DDP rank, a process handed the logger),
+    which the holder waits for, writes beside it. Any other process gets
+    :class:`FolderInUse` naming the holder. In a process forked from the holder the lock
+    is :attr:`inherited`: not held there, and :meth:`release` leaves the parent's lock.
+
+    Example:
+        >>> import tempfile
+        >>> from tbfeat.files import FolderLock
+        >>> lock = FolderLock(tempfile.mkdtemp())
+        >>> lock.acquire()
+        >>> lock.held
+        True
+        >>> lock.release(); lock.release()  # safe twice
+        >>> lock.held
+        False
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self._held: _Held | None = None
+        self._beside = False
+        """True while this process writes beside the holder that started it."""
+
+    @property
+    def held(self) -> bool:
+        """True while this process holds the lock through this object."""
+        return self._held is not None and self._held.pid == os.getpid()
+
+    @property
+    def inherited(self) -> bool:
+        """True in a process forked from the one holding the lock."""
+        return self._held is not None and self._held.pid != os.getpid()
+
+    def acquire(self, wait_s: float = LOCK_WAIT_S) -> None:
+        """Take the lock, or this process's share of it (nothing to do while held),
+        waiting at most ``wait_s`` for another holder.
+
+        Raises:
+            FolderInUse: another process holds it, one this process was not started by;
+                the message names its pid and host.
+            NotRegularFile: a link, folder or FIFO is where the lock file belongs.
+        """
+        if self._beside or (self.held and os.fstat(self._held.fd).st_nlink):  # type: ignore[union-attr]
+            return
+        self.release()  # a lock file removed with its folder: take the new one
+        if fcntl is None:
+            return
+        key = os.path.realpath(self.folder)
+        with _HELD_LOCK:
+            held = _HELD.get(key)
+            if held is not None and held.pid == os.getpid() and os.fstat(held.fd).st_nlink:
+                held.users += 1
+            else:
+                fd = _lock_new(self.folder / LOCK_FILE, self.folder, wait_s)
+                if fd is None:
+                    self._beside = True  # the holder started this process
+                    return
+                held = _HELD[key] = _Held(fd)
+            self._held = held
+
+    def release(self) -> None:
+        """Let go of this share; the last one releases the lock and removes its file.
+        Safe to call twice, never raises. In a forked process nothing is released: the
+        parent keeps its lock."""
+        held, self._held, self._beside = self._held, None, False
+        if held is None or held.pid != os.getpid():
+            return
+        with _HELD_LOCK:
+            held.users -= 1
+            if held.users:
+                return
+            key = os.path.realpath(self.folder)
+            if _HELD.get(key) is held:
+                del _HELD[key]
+            path = self.folder / LOCK_FILE
+            with contextlib.suppress(OSError):
+                if _same_file(held.fd, path):  # a waiting process then locks a new file
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                fcntl.flock(held.fd, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.close(held.fd)
+
+
+def check_folder_free(folder: str | os.PathLike) -> None:
+    """Fail when a process holds the lock of ``folder`` that may not write beside this
+    one (see :class:`FolderLock`); a probe: nothing is held after it, nothing is created.
+
+    Raises:
+        FolderInUse: the folder is locked; the message names the holder.
+        NotRegularFile: the lock file is a link, a folder or a FIFO.
+    """
+    path = Path(folder) / LOCK_FILE
+    if fcntl is None or not os.path.lexists(path):
+        return
+    with _HELD_LOCK:
+        held = _HELD.get(os.path.realpath(folder))
+        if held is not None and held.pid == os.getpid():
+            return
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            if not _started_by(holder):
+                raise _in_use(Path(folder), holder) from None
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_new(path: Path, folder: Path, wait_s: float) -> int | None:
+    """The locked descriptor of the folder's lock file, its holder written in; ``None``
+    when the holder started this process."""
+    for _ in range(TEMP_TRIES):
+        fd = _open_lock_file(path)
+        try:
+            locked = _lock(fd, wait_s)
+            if not locked:
+                holder = _holder(fd)
+                if _started_by(holder):
+                    os.close(fd)
+                    return None
+                raise _in_use(folder, holder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        if _same_file(fd, path):
+            holder = f"pid {os.getpid()} host {socket.gethostname()} since {time.ctime()}\n"
+            with contextlib.suppress(OSError):  # read-only (another owner's file): unnamed
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, holder.encode(), 0)
+            return fd
+        os.close(fd)  # removed by the holder as it let go: lock the new one
+    raise FileExistsError(errno.EEXIST, "the lock file keeps changing", str(path))
+
+
+def _open_lock_file(path: Path) -> int:
+    """A descriptor of the folder's lock file: created new, or the regular file there
+    (read-write, else read-only), never through a link or a FIFO."""
+    flags = os.O_RDWR | READ_FLAGS  # O_RDONLY is 0: read-write, no link, no FIFO wait
+    for _ in range(TEMP_TRIES):
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            try:  # read-write: the holder is read back from the same descriptor
+                return os.open(path, NEW_FILE_FLAGS & ~os.O_WRONLY | os.O_RDWR, 0o666)
+            except FileExistsError:
+                continue  # another process made it meanwhile: open that one
+        except PermissionError:
+            return open_regular(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise NotRegularFile(errno.ELOOP, "a link, not a lock file", str(path)) from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        return fd
+    raise FileExistsError(errno.EEXIST, "the lock file keeps changing", str(path))
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the file at ``path`` (not one removed from there)."""
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _lock(fd: int, wait_s: float) -> bool:
+    """``flock`` ``fd`` exclusively, trying for at most ``wait_s``; False if it stayed
+    held."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _holder(fd: int) -> str:
+    """The holder a lock file names (one printable line), or ``""``."""
+    try:
+        raw = os.pread(fd, HOLDER_BYTES, 0).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " ".join("".join(c if c.isprintable() else " " for c in raw).split())
+
+
+def _started_by(holder: str) -> bool:
+    """Whether the holder a lock file names started this process (on this host)."""
+    words = holder.split()
+    if len(words) < 4 or words[0] != "pid" or words[2] != "host" or not words[1].isdigit():
+        return False
+    return words[3] == socket.gethostname() and int(words[1]) in _ancestors()
+
+
+def _ancestors() -> set[int]:
+    """The pids of the processes that started this one (its parent, theirs, ...)."""
+    found: set[int] = set()
+    pid = os.getppid()
+    while pid > 1 and pid not in found and len(found) < 64:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break  # no /proc (not Linux): the parent only
+    return found
+
+
+def _in_use(folder: Path, holder: str) -> FolderInUse:
+    return FolderInUse(
+        f"run folder {str(folder)!r} is being written by another process "
+        f"({holder or 'holder unknown'}); one process writes to a run folder at a time: "
+        "close its logger (or let it end), or choose another folder"
+    )

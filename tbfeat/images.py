@@ -81,7 +81,9 @@ def to_tensors(
     each read by :func:`load_image` (``channel_order`` and ``exif_orientation`` as there).
 
     A ``(N, C, H, W)`` tensor gives ``N`` images. Names default to the file stem for paths
-    and to the image's position otherwise; they are sanitized for use in tags.
+    (files of the same stem in other folders: with as many of their folders as tell them
+    apart, see :func:`path_names`) and to the image's position otherwise; they are
+    sanitized for use in tags.
     """
     if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
         _check_tensor(inputs, (4,))
@@ -95,14 +97,47 @@ def to_tensors(
     read = {"channel_order": channel_order, "exif_orientation": exif_orientation}
     tensors = [load_image(item, **read) for item in items]
     if names is None:
-        names = [
-            Path(item).stem if isinstance(item, (str, os.PathLike)) else str(i)
-            for i, item in enumerate(items)
-        ]
+        names = path_names(items)
     names = [sanitize(n) for n in names]
     if len(names) != len(tensors):
         raise ValueError(f"got {len(names)} names for {len(tensors)} images")
     return tensors, unique_names(names)
+
+
+def path_names(items: Sequence[Any]) -> list[str]:
+    """The default name of each item: a path's file stem, else its position. Paths that
+    share a stem get the folders above it, as many as tell them apart (``val/bus.jpg``,
+    ``test/bus.jpg``: ``val_bus``, ``test_bus``), so a name follows its file whatever
+    the order they are given in.
+
+    Example:
+        >>> path_names(["a/x/bus.jpg", "b/x/bus.jpg", "c/zidane.jpg", None])
+        ['a_x_bus', 'b_x_bus', 'zidane', '3']
+    """
+    parts = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(os.fspath(item))
+            parts.append(tuple(p for p in path.with_suffix("").parts if p != path.anchor))
+        else:
+            parts.append(None)
+    depth = [1] * len(items)
+
+    def name(i: int) -> str:
+        got = parts[i]
+        return str(i) if got is None else "_".join(got[-depth[i] :])
+
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i, got in enumerate(parts):
+            if got is not None:
+                groups.setdefault(name(i), []).append(i)
+        deeper = [i for group in groups.values() if len({parts[j] for j in group}) > 1
+                  for i in group if depth[i] < len(parts[i])]  # fmt: skip
+        if not deeper:
+            return [name(i) for i in range(len(items))]
+        for i in deeper:
+            depth[i] += 1
 
 
 def unique_names(names: Iterable[str], taken: Iterable[str] = ()) -> list[str]:

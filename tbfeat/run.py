@@ -167,6 +167,8 @@ class Run:
         with self._lock:
             if self._worker is None:
                 sink = EventSink(self._folder() if self._given is None else None, self._given)
+                if not self.auto and self._given is None:
+                    sink.claim()  # a folder another logger writes to fails here, on the caller
                 recorder = Recorder(sink, self.options, self.mode)
                 worker = Worker(recorder.handle)
                 # a run dropped without close() still drains and closes what it created

@@ -8,6 +8,12 @@ extended with later checkpoints continues the run; one given an earlier checkpoi
 those logged logs again from there (a new run from that step); ``overwrite=True`` starts
 the whole run over.
 
+A step counts as logged once it is on disk (the run's ``flushed_step``): only then
+does it enter the manifest and :attr:`SweepResult.logged`. A step the storage refused
+(a full disk) is in :attr:`SweepResult.dropped` and is logged by the next run of the
+sweep; and every step the manifest lists is checked against the event files before it
+lets a checkpoint be skipped.
+
 The manifest also records, per checkpoint file read (resolved path, size, ``mtime_ns``),
 its kind and stored epoch, so a file unchanged since is planned without opening it: a
 sweep with nothing to do loads no checkpoint. Every checkpoint to log is checked against
@@ -79,7 +85,15 @@ class SweepResult:
 
     logdir: Path
     logged: list[int] = field(default_factory=list)
+    """Steps written to disk by this sweep."""
     skipped: list[int] = field(default_factory=list)
+    """Steps on disk before, whose checkpoints were not loaded again."""
+    dropped: list[int] = field(default_factory=list)
+    """Steps the storage refused (warned about as they failed); not in the manifest, so
+    the next run of the sweep logs them."""
+
+    def add(self, p: PlannedStep, on_disk: bool) -> None:
+        (self.logged if on_disk else self.dropped).append(p.step)
 
 
 def collect_images(
@@ -217,26 +231,92 @@ def _facts(path: Path, known: dict[str, Any] | None, trust: bool) -> tuple[str, 
         return "unreadable", None
 
 
+MANIFEST_MAX_BYTES = 64 * 2**20
+"""The largest manifest read (a sweep of many thousand checkpoints stays far below)."""
+
+
 def read_manifest(logdir: Path) -> dict[str, Any]:
     """The sweep's manifest: ``{"version": 2, "steps": {step: {...}}, "checkpoints":
     {resolved path: {"size", "mtime_ns", "kind", "epoch_step"}}}``. Manifests written
     before ``"checkpoints"`` existed read with an empty one (their files are read once).
     A link there is none of tbfeat's (it writes files, never links): it reads as none,
-    and the first write replaces the link itself."""
+    and the first write replaces the link itself.
+
+    Raises:
+        SweepError: a manifest that is not one (too large, not UTF-8 JSON, nested too
+            deep, a step that is no integer), naming the file.
+    """
     path = logdir / MANIFEST
     if path.is_symlink() or not path.is_file():
         return {"version": 2, "steps": {}, "checkpoints": {}}
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("steps"), dict):
+        manifest, why = _parse_manifest(path), None
+    except (OSError, ValueError, RecursionError) as e:  # JSON and UTF-8 errors are ValueErrors
+        manifest, why = None, f"{type(e).__name__}: {e}"
+    if why is None and (not isinstance(manifest, dict)
+                        or not isinstance(manifest.get("steps"), dict)):  # fmt: skip
+        why = "no steps"
+    if why is None:
+        bad = [k for k, v in manifest["steps"].items()
+               if not _is_step(k) or not isinstance(v, dict)]  # fmt: skip
+        why = f"step {bad[0][:40]!r} is not an integer step" if bad else None
+    if why is not None:
         raise SweepError(
-            f"{str(path)!r} is unreadable; delete it or use --overwrite to start over"
-        ) from None
+            f"{str(path)!r} is unreadable ({why[:200]}); delete it or use --overwrite to start over"
+        )
     if not isinstance(manifest.get("checkpoints"), dict):
         manifest["checkpoints"] = {}
     return manifest
+
+
+def _parse_manifest(path: Path) -> Any:
+    from .files import open_regular
+
+    with os.fdopen(open_regular(path), "rb") as f:
+        data = f.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ValueError(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    return json.loads(data.decode("utf-8"))
+
+
+def _is_step(key: str) -> bool:
+    try:
+        return str(int(key)) == key and -(2**63) <= int(key) < 2**63
+    except ValueError:
+        return False
+
+
+def check_manifest(
+    logdir: Path, manifest: dict[str, Any], warn: Callable[[str], None] | None = None
+) -> None:
+    """Remove from ``manifest`` the steps that are not in the event files of ``logdir``
+    (lost, or never written), telling ``warn``: a step is skipped only while it is on
+    disk. A manifest without steps reads no event file."""
+    listed = manifest["steps"]
+    if not listed:
+        return
+    missing = sorted(set(listed) - {str(s) for s in steps_on_disk(logdir)}, key=int)
+    for step in missing:
+        del listed[step]
+    if missing and warn is not None:
+        warn(f"steps {', '.join(missing)} are in {str(logdir / MANIFEST)!r} but not in the "
+             "event files there: logging them again")  # fmt: skip
+
+
+def steps_on_disk(folder: Path) -> set[int]:
+    """The steps the event files in ``folder`` hold (any tag), as :mod:`tbfeat.reader`
+    indexes them (also files of versions before :data:`tbfeat.writer.FILE_SUFFIX`); what
+    is not a regular file is passed over, as a restart passes it over."""
+    from .notes import Notes
+    from .reader import EVENT_PREFIX, FileIndex
+
+    steps: set[int] = set()
+    notes = Notes()
+    for path in sorted(folder.glob(f"{EVENT_PREFIX}.*")):
+        index = FileIndex(str(path))
+        if not path.is_symlink() and index.update(notes):
+            steps.update(step for tag in index.tags.values() for step in tag.steps)
+    return steps
 
 
 def write_manifest(logdir: Path, manifest: dict[str, Any]) -> None:
@@ -316,13 +396,14 @@ def sweep(
             ``RANK``/``WORLD_SIZE`` set) the ranks share the checkpoints instead (each on
             ``cuda:<LOCAL_RANK>`` when CUDA is available) and rank 0 alone writes:
             every rank calls :func:`sweep`.
-        on_step: Called after each step is logged, with the number of images.
+        on_step: Called after each step is logged (on disk), with the number of images.
         warn: Called with a message for each decision about a checkpoint or image folder
             (skipped, logged at a step of its own).
         **options: :class:`~tbfeat.LogOptions` fields.
 
     Returns:
-        The steps logged and skipped.
+        The steps logged (on disk), skipped (on disk before) and dropped (refused by
+        the storage, warned about; the next run of the sweep logs them).
 
     Raises:
         SweepError: a checkpoint failed; the message says which steps are kept.
@@ -391,11 +472,11 @@ def _log_here(
             unreadable = p.kind == "unreadable"  # kind_of raises its reason
             kind = kind_of(p.path, trust=trust) if unreadable else p.kind
             loaded = load_checkpoint(p.path, kind, arch, imgsz, trust=trust, model=source)
-            run.log(loaded.model, image_files, imgsz, p)
+            on_disk = run.log(loaded.model, image_files, imgsz, p)
         except Exception as e:
             raise _failed(e, p, sorted(kept + result.logged), run.folder) from e
-        result.logged.append(p.step)
-        if on_step is not None:
+        result.add(p, on_disk)
+        if on_disk and on_step is not None:
             on_step(p, len(image_files))
 
 
@@ -423,11 +504,11 @@ def _log_elsewhere(
 
     def record(p: PlannedStep, messages: Messages) -> None:
         try:
-            run.record(p, messages)
+            on_disk = run.record(p, messages)
         except Exception as e:
             raise _failed(e, p, sorted(kept + result.logged), run.folder) from e
-        result.logged.append(p.step)
-        if on_step is not None:
+        result.add(p, on_disk)
+        if on_disk and on_step is not None:
             on_step(p, len(job.images))
 
     try:
@@ -468,6 +549,7 @@ def _plan_on_rank0(
     def planned() -> tuple[dict[str, Any], list[PlannedStep], list[PlannedStep], list[int]]:
         empty = {"version": 2, "steps": {}, "checkpoints": {}}
         manifest = empty if overwrite else read_manifest(folder)
+        check_manifest(folder, manifest, warn)
         return (manifest, *_plan(checkpoints, manifest, arch, model, trust, warn))
 
     if shared is None:
@@ -525,7 +607,8 @@ class _Run:
         self.pipeline: Any = None
         """The :class:`~tbfeat.run.Run` of steps captured in other processes."""
 
-    def log(self, model: Any, images: list[Path], imgsz: int | None, p: PlannedStep) -> None:
+    def log(self, model: Any, images: list[Path], imgsz: int | None, p: PlannedStep) -> bool:
+        """Log a step here; True once it is on disk."""
         from .logger import FeatureLogger
 
         if self.logger is None:
@@ -535,11 +618,11 @@ class _Run:
         logger = self.logger
         logger.probe(logger.prepare(images, model=model, imgsz=imgsz), model=model, step=p.step)
         logger.flush()
-        self._done(p)
+        return self._done(p, logger.flushed_step)
 
-    def record(self, p: PlannedStep, messages: Messages) -> None:
+    def record(self, p: PlannedStep, messages: Messages) -> bool:
         """Write a step whose messages were captured in another process (its stages,
-        maps and end), as :meth:`log` writes one captured here."""
+        maps and end), as :meth:`log` writes one captured here; True once on disk."""
         from .run import Run
         from .writer import check_logdir
 
@@ -551,12 +634,17 @@ class _Run:
             if not self.pipeline.post(message, nbytes):
                 raise OSError("the writer thread did not make room in time")
         self.pipeline.flush()
-        self._done(p)
+        return self._done(p, self.pipeline.flushed_step)
 
-    def _done(self, p: PlannedStep) -> None:
+    def _done(self, p: PlannedStep, flushed: int | None) -> bool:
+        """Record the step in the manifest if it is on disk (``flushed`` is the run's
+        last step on disk; a refused step leaves it below ``p.step``)."""
+        if flushed != p.step:
+            return False
         entry = {"checkpoint": str(p.path.resolve()), "time": time.time()}
         self.manifest["steps"][str(p.step)] = entry
         write_manifest(self.folder, self.manifest)
+        return True
 
     def close(self) -> None:
         if self.logger is not None:

@@ -11,6 +11,12 @@ record: a step lands whole or not at all, and :attr:`EventSink.flushed_step` onl
 steps on disk. A step that cannot be written is dropped with one warning per outage;
 the next step tries again in a fresh event file (the folder is recreated if it was
 removed), and a file that could not even take its header is removed again.
+
+One sink writes to a run folder at a time: it holds the folder's
+:class:`~tbfeat.files.FolderLock` from before it trims or creates its first file there
+until :meth:`EventSink.close` (or it moves to another folder). A process forked from the
+holder writes nothing through the sink it inherited: each of its steps is refused, said
+once.
 """
 
 from __future__ import annotations
@@ -34,8 +40,15 @@ from typing import Any
 import numpy as np
 
 from . import _crc
-from .files import NotRegularFile, atomic_write, create_new, open_regular
-from .notes import warn
+from .files import (
+    FolderLock,
+    NotRegularFile,
+    atomic_write,
+    check_folder_free,
+    create_new,
+    open_regular,
+)
+from .notes import Notes, warn
 from .records import DamagedRecord, read_records
 
 MIN_FREE_BYTES = 16 * 2**20
@@ -48,7 +61,9 @@ NAME_TRIES = 100
 
 
 def check_logdir(logdir: str | os.PathLike) -> None:
-    """Fail early, with one clear message, on a logdir that cannot take event files."""
+    """Fail early, with one clear message, on a logdir that cannot take event files:
+    not writable, nearly full, or written by another logger
+    (:class:`~tbfeat.files.FolderInUse`, naming its pid and host)."""
     logdir = os.fspath(logdir)
     try:
         os.makedirs(logdir, exist_ok=True)
@@ -65,6 +80,7 @@ def check_logdir(logdir: str | os.PathLike) -> None:
             f"logdir {logdir!r} has only {free // 2**20} MiB free; "
             f"tbfeat needs at least {MIN_FREE_BYTES // 2**20} MiB to write events"
         )
+    check_folder_free(logdir)
 
 
 def check_writer(writer: Any) -> None:
@@ -286,7 +302,10 @@ class EventSink:
         self._given = writer
         self._raw = writer is None or callable(getattr(writer, "_get_file_writer", None))
         self._file: EventFile | None = None
+        self._lock: FolderLock | None = None
+        """The lock of the folder this sink writes to, taken before it writes there."""
         self._failing = False
+        self._notes = Notes()
         _crc.install()
         self.flushed_step: int | None = None
         """The last step whose event is written and flushed to disk."""
@@ -297,8 +316,9 @@ class EventSink:
 
     @property
     def failing(self) -> bool:
-        """True while the last step could not be written (a storage fault)."""
-        return self._failing
+        """True while the last step could not be written (a storage fault), and always
+        in a process forked from the one that wrote."""
+        return self._failing or self._inherited()
 
     def run_dir(self) -> Path | None:
         """The folder events go to: the logdir, ``runs/<date>_<host>`` (chosen on first
@@ -324,8 +344,9 @@ class EventSink:
         tbfeat wrote in this sink's folder before, so that a new run replaces them; other
         writers' files stay as they are. Returns how many files changed."""
         folder = self.run_dir()
-        if folder is None or self._given is not None or not folder.is_dir():
+        if folder is None or self._given is not None or not folder.is_dir() or self._inherited():
             return 0
+        self.claim()
         own = self._file.path.resolve() if self._file is not None else None
         changed = 0
         for path in sorted(folder.glob(f"events.out.tfevents.*{FILE_SUFFIX}")):
@@ -374,6 +395,15 @@ class EventSink:
         """
         if not bundle:
             return True
+        if self._inherited():
+            self._notes(
+                "forked",
+                f"this process (pid {os.getpid()}) was forked from the one writing to "
+                f"{self._where()}; its steps are not written there (step {bundle.step} is "
+                "the first): create a logger with its own run folder in this process",
+                warn=True,
+            )
+            return False
         try:
             if self._given is not None:
                 self._write_given(bundle)
@@ -409,8 +439,26 @@ class EventSink:
 
     def _event_file(self) -> EventFile:
         if self._file is None:
-            self._file = EventFile(self.run_dir())
+            self._file = EventFile(self.claim())
         return self._file
+
+    def claim(self) -> Path:
+        """The run folder (created if missing), its lock held by this sink (taken before
+        the first write, or by the run as it starts, so that a second logger fails early).
+
+        Raises:
+            FolderInUse: another logger writes there; nothing is written.
+        """
+        folder = self.run_dir()
+        os.makedirs(folder, exist_ok=True)
+        if self._lock is None:
+            self._lock = FolderLock(folder)
+        self._lock.acquire()
+        return folder
+
+    def _inherited(self) -> bool:
+        """True in a process forked from the one that holds this sink's folder."""
+        return self._lock is not None and self._lock.inherited
 
     def _write_given(self, bundle: StepBundle) -> None:
         writer, step = self._given, bundle.step
@@ -453,8 +501,12 @@ class EventSink:
 
     def close(self) -> None:
         """Close the file this sink created, flush a given writer. Safe to call twice;
-        never raises (a storage error is warned about)."""
+        never raises (a storage error is warned about). The folder's lock is released
+        (in a forked process, only that process's copy of it is closed)."""
         self._drop_file()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
         if self._given is None:
             return
         try:

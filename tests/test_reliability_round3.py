@@ -258,3 +258,314 @@ def test_a_failing_probe_warns_once_and_the_lightning_training_goes_on(tmp_path)
     assert len(ours) == 1 and "epoch 0" in ours[0] and "RuntimeError" in ours[0], ours
     assert trainer.current_epoch == 3 and module.modes_seen == [True, True, True]
     assert all(not m._forward_hooks for m in module.modules())
+
+
+# ------------------------------------------------------------------ a step is logged once on disk
+def sweep_checkpoints(folder, epochs):
+    model = tiny_model(0)
+    for epoch in range(epochs):
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+        torch.save({"model": model.state_dict(), "epoch": epoch}, folder / f"model_{epoch}.pth")
+    (folder / "net.py").write_text(
+        "from torch import nn\n\n\ndef create():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())\n"
+    )
+    image = folder / "probe.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(image)
+    return image
+
+
+def test_a_step_the_storage_refused_is_not_logged_and_the_next_sweep_logs_it(
+    tmp_path, monkeypatch, capsys
+):
+    import errno
+    import json
+
+    from tbfeat.cli import main
+
+    image = sweep_checkpoints(tmp_path, 5)
+    logdir = tmp_path / "sweep"
+    full = {2, 3}  # the disk is full while these steps are written
+    write_own = tbfeat.writer.EventSink._write_own
+
+    def failing(self, bundle):
+        if bundle.step in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_own(self, bundle)
+
+    monkeypatch.setattr(tbfeat.writer.EventSink, "_write_own", failing)
+    files = [str(tmp_path / f"model_{e}.pth") for e in range(4)]
+    args = ["--images", str(image), "--logdir", str(logdir), "--model",
+            f"{tmp_path / 'net.py'}:create", "--stages", "0"]  # fmt: skip
+    assert main(["sweep", *files, *args]) == 1
+    out, err = capsys.readouterr()  # warnings go above the progress bar, on stderr
+    assert "logged steps 1, 4 to" in out
+    assert err.count("cannot write step") == 1 and "cannot write step 2" in err, err
+    assert "steps 2, 3 could not be written" in err
+    manifest = json.loads((logdir / MANIFEST).read_text())
+    assert sorted(manifest["steps"], key=int) == ["1", "4"]
+    assert [e.step for e in read_events(logdir).Images("features/00_Conv2d/probe")] == [1, 4]
+
+    # the space is free again; the manifest also lies about a step 5 never written
+    full.clear()
+    manifest["steps"]["5"] = dict(manifest["steps"]["4"], checkpoint=str(tmp_path / "model_4.pth"))
+    (logdir / MANIFEST).unlink()
+    (logdir / MANIFEST).write_text(json.dumps(manifest))
+    said = []
+    result = sweep([tmp_path / f"model_{e}.pth" for e in range(5)], images=[image],
+                   logdir=logdir, model=tiny_model(), stages=[0], warn=said.append)  # fmt: skip
+    assert (result.logged, result.skipped, result.dropped) == ([2, 3, 4, 5], [1], [])
+    assert any("steps 5 are in" in m and "not in the event files" in m for m in said), said
+    acc = read_events(logdir)
+    assert [e.step for e in acc.Images("features/00_Conv2d/probe")] == [1, 2, 3, 4, 5]
+    means = {e.step: e.value for e in acc.Scalars("stats/00_Conv2d/mean")}
+    x = torch.from_numpy(np.asarray(Image.open(image), np.float32) / 255).permute(2, 0, 1)
+    weights = torch.load(tmp_path / "model_2.pth", weights_only=True)["model"]
+    model = tiny_model()
+    model.load_state_dict(weights)
+    assert means[3] == pytest.approx(model[0](x[None]).mean().item(), rel=1e-4)
+    manifest = json.loads((logdir / MANIFEST).read_text())
+    assert sorted(manifest["steps"], key=int) == ["1", "2", "3", "4", "5"]
+
+
+# ------------------------------------------------------------------ one writer per folder
+def in_child(work) -> tuple[int, bytes]:
+    """Fork; the child runs ``work(send)`` and ends at once (no test machinery runs
+    there; an alarm ends it after 30 s at most); returns the child's pid and the read end
+    of what it sends. The child runs torch on one thread: OpenMP's pool does not survive a
+    fork."""
+    import signal
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            signal.alarm(30)
+            torch.set_num_threads(1)
+            os.close(r)
+            work(lambda data: os.write(w, data))
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def test_one_logger_writes_to_a_run_folder_at_a_time(tmp_path):
+    import re
+    import signal
+
+    from tbfeat.files import LOCK_FILE, FolderInUse, FolderLock
+
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    first = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    first.log([image], step=1)  # the run has started: the folder is taken
+    here = f"pid {os.getpid()} host {socket.gethostname()}"
+    assert (tmp_path / LOCK_FILE).read_text().startswith(here)
+    FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0]).close()  # this process shares it
+    assert (tmp_path / LOCK_FILE).read_text().startswith(here)  # the first still holds it
+    first.close()
+    first.close()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+    def hold(send):  # another process takes the folder and is killed holding it
+        FolderLock(tmp_path).acquire()
+        send(b"held")
+        time.sleep(60)
+
+    pid, r = in_child(hold)
+    try:
+        assert os.read(r, 4) == b"held"
+        with pytest.raises(FolderInUse, match=f"pid {pid} host {re.escape(socket.gethostname())}"):
+            FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+    assert (tmp_path / LOCK_FILE).exists()  # left behind: taken over
+    second = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    second.log([image], step=2)
+    second.close()
+    assert second.flushed_step == 2
+    assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 2]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_forked_child_never_writes_into_the_parents_event_file(tmp_path):
+    image = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path, stages=[0])
+    logger.log([image], step=1)
+    logger.flush()
+    (events,) = event_files(tmp_path)
+    before = events.read_bytes()
+
+    def child(send):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            logger.log([image], step=2)
+            logger.close()
+        send("\n".join(str(w.message) for w in said).encode())
+
+    pid, r = in_child(child)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert said.count("tbfeat: ") == 1 and "was forked from" in said, said
+    assert events.read_bytes() == before and event_files(tmp_path) == [events]
+    logger.log([image], step=3)
+    logger.close()
+    assert [e.step for e in read_events(tmp_path).Images(FEATURES)] == [1, 3]
+
+
+# ------------------------------------------------------------------ hostile export inputs
+def png_claiming(width, height) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels; its data is a few
+    bytes (decoding it would build the whole claimed picture)."""
+    import zlib
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 4096, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def log_pictures(folder, pictures):
+    """Write ``{tag: PNG bytes}`` as step 1 with tbfeat's own sink."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from tbfeat.writer import EventSink, StepBundle
+
+    sink = EventSink(folder)
+    values = [
+        Summary.Value(
+            tag=tag, image=Summary.Image(height=1, width=1, colorspace=3, encoded_image_string=png)
+        )  # fmt: skip
+        for tag, png in pictures.items()
+    ]
+    assert sink.write(StepBundle(1, images=values))
+    sink.close()
+
+
+def small_png(seed) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (6, 6, 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("side", [12000, 30000], ids=["12000 square", "PIL's bomb size"])
+def test_export_refuses_a_huge_picture_from_its_header(tmp_path, capsys, side):
+    from tbfeat.cli import main
+
+    log_pictures(tmp_path / "run", {
+        "features/00_Conv2d/a": small_png(0),  # drawn first, were nothing checked before
+        "features/01_Conv2d/b": png_claiming(side, side),
+    })  # fmt: skip
+    tracemalloc.start()
+    try:
+        status = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert status == 2 and peak < 50 * 2**20
+    assert err.count("\n") == 1 and err.startswith("tbfeat: error: "), err
+    assert f"{side} x {side} pixels" in err and "features_01_Conv2d_b" in err
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_export_shortens_long_names_before_writing_and_reports_damage_in_one_line(tmp_path, capsys):
+    from tbfeat.cli import main
+    from tbfeat.export import MAX_NAME_CHARS
+
+    long = ["x" * 300, "x" * 299 + "y"]  # alike for their first 250 characters
+    log_pictures(tmp_path / "run", {f"features/00_Conv2d/{n}": small_png(i)
+                                    for i, n in enumerate(long)})  # fmt: skip
+    written = export(tmp_path / "run", tmp_path / "out")
+    names = [p.name for p in written]
+    assert len(set(names)) == 2 and all(len(n) <= MAX_NAME_CHARS + len(".png") for n in names)
+    assert names == [p.name for p in export(tmp_path / "run", tmp_path / "again")]  # stable
+
+    log_pictures(tmp_path / "bad", {"features/00_Conv2d/a": small_png(0)[:-30]})  # cut off
+    status = main(["export", str(tmp_path / "bad"), "--out", str(tmp_path / "bad_out")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
+
+
+# ------------------------------------------------------------------ TorchScript
+def test_a_torchscript_model_is_refused_when_the_logger_is_built(tmp_path):
+    model = tiny_model()
+    scripted = torch.jit.script(model)
+    traced = torch.jit.trace(model, torch.rand(1, 3, 8, 8))
+    for compiled in (scripted, traced):
+        with pytest.raises(TypeError, match="TorchScript module.*pass the nn.Module"):
+            FeatureLogger(compiled, logdir=tmp_path, stages=[0])
+    assert not event_files(tmp_path)
+
+
+def test_a_with_block_that_captures_nothing_warns_once_at_its_end(tmp_path):
+    model = tiny_model()
+    logger = FeatureLogger(model, logdir=tmp_path, stages=[0])
+    x = torch.rand(1, 3, 12, 12)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with logger:
+            model(x)  # captured: nothing to say
+        with logger:
+            pass
+        with logger:
+            pass
+    ours = [str(w.message) for w in said if "tbfeat" in str(w.message)]
+    assert len(ours) == 1 and "captured nothing" in ours[0], ours
+    logger.close()
+    assert [e.step for e in read_events(tmp_path).Images("features/00_Conv2d/0")] == [0]
+
+
+# ------------------------------------------------------------------ image names
+def test_probe_images_sharing_a_file_name_are_named_by_their_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for folder in ("val", "test"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "bus.png")
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), np.uint8)).save(paths[-1])
+    logger = FeatureLogger(tiny_model(), logdir=tmp_path / "run", stages=[0])
+    logger.log(paths, step=1)
+    logger.log(paths[::-1], step=2)  # the order changes, the names stay with the files
+    logger.close()
+    acc = read_events(tmp_path / "run")
+    shown = {
+        name: [e.encoded_image_string for e in acc.Images(f"features/00_Conv2d/{name}")]
+        for name in ("val_bus", "test_bus")
+    }
+    assert shown["val_bus"][0] == shown["val_bus"][1] != shown["test_bus"][0]
+    assert shown["test_bus"][0] == shown["test_bus"][1]
+
+
+# ------------------------------------------------------------------ crafted manifests
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "RecursionError"),
+        (b'{"steps": {"1": {}}, "x": "\xff\xfe"}', "UnicodeDecodeError"),
+        (b'{"steps": {"one": {}}}', "step 'one' is not an integer step"),
+        (b'{"steps": {"1": 5}}', "step '1' is not an integer step"),
+    ],
+    ids=["deep nesting", "bad bytes", "a step that is no number", "a step that is no entry"],
+)
+def test_a_crafted_manifest_is_one_error_naming_the_file(tmp_path, data, why):
+    from tbfeat.sweep import SweepError, read_manifest
+
+    (tmp_path / MANIFEST).write_bytes(data)
+    with pytest.raises(SweepError) as e:
+        read_manifest(tmp_path)
+    assert str(tmp_path / MANIFEST) in str(e.value) and why in str(e.value)
+    assert len(str(e.value)) < 400
