@@ -180,12 +180,16 @@ def plan_sweep(
 
     ``best``/``last`` checkpoints are logged at the epoch they store, and skipped when
     they store none (stripped at the end of a training) or when an epoch checkpoint of
-    that epoch is in the sweep. A second checkpoint of the same step is left out. Each of
-    these decisions, and each step given by order, is told to ``warn``.
+    that epoch is in the sweep. Each of these decisions, and each step given by order, is
+    told to ``warn``.
 
     ``known`` is the manifest's record of checkpoint files (see :func:`checkpoint_facts`);
     files it holds unchanged are not opened. An unreadable file is planned and fails in
     its turn; one that needs globals off the allow-list stops the sweep here.
+
+    Raises:
+        SweepError: two checkpoints give one step (the tutorial's ``mobile-model-1.pth``
+            and ``resNetFpn-model-1.pth`` in one folder), before anything is logged.
     """
     say = warn if warn is not None else (lambda message: None)
     facts = [(path, *_facts(path, known, trust)) for path in paths]
@@ -212,13 +216,18 @@ def plan_sweep(
         if p.step is None:
             say(f"{p.path} stores no epoch and has no number: logged as step {next_step}")
             steps[i], next_step = PlannedStep(next_step, p.path, p.kind), next_step + 1
-    unique: dict[int, PlannedStep] = {}
-    for p in sorted(steps, key=lambda p: p.step):
-        if p.step in unique:
-            say(f"{p.path} is also step {p.step} (as {unique[p.step].path}); logging the first")
-            continue
-        unique[p.step] = p
-    return list(unique.values())
+    by_step: dict[int, list[Path]] = {}
+    for p in steps:
+        by_step.setdefault(p.step, []).append(p.path)
+    clashes = {step: paths for step, paths in sorted(by_step.items()) if len(paths) > 1}
+    if clashes:
+        listed = "; ".join(f"step {step}: {', '.join(map(str, paths))}"
+                           for step, paths in clashes.items())  # fmt: skip
+        raise SweepError(
+            f"checkpoints that give one step, so one would hide the other ({listed}): "
+            "sweep each training's checkpoints into a logdir of its own"
+        )
+    return sorted(steps, key=lambda p: p.step)
 
 
 def _facts(path: Path, known: dict[str, Any] | None, trust: bool) -> tuple[str, int | None]:

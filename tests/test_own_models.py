@@ -257,6 +257,26 @@ def test_stages_lists_your_own_model_with_or_without_a_checkpoint(tutorial_check
     assert "* selected by --stages" in loaded.stdout
 
 
+def test_two_checkpoints_of_one_step_are_an_error_before_anything_is_logged(
+    tmp_path, tutorial_checkpoints
+):
+    import shutil
+
+    from tbfeat.sweep import SweepError
+
+    folder = tmp_path / "save_weights"
+    folder.mkdir()
+    for name in ("resNetFpn-model-0.pth", "resNetFpn-model-1.pth"):
+        shutil.copy(tutorial_checkpoints / name, folder / name)
+    shutil.copy(tutorial_checkpoints / "resNetFpn-model-1.pth", folder / "mobile-model-1.pth")
+    with pytest.raises(SweepError) as raised:  # both store epoch 1: step 2
+        sweep([folder], model=MODEL, images=[BUS], logdir=tmp_path / "run")
+    message = str(raised.value)
+    assert "step 2: " in message and "mobile-model-1.pth" in message
+    assert "resNetFpn-model-1.pth" in message and "step 1" not in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_numbered_files_sort_naturally(tmp_path):
     for n in (10, 2, 1):
         (tmp_path / f"resNetFpn-model-{n}.pth").write_bytes(b"")
