@@ -55,8 +55,11 @@ def load_image(
             with Image.open(path) as im:
                 im.load()
                 return _from_pil(ImageOps.exif_transpose(im) if exif_orientation else im)
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        except (UnidentifiedImageError, OSError, ImportError) as e:
+            # Ultralytics' patched Image.open tries a HEIF plugin on any file PIL cannot
+            # identify: without the plugin, PIL's own reason is the error's context
+            cause = e.__context__ if isinstance(e, ImportError) and e.__context__ else e
+            raise ValueError(f"cannot read image {str(path)!r}: {cause}") from None
     if isinstance(image, Image.Image):
         return _from_pil(image)
     if isinstance(image, np.ndarray):

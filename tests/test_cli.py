@@ -1,5 +1,7 @@
 """The tbfeat command end to end, in subprocesses."""
 
+import contextlib
+import io
 import json
 import shlex
 import socket
@@ -31,6 +33,21 @@ def tbfeat(*args, timeout=600):
         timeout=timeout,
     )
     return proc
+
+
+def tbfeat_here(*args):
+    """The CLI's ``main`` in this process, its output captured as a subprocess's would be:
+    for error paths, where starting an interpreter and torch would cost seconds each (the
+    tests above and below run the entry point itself in subprocesses)."""
+    from tbfeat.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_usage_error(proc, *fragments):
@@ -127,44 +144,48 @@ def test_sweep_errors_exit_2_with_one_line(tmp_path, tv_checkpoints, yolo_weight
     good = tv_checkpoints / "model_0.pth"
     out = ["--logdir", tmp_path / "err"]
     assert_usage_error(
-        tbfeat("sweep", tmp_path / "nope.pt", "--images", BUS, *out),
+        tbfeat("sweep", tmp_path / "nope.pt", "--images", BUS, *out),  # the entry point
         "checkpoint not found",
         "nope.pt",
     )
     truncated = tmp_path / "model_5.pth"
     truncated.write_bytes(good.read_bytes()[:5000])
     assert_usage_error(
-        tbfeat("sweep", truncated, "--images", BUS, *out, *arch),
+        tbfeat_here("sweep", truncated, "--images", BUS, *out, *arch),
         "model_5.pth",
         "corrupt or truncated",
     )
     assert_usage_error(
-        tbfeat("sweep", good, "--images", BUS, *out, "--arch", "retinanet_resnet50_fpn"),
+        tbfeat_here("sweep", good, "--images", BUS, *out, "--arch", "retinanet_resnet50_fpn"),
         "does not fit retinanet_resnet50_fpn",
         "missing",
     )
     assert_usage_error(
-        tbfeat("sweep", good, "--images", BUS, *out, "--arch", "fasterrcnn_mobilenet"),
+        tbfeat_here("sweep", good, "--images", BUS, *out, "--arch", "fasterrcnn_mobilenet"),
         "unknown arch 'fasterrcnn_mobilenet'",
         "did you mean",
     )
-    assert_usage_error(tbfeat("sweep", good, "--images", BUS, *out), "--arch")
+    assert_usage_error(tbfeat_here("sweep", good, "--images", BUS, *out), "--arch")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_usage_error(tbfeat("sweep", good, "--images", empty, *out, *arch), "no images", "empty")
+    assert_usage_error(
+        tbfeat_here("sweep", good, "--images", empty, *out, *arch), "no images", "empty"
+    )
     bad_image = tmp_path / "broken.jpg"
     bad_image.write_bytes(b"not a jpeg")
     assert_usage_error(
-        tbfeat("sweep", good, "--images", bad_image, *out, *arch), "cannot read image", "broken.jpg"
+        # (Ultralytics is loaded in this process: its Image.open patch is in the way)
+        tbfeat_here("sweep", good, "--images", bad_image, *out, *arch),
+        "cannot read image", "broken.jpg", "cannot identify image file",
     )
     assert_usage_error(
-        tbfeat("sweep", yolo_weights, "--images", BUS, *out, "--stages", "SPFF"),
+        tbfeat_here("sweep", yolo_weights, "--images", BUS, *out, "--stages", "SPFF"),
         "unknown stage 'SPFF'",
         "did you mean 'SPPF'",
     )
     # what was logged before a failing checkpoint stays
     keep = tmp_path / "keep"
-    proc = tbfeat(
+    proc = tbfeat_here(
         "sweep",
         good,
         truncated,
@@ -201,16 +222,17 @@ def test_cli_rough_edges(tmp_path):
     debug = tbfeat("stages", "resnet18", "--stages", "layr1", "--debug")
     assert "Traceback" in debug.stderr and "unknown stage 'layr1'" in debug.stderr
     assert_usage_error(
-        tbfeat("stages", "yolov8n.yml"), "'yolov8n.yml'", "did you mean 'yolov8n.yaml'?"
+        tbfeat_here("stages", "yolov8n.yml"), "'yolov8n.yml'", "did you mean 'yolov8n.yaml'?"
     )
-    bad = tbfeat("sweep", "x.pt", "--images", BUS, "--logdir", tmp_path, "--max-channels", 0)
+    bad = tbfeat_here("sweep", "x.pt", "--images", BUS, "--logdir", tmp_path,
+                      "--max-channels", 0)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("usage: tbfeat sweep")
     assert "tbfeat sweep: error: argument --max-channels: must be >= 1, got 0" in bad.stderr
-    hint = tbfeat("stages", "yolov8n.yaml", "--stages", "layer1", "--imgsz", 64)
+    hint = tbfeat_here("stages", "yolov8n.yaml", "--stages", "layer1", "--imgsz", 64)
     assert_usage_error(hint, "unknown stage 'layer1'", "such as 'model.")
     assert "layer1.0.conv1" not in hint.stderr
-    assert_usage_error(tbfeat("stages", "yolov8n.yaml", "--arch", "resnet18"), "leave it out")
-    assert "(default: 8)" in tbfeat("sweep", "--help").stdout
+    assert_usage_error(tbfeat_here("stages", "yolov8n.yaml", "--arch", "resnet18"), "leave it out")
+    assert "(default: 8)" in tbfeat_here("sweep", "--help").stdout
 
 
 def test_sweep_messages_go_above_the_bar_and_printed_commands_are_quoted(tmp_path):
