@@ -61,9 +61,11 @@ class CamImages:
 
 @dataclass(frozen=True)
 class EndStep:
-    """Everything captured at ``step`` so far is complete: summarize and write it."""
+    """Everything captured at ``step`` so far is complete: summarize and write it; or,
+    ``complete=False``, the probe was interrupted: drop the step whole."""
 
     step: int
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,13 +180,14 @@ class CaptureSession:
             self.end_step()
         self.step = step
 
-    def end_step(self) -> bool:
-        """Post :class:`EndStep` if anything was captured; reset the step's bookkeeping."""
+    def end_step(self, complete: bool = True) -> bool:
+        """Post :class:`EndStep` if anything was captured (``complete=False``: the step
+        was interrupted, drop it); reset the step's bookkeeping."""
         with self._lock:
             captured, self._captured = self._captured, False
             self._names, self._counts, self._cam_images = [], {}, 0
         if captured:
-            self._post(EndStep(self.step), 0)
+            self._post(EndStep(self.step, complete), 0)
         return captured
 
     def on_output(self, stage: Stage, output: Any) -> None:

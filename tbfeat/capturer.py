@@ -142,9 +142,11 @@ class Capturer:
                 )  # fmt: skip
                 if found is not None:
                     self._post(*found)
-            return out
-        finally:
-            session.end_step()
+        except BaseException:  # a forward that raised, Ctrl-C: no half step is written
+            session.end_step(complete=False)
+            raise
+        session.end_step()
+        return out
 
     # ------------------------------------------------------------------ captures
     def begin(

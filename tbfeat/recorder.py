@@ -146,6 +146,8 @@ class Recorder:
             self._capture(message)
         elif isinstance(message, CamImages):
             self._cams(message)
+        elif isinstance(message, EndStep) and not message.complete:
+            self._drop_step(message.step)
         elif isinstance(message, EndStep):
             self._end_step(message.step)
         elif isinstance(message, Scalars):
@@ -235,6 +237,13 @@ class Recorder:
         track.names += c.names
 
     # ------------------------------------------------------------------ steps
+    def _drop_step(self, step: int) -> None:
+        """An interrupted probe: what it captured of ``step`` is dropped, not written."""
+        if self._steps.pop(step, None) is not None:
+            self._note(f"interrupted:{step}", f"tbfeat: the probe of step {step} was "
+                       "interrupted before it ended; nothing of that step was written",
+                       warn=True)  # fmt: skip
+
     def _end_step(self, step: int) -> None:
         started = time.thread_time()
         state = self._steps.pop(step, None)

@@ -569,3 +569,36 @@ def test_a_crafted_manifest_is_one_error_naming_the_file(tmp_path, data, why):
         read_manifest(tmp_path)
     assert str(tmp_path / MANIFEST) in str(e.value) and why in str(e.value)
     assert len(str(e.value)) < 400
+
+
+def test_an_interrupted_probe_writes_nothing_of_its_step(tmp_path):
+    """Ctrl-C in the middle of a probe's forward: the stages before it were captured,
+    but no half step is written; the next step is logged as usual."""
+
+    class Stop(torch.nn.Module):
+        armed = False
+
+        def forward(self, x):
+            if self.armed:
+                raise KeyboardInterrupt
+            return x
+
+    stop = Stop()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), stop, torch.nn.ReLU())
+    x = torch.rand(1, 3, 12, 12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with FeatureLogger(model, logdir=tmp_path, max_channels=2) as logger:
+            logger.log(x, step=1)
+            stop.armed = True
+            with pytest.raises(KeyboardInterrupt):
+                logger.log(x, step=2)
+            stop.armed = False
+            logger.log(x, step=3)
+    said = [str(w.message) for w in caught if "interrupted" in str(w.message)]
+    assert said == ["tbfeat: the probe of step 2 was interrupted before it ended; nothing "
+                    "of that step was written"]  # fmt: skip
+    events = read_events(tmp_path)
+    for tag in events.Tags()["scalars"]:
+        assert [e.step for e in events.Scalars(tag)] == [1, 3], tag
+    assert [e.step for e in events.Images("features/00_Conv2d/0")] == [1, 3]
