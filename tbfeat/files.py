@@ -435,3 +435,31 @@ def _in_use(folder: Path, holder: str) -> FolderInUse:
         f"({holder or 'holder unknown'}); one process writes to a run folder at a time: "
         "close its logger (or let it end), or choose another folder"
     )
+
+
+def not_regular(path: str | os.PathLike, root: str | None = None) -> str | None:
+    """Why ``path`` is no regular file to open (``None``: it is one), in a few words: a
+    folder, a FIFO, a socket, a broken link, or (with ``root``) a link out of ``root``.
+
+    Example:
+        >>> import tempfile
+        >>> not_regular(tempfile.mkdtemp())
+        'a folder'
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(path)
+        if root is not None and os.path.commonpath([root, target]) != root:
+            return "a link out of the logdir"
+        try:
+            st = os.stat(target)
+        except OSError:
+            return "a broken link"
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(st.st_mode):
+            return what
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"

@@ -33,7 +33,6 @@ reads the event files once at the speed of the disk and the CRC (see
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -44,7 +43,7 @@ from typing import Any, NamedTuple
 
 from . import tags as tagging
 from ._crc import masked_crc32c
-from .files import open_regular
+from .files import not_regular, open_regular
 from .notes import Notes
 from .records import HEAD, TAIL, DamagedRecord, read_records
 
@@ -333,7 +332,7 @@ class Reader:
             paths = []
             for name in sorted(n for n in names + dirs if n.startswith(EVENT_PREFIX)):
                 path = os.path.join(folder, name)
-                why = _not_event_file(path, root)
+                why = not_regular(path, root)
                 if why is None:
                     paths.append(os.path.realpath(path) if os.path.islink(path) else path)
                 elif path not in self._skipped:
@@ -465,24 +464,3 @@ class Reader:
         if not steps:
             return None
         return tagging.read_run(self.value(run, tagging.RUN, max(steps)).tensor)
-
-
-def _not_event_file(path: str, root: str) -> str | None:
-    """Why ``path`` is not read as an event file (``None``: it is a regular file)."""
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    if stat.S_ISLNK(st.st_mode):
-        target = os.path.realpath(path)
-        if os.path.commonpath([root, target]) != root:
-            return "a link out of the logdir"
-        try:
-            st = os.stat(target)
-        except OSError:
-            return "a broken link"
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket")):  # fmt: skip
-        if test(st.st_mode):
-            return what
-    return None if stat.S_ISREG(st.st_mode) else "not a regular file"

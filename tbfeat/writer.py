@@ -46,6 +46,7 @@ from .files import (
     atomic_write,
     check_folder_free,
     create_new,
+    not_regular,
     open_regular,
 )
 from .notes import Notes, warn
@@ -348,10 +349,17 @@ class EventSink:
             return 0
         self.claim()
         own = self._file.path.resolve() if self._file is not None else None
-        changed = 0
+        changed, odd = 0, []
         for path in sorted(folder.glob(f"events.out.tfevents.*{FILE_SUFFIX}")):
-            if path.resolve() != own:
+            why = "a link" if path.is_symlink() else not_regular(path)
+            if why is not None:  # never opened: a FIFO would block, a link is not ours
+                odd.append(f"{path.name} ({why})")
+            elif path.resolve() != own:
                 changed += trim_event_file(path, first)
+        if odd:
+            self._notes(f"odd:{folder}", f"tbfeat: left alone what is named like an event "
+                        f"file in {str(folder)!r} but is not one: {'; '.join(odd)}",
+                        warn=True)  # fmt: skip
         return changed
 
     # ---------------------------------------------------------------- encoding

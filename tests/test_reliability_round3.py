@@ -602,3 +602,29 @@ def test_an_interrupted_probe_writes_nothing_of_its_step(tmp_path):
     for tag in events.Tags()["scalars"]:
         assert [e.step for e in events.Scalars(tag)] == [1, 3], tag
     assert [e.step for e in events.Images("features/00_Conv2d/0")] == [1, 3]
+
+
+def test_odd_entries_named_like_event_files_are_left_alone_with_one_warning(tmp_path):
+    """A restart trims tbfeat's own event files; a FIFO, a folder or a link named like
+    one is never opened (a FIFO would block) and is named in one warning."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    x = torch.rand(1, 3, 12, 12)
+    logger = FeatureLogger(model, logdir=tmp_path, cam=None)
+    for step in range(3):
+        logger.log(x, step=step)
+    logger.close()
+    odd = {"events.out.tfevents.1.fifo.0.tbfeat": "a FIFO",
+           "events.out.tfevents.2.dir.0.tbfeat": "a folder",
+           "events.out.tfevents.3.link.0.tbfeat": "a link"}  # fmt: skip
+    os.mkfifo(tmp_path / "events.out.tfevents.1.fifo.0.tbfeat")
+    (tmp_path / "events.out.tfevents.2.dir.0.tbfeat").mkdir()
+    (tmp_path / "events.out.tfevents.3.link.0.tbfeat").symlink_to(tmp_path / "nowhere")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logger = FeatureLogger(model, logdir=tmp_path, cam=None)
+        logger.log(x, step=1)  # a restart at step 1: steps 1 and 2 of the old run go
+        logger.close()
+    said = [str(w.message) for w in caught if "left alone" in str(w.message)]
+    assert len(said) == 1
+    assert all(f"{name} ({why})" in said[0] for name, why in odd.items()), said
+    assert [e.step for e in read_events(tmp_path).Scalars("stats/00_Conv2d/mean")] == [0, 1]
