@@ -204,3 +204,58 @@ def test_layercam_of_a_vit_block_is_computed_on_its_token_map():
     torch.testing.assert_close(small, expect, atol=1e-5, rtol=1e-4)
     full = stage_cams(model, x, stages=["blocks.0"])
     assert tuple(full["00_blocks.0"].shape) == (1, 32, 64)
+
+
+# ------------------------------------------------------------------ Hugging Face
+SMALL = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    image_size=32, patch_size=8,
+)  # fmt: skip
+
+
+def test_hugging_face_vit_layers_are_stages_and_their_grids_are_hidden_states_reshaped(tmp_path):
+    hf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = hf.ViTForImageClassification(hf.ViTConfig(**SMALL, num_labels=3)).eval()
+    stages = list_stages(model)
+    assert len(stages) == model.config.num_hidden_layers
+    assert {s.tokens for s in stages} == {
+        TokenLayout(prefix=1, cls=True, grid=(4, 4), dynamic=True)
+    }
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states  # embeddings, then layers
+    fmap = hidden[2][:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    logger = FeatureLogger(model, tmp_path, stages=[1], **GRID)
+    logger.log(x, step=0)
+    logger.close()
+    events = read_events(tmp_path)
+    key = stages[1].key
+    (event,) = events.Images(f"features/{key}/0")
+    np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
+    cls_mean = hidden[2][:, 0].mean().item()
+    assert scalar(events, f"stats/{key}/cls/mean") == pytest.approx(cls_mean, rel=1e-5)
+
+    small = compute_cams(adapt(model), [x[0]], stages[:1], "layercam", as_target(None))
+    assert tuple(small.maps[stages[0].key][0].shape) == (4, 4)  # the classifier's logits
+    assert tuple(stage_cams(model, x, stages=[0])[stages[0].key].shape) == (1, 32, 32)
+
+
+def test_dinov2_register_tokens_are_left_out_of_the_map(tmp_path):
+    hf = pytest.importorskip("transformers")
+    config = hf.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)
+    model = hf.Dinov2WithRegistersModel(config).eval()
+    stages = list_stages(model)
+    assert [s.tokens.prefix for s in stages] == [5, 5]  # class token and 4 registers
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+    logger = FeatureLogger(model, tmp_path, stages=[0], **GRID)
+    logger.log(x, step=0)
+    logger.close()
+    events = read_events(tmp_path)
+    fmap = hidden[1][:, 5:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    (event,) = events.Images(f"features/{stages[0].key}/0")
+    np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
+    mean = scalar(events, f"stats/{stages[0].key}/mean")
+    assert mean == pytest.approx(fmap.mean().item(), rel=1e-5)
