@@ -26,6 +26,8 @@ from .targets import ScoreTap
 INTEGRATIONS: list[tuple[str, str]] = [
     ("ultralytics", "tbfeat.integrations.ultralytics"),
     ("torchvision", "tbfeat.integrations.torchvision"),
+    ("timm", "tbfeat.integrations.timm"),
+    ("transformers", "tbfeat.integrations.transformers"),
 ]
 
 # (children a model must have, integration module): integrations that also recognise
@@ -282,9 +284,9 @@ def unwrap(model: object) -> object:
 def list_stages(model: object) -> list[Stage]:
     """The stages a model offers for ``stages=``, with their index, name, type and tag key.
 
-    Integrations supply the list for Ultralytics and torchvision models; any other
-    ``nn.Module`` offers its direct children. Deeper modules can still be chosen by
-    their qualified name (``"layer1.0.conv1"``).
+    Integrations supply the list for Ultralytics, torchvision, timm and Hugging Face
+    vision transformer models; any other ``nn.Module`` offers its direct children.
+    Deeper modules can still be chosen by their qualified name (``"layer1.0.conv1"``).
 
     Example:
         >>> import torchvision

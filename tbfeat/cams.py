@@ -34,6 +34,7 @@ from .notes import Notes
 from .options import LogOptions
 from .stages import Stage, StageSpec, resolve_stages
 from .targets import CamTarget, NoScores, ScoreTap, as_target, choose
+from .tokens import as_map
 
 CAM_METHODS = ("layercam", "activation")
 Target = int | Sequence[int] | Callable[[Any], torch.Tensor] | CamTarget | None
@@ -167,13 +168,18 @@ def _batch_cams(
 
     def keep(stage: Stage, output: Any) -> None:
         t = output[stage.output] if stage.output is not None else output
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return
-        if stage.key in acts:
+        fmap = as_map(t, stage.tokens)  # a transformer's tokens as their map
+        if fmap is None or stage.key in acts:
             return
-        acts[stage.key] = t.detach().clone()  # later in-place ops change t, not this copy
+        acts[stage.key] = fmap.detach().clone()  # later in-place ops change t, not this copy
         if layercam and t.requires_grad:  # the gradient w.r.t. this value, as it is now
-            t.register_hook(lambda g, key=stage.key: grads.__setitem__(key, g.detach()))
+
+            def keep_grad(g: torch.Tensor, key: str = stage.key, how: Any = stage.tokens) -> None:
+                grads[key] = as_map(g.detach(), how)  # laid out as the activation
+
+            t.register_hook(keep_grad)
 
     hooks = StageHooks(stages, keep, root=module, exclusive=True)
     tap = adapter.score_tap(module)

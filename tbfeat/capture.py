@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from . import tags
 from .images import unique_names
 from .notes import Notes
 from .options import LogOptions
 from .stages import Stage, sanitize
+from .tokens import TokenLayout, split
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,11 @@ class CaptureSession:
                 output, f"call{calls}" if calls else "", renamed, skip=skip, skipped=skipped
             )
             for suffix, t in tensors:
-                self._capture(f"{stage.key}/{suffix}" if suffix else stage.key, t, stage)
+                base = f"{stage.key}/{suffix}" if suffix else stage.key
+                if stage.tokens is None:
+                    self._capture(base, t, stage)
+                else:
+                    self._capture_tokens(base, t, stage, stage.tokens)
         if skipped:
             self._note(
                 f"predictions:{stage.key}",
@@ -226,6 +232,25 @@ class CaptureSession:
                 f"tag-safe; logged as {', '.join(renamed)}",
             )
 
+    def _capture_tokens(
+        self, base: str, t: torch.Tensor, stage: Stage, layout: TokenLayout
+    ) -> None:
+        """A transformer stage's output (:attr:`Stage.tokens`): its map under ``base``, as
+        a convolutional stage's, and its class token's statistics under ``<base>/cls``;
+        an output that holds no grid logs its statistics only, said once."""
+        parts = split(t, layout)
+        if parts.map is None:
+            self._note(
+                f"tokens:{base}",
+                f"tbfeat: stage {base} ({stage.name}): {parts.problem}; it logs statistics only",
+                warn=True,
+            )
+            self._capture(base, t, stage)
+            return
+        self._capture(base, parts.map, stage)
+        if parts.cls is not None:
+            self._capture(tags.output(base, "cls"), parts.cls, stage)
+
     def _capture(self, base: str, t: torch.Tensor, stage: Stage) -> None:
         if t.dim() not in (2, 3, 4) or t.is_complex() or t.dtype == torch.bool:
             self._note(
@@ -242,7 +267,12 @@ class CaptureSession:
         with torch.no_grad():
             # a copy: a later layer may change the output in place (ReLU(inplace=True)); of a
             # quantized output, its real values (dequantize() returns a new float tensor)
-            x = t[:k].dequantize() if t.is_quantized else t[:k].detach().clone()
+            # (contiguous: a token map is a permuted view)
+            x = (
+                t[:k].dequantize()
+                if t.is_quantized
+                else t[:k].detach().clone(memory_format=torch.contiguous_format)
+            )
         names = tuple(self._image_name(done + i) for i in range(k)) if x.dim() == 4 else ()
         message = Capture(
             self.step, base, x, names, self.track and x.dim() == 4, self._probe_images,

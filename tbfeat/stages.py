@@ -2,7 +2,8 @@
 
 A :class:`Stage` is a small frozen record that integrations fill in.
 :func:`tbfeat.list_stages` shows what a model offers; :func:`resolve_stages` turns a user's
-``stages=`` into the list the logger hooks. This module imports nothing else of tbfeat.
+``stages=`` into the list the logger hooks. This module imports nothing else of tbfeat
+but :mod:`tbfeat.tokens` (the token layout a transformer stage carries).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from torch import nn
+
+from .tokens import TokenLayout
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 """Plain containers: their class name says nothing, so stages are labelled by name."""
@@ -42,6 +45,9 @@ class Stage:
         digits: Width of the zero-padded ``NN`` in :attr:`key` (from the number of listed
             stages), so that TensorBoard's text sort keeps ``2`` before ``10``.
         sub_digits: Width of the zero-padded ``MM``.
+        tokens: How the output holds its feature map when it is not ``(N, C, H, W)``:
+            a transformer's tokens or a channels-last map (:mod:`tbfeat.tokens`), set by
+            the integration that knows the model family; ``None`` for a plain map.
 
     Example:
         >>> import torch
@@ -59,6 +65,7 @@ class Stage:
     sub: int | None = None
     digits: int = 2
     sub_digits: int = 2
+    tokens: TokenLayout | None = None
 
     def __post_init__(self) -> None:
         if not self.label:

@@ -19,7 +19,8 @@ tag                             kind       what
 
 ``<base>`` names one stage output: ``<NN>_<label>`` (a stage key, ``<NN>.<MM>_<label>`` for
 a deeper module, see :attr:`tbfeat.stages.Stage.key`), then ``/<output>`` for one element
-of a tuple, list or dict output (:func:`tbfeat.capture.stage_tensors`). Labels, output keys
+of a tuple, list or dict output (:func:`tbfeat.capture.stage_tensors`), or ``/cls`` for
+the class token of a transformer stage (:mod:`tbfeat.tokens`; :func:`output`). Labels, output keys
 and image names are made tag-safe by :func:`tbfeat.stages.sanitize` (letters, digits,
 ``_``, ``.``, ``-``; never ``/``), so the image or statistic is the part after the last
 ``/``. ``<base>`` may still hold characters that are special in a regular expression
@@ -142,6 +143,12 @@ def drift(base: str, vs_first: bool = False) -> str:
             f"drift of {base.removesuffix(VS_FIRST)!r} against the first step"
         )
     return f"drift/{base}{VS_FIRST if vs_first else ''}"
+
+
+def output(base: str, name: str) -> str:
+    """``<base>/<name>``: the base of one part of a stage output (``cls``, the class token
+    of a transformer stage, whose statistics are logged apart from its map)."""
+    return f"{_base(base)}/{_part('output', name)}"
 
 
 def evolution(base: str) -> str:
