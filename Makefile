@@ -23,7 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_PAIR)
-	$(PIP) -e ".[ultralytics,lightning,dev]" $(TORCH_PAIR) $(ULTRALYTICS_PIN)
+	$(PIP) -e ".[ultralytics,lightning,timm,transformers,dev]" $(TORCH_PAIR) $(ULTRALYTICS_PIN)
 	$(BIN)/python -c "import torch, torchvision; torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)"
 	touch $(STAMP)
 
