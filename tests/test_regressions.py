@@ -107,11 +107,11 @@ def test_duplicate_probe_names_are_made_unique(tmp_path):
     ]
 
 
-def test_bad_probe_images_for_yolo_fail_clearly_and_early():
+def test_bad_probe_images_for_yolo_fail_clearly_and_early(tmp_path):
     yolo = YOLO("yolov8n.yaml")
     with pytest.raises(FileNotFoundError, match="does/not/exist.jpg"):
         FeatureLogger(yolo, images=["does/not/exist.jpg"])
-    logger = FeatureLogger(yolo, imgsz=64)
+    logger = FeatureLogger(yolo, logdir=tmp_path, imgsz=64)  # not runs/ of the checkout
     with pytest.raises(ValueError, match=r"RGB \(3, H, W\)"):
         logger.log(torch.rand(1, 64, 64))
     with pytest.raises(ValueError, match="C in 1, 3, 4"):
