@@ -216,18 +216,20 @@ def test_a_thousand_steps_keep_memory_and_file_handles_flat(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     x = torch.rand(1, 3, 24, 24)
     logger = FeatureLogger(model, logdir=tmp_path, max_channels=8)
-    for step in range(20):
+    # warm-up: the evolution strips and drift history fill up to their bounds (32 steps),
+    # the overview picture is drawn every tenth step from the tenth drift step on
+    for step in range(100):
         logger.log(x, step=step)
     logger.flush()
     gc.collect()
     rss, fds = rss_mb(), len(os.listdir("/proc/self/fd"))
-    for step in range(20, 1020):
+    for step in range(100, 1100):
         logger.log(x, step=step)
     logger.flush()
     gc.collect()
     assert rss_mb() - rss < 50
     assert len(os.listdir("/proc/self/fd")) == fds
-    assert logger.flushed_step == 1019
+    assert logger.flushed_step == 1099
     logger.close()
 
 
