@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import pickle
+import types
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +140,21 @@ def screenshots():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def save_with_globals(obj, path, names: dict) -> None:
+    """``torch.save`` with each object of ``names`` pickled as the global written there
+    (``b"module\\nname\\n"``), as a hand-crafted checkpoint would name it."""
+    import torch
+
+    class Pickler(pickle._Pickler):
+        def save_global(self, obj, name=None):
+            if obj in names:
+                self.write(pickle.GLOBAL + names[obj])
+                self.memoize(obj)
+                return
+            super().save_global(obj, name)
+
+    module = types.ModuleType("pickle_with_globals")  # torch.save wants a module
+    module.Pickler = Pickler
+    torch.save(obj, path, pickle_module=module)

@@ -7,10 +7,8 @@ them runs: the marker must not exist afterwards, while loading the same file wit
 
 import argparse
 import contextlib
-import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from tbfeat.checkpoints import (
 )
 from tbfeat.integrations.torchvision import build, load_checkpoint
 
-from .helpers import read_events
+from .helpers import read_events, save_with_globals
 
 pytest.importorskip("ultralytics")  # the optional extra; `make test` installs it
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
@@ -94,22 +92,10 @@ class Harmless:
         self.value = value
 
 
-class _BuiltinsOpenPickler(pickle._Pickler):
-    """Writes ``open`` as ``builtins.open`` (pickle's own name for it is ``io.open``), the
-    way a hand-crafted checkpoint would."""
-
-    def save_global(self, obj, name=None):
-        if obj is open:
-            self.write(pickle.GLOBAL + b"builtins\nopen\n")
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
 def save_builtins_open(obj, path):
-    module = types.ModuleType("builtins_open_pickle")
-    module.Pickler = _BuiltinsOpenPickler
-    torch.save(obj, path, pickle_module=module)
+    """``open`` written as ``builtins.open`` (pickle's own name for it is ``io.open``),
+    the way a hand-crafted checkpoint would."""
+    save_with_globals(obj, path, {open: b"builtins\nopen\n"})
 
 
 def tbfeat_cli(*args, timeout=600):

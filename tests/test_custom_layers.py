@@ -11,11 +11,9 @@ trusted control creates them.
 import contextlib
 import copy
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
-import types
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ from torch import nn
 
 from tbfeat.checkpoints import UnsafeCheckpointError, allowed_global, check_checkpoint, torch_load
 
-from .helpers import read_events
+from .helpers import read_events, save_with_globals
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN = '''
@@ -128,19 +126,8 @@ NAMES = {
 }
 
 
-class _NamingPickler(pickle._Pickler):
-    def save_global(self, obj, name=None):
-        if obj in NAMES:
-            self.write(pickle.GLOBAL + NAMES[obj])
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
 def save_named(obj, path):
-    module = types.ModuleType("naming_pickle")
-    module.Pickler = _NamingPickler
-    torch.save(obj, path, pickle_module=module)
+    save_with_globals(obj, path, NAMES)
 
 
 def Allocate(cls):  # noqa: N802 - reads as the other payloads
