@@ -55,3 +55,19 @@ def yolo_weights(tmp_path_factory):
     weights = Path(yolo.trainer.save_dir) / "weights"
     assert {p.name for p in weights.iterdir()} >= {"epoch0.pt", "epoch1.pt", "last.pt", "best.pt"}
     return weights
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, scripts/install_browser.sh), one per test module:
+    skipped where it is not installed, a failure under ``CI``."""
+    from .helpers import screenshots
+
+    shots = screenshots()
+    reason = shots.browser_missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"headless Chromium is required in CI: {reason}")
+        pytest.skip(reason)
+    with shots.Browser() as b:
+        yield b

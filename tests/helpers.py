@@ -158,3 +158,14 @@ def save_with_globals(obj, path, names: dict) -> None:
     module = types.ModuleType("pickle_with_globals")  # torch.save wants a module
     module.Pickler = Pickler
     torch.save(obj, path, pickle_module=module)
+
+
+TWO_RUNS = {"a": (40, 0), "b": (6, 1)}
+"""The dashboard tests' logdir: run ``a`` of 40 steps, run ``b`` of 6 (steps, seed)."""
+
+
+def two_runs(root: Path) -> Path:
+    """:data:`TWO_RUNS` written under ``root`` with :func:`tiny_run`."""
+    for run, (steps, seed) in TWO_RUNS.items():
+        tiny_run(root / run, steps, seed=seed)
+    return root

@@ -21,23 +21,20 @@ from tbfeat.dashboard.data import MAX_STEPS
 from tbfeat.dashboard.plugin import DashboardPlugin
 from tbfeat.export import export
 
-from .helpers import TINY_IMAGES, TINY_SHAPES, read_events, tiny_model, tiny_run
+from .helpers import TINY_IMAGES, TINY_SHAPES, TWO_RUNS, read_events, tiny_model, tiny_run, two_runs
 
-STEPS = 40
+STEPS = TWO_RUNS["a"][0]
 PREFIX = "/data/plugin/tbfeat"
 
 
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dashboard")
-    tiny_run(root / "a", STEPS, seed=0)
-    tiny_run(root / "b", 6, seed=1)
-    return root
+    return two_runs(tmp_path_factory.mktemp("dashboard"))
 
 
 @pytest.fixture(scope="module")
 def events(logdir):
-    return {run: read_events(logdir / run, derived=True) for run in ("a", "b")}
+    return {run: read_events(logdir / run, derived=True) for run in TWO_RUNS}
 
 
 def serve(logdir: Path) -> Client:

@@ -18,24 +18,21 @@ from PIL import Image
 
 from tbfeat.pictures import blend, cam_values
 
-from .helpers import TINY_SHAPES, indices, read_events, screenshots, tiny_run
+from .helpers import TINY_SHAPES, TWO_RUNS, indices, read_events, screenshots, two_runs
 
 shots = screenshots()
 
-STEPS = 40
+STEPS = TWO_RUNS["a"][0]
 
 
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dashboard-browser")
-    tiny_run(root / "a", STEPS, seed=0)
-    tiny_run(root / "b", 6, seed=1)
-    return root
+    return two_runs(tmp_path_factory.mktemp("dashboard-browser"))
 
 
 @pytest.fixture(scope="module")
 def events(logdir):
-    return {run: read_events(logdir / run, derived=True) for run in ("a", "b")}
+    return {run: read_events(logdir / run, derived=True) for run in TWO_RUNS}
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +43,6 @@ def tb(logdir, tmp_path_factory):
     log = tmp_path_factory.mktemp("tb") / "tb.log"
     with shots.TensorBoard(logdir, plain=True, python=python, log=log) as t:
         yield t
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = shots.browser_missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"headless Chromium is required in CI: {reason}")
-        pytest.skip(reason)
-    with shots.Browser() as b:
-        yield b
 
 
 # ------------------------------------------------------------------------- helpers

@@ -11,7 +11,6 @@ screenshots the same way.
 from __future__ import annotations
 
 import io
-import os
 import re
 import subprocess
 import sys
@@ -155,17 +154,6 @@ def board(demo, events, tmp_path_factory):
     finally:
         tb.stop()
         assert tb.proc.returncode is not None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = shots.browser_missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"headless Chromium is required in CI: {reason}")
-        pytest.skip(reason)
-    with shots.Browser() as b:
-        yield b
 
 
 # ------------------------------------------------------------------------- tests
