@@ -64,6 +64,12 @@ def open_regular(path: str | os.PathLike) -> int:
         if e.errno == errno.ELOOP:
             raise NotRegularFile(errno.ELOOP, "a link, not a regular file", str(path)) from None
         raise
+    return _regular(fd, path)
+
+
+def _regular(fd: int, path: str | os.PathLike) -> int:
+    """``fd`` if it is a regular file's; else it is closed and :class:`NotRegularFile`
+    raised (a folder, FIFO or socket opened without following a link)."""
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
@@ -367,10 +373,7 @@ def _open_lock_file(path: Path) -> int:
             if e.errno == errno.ELOOP:
                 raise NotRegularFile(errno.ELOOP, "a link, not a lock file", str(path)) from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
-        return fd
+        return _regular(fd, path)
     raise FileExistsError(errno.EEXIST, "the lock file keeps changing", str(path))
 
 

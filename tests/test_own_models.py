@@ -65,14 +65,8 @@ def test_an_fpn_that_adds_its_level_inline_logs_every_level(tmp_path):
 
     class InlineFPN(tutorial.FPN):
         def forward(self, x):
-            feats = list(x.values())
-            last = self.inner_blocks[-1](feats[-1])
-            results = [self.layer_blocks[-1](last)]
-            for i in range(len(feats) - 2, -1, -1):
-                lateral = self.inner_blocks[i](feats[i])
-                last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
-                results.insert(0, self.layer_blocks[i](last))
-            results.append(F.max_pool2d(results[-1], 1, 2, 0))
+            results = self.pyramid(x)
+            results.append(F.max_pool2d(results[-1], 1, 2, 0))  # no extra_blocks module
             return dict(zip([*x, "pool"], results, strict=True))
 
     model = tutorial.resnet50_fpn().eval()

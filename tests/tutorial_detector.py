@@ -87,15 +87,19 @@ class FPN(nn.Module):
         self.extra_blocks = MaxPoolLevel()
 
     def forward(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        names, feats = list(x), list(x.values())
+        results, names = self.extra_blocks(self.pyramid(x), list(x))
+        return OrderedDict(zip(names, results, strict=True))
+
+    def pyramid(self, x: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The top-down pathway: one map per input level, finest first."""
+        feats = list(x.values())
         last = self.inner_blocks[-1](feats[-1])
         results = [self.layer_blocks[-1](last)]
         for i in range(len(feats) - 2, -1, -1):
             lateral = self.inner_blocks[i](feats[i])
             last = lateral + F.interpolate(last, size=lateral.shape[-2:], mode="nearest")
             results.insert(0, self.layer_blocks[i](last))
-        results, names = self.extra_blocks(results, names)
-        return OrderedDict(zip(names, results, strict=True))
+        return results
 
 
 class BackboneWithFPN(nn.Module):
