@@ -206,6 +206,38 @@ def test_layercam_of_a_vit_block_is_computed_on_its_token_map():
     assert tuple(full["00_blocks.0"].shape) == (1, 32, 64)
 
 
+def known_answer_vit() -> nn.Module:
+    """A one-block ViT whose class ``k`` is the mean over the patches of input channel
+    ``k``: the patch embedding averages each colour of a patch into token channel 0..2, the
+    block passes tokens through (its attention and MLP write zeros into the residual), no
+    position embedding, no norm, and the head reads token channel ``k`` for class ``k``."""
+    model = vit(reg_tokens=0, global_pool="avg", depth=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        conv = model.patch_embed.proj
+        for k in range(3):
+            conv.weight[k, k] = 1.0 / conv.weight[k, k].numel()
+        model.head.weight[:, :3] = torch.eye(3)
+    model.norm, model.fc_norm = nn.Identity(), nn.Identity()
+    return model
+
+
+def test_layercam_of_a_known_answer_vit_peaks_on_the_patch_that_holds_each_classs_evidence():
+    model = known_answer_vit()
+    x = torch.full((1, 3, 32, 64), 0.1)
+    where = {0: (0, 1), 1: (1, 3), 2: (1, 0)}  # class -> (row, column) of its 2x4 patch grid
+    for k, (r, c) in where.items():
+        x[0, k, 16 * r : 16 * (r + 1), 16 * c : 16 * (c + 1)] = 1.0
+    stages = [s for s in list_stages(model) if s.name == "blocks.0"]
+    for k, (r, c) in where.items():
+        maps = compute_cams(adapt(model), [x[0]], stages, "layercam", as_target(k)).maps
+        small = maps["00_blocks.0"][0]
+        assert tuple(small.shape) == (2, 4)
+        assert divmod(int(small.argmax()), 4) == (r, c)  # the map peaks on the evidence
+        assert small[r, c] == 1 and small.sum() == 1  # and only there (min-max scaled)
+
+
 # ------------------------------------------------------------------ Hugging Face
 SMALL = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
