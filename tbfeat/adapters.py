@@ -86,6 +86,11 @@ class ModelAdapter:
                 return p.dtype
         return torch.float32
 
+    def preprocessor(self, preprocess: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``preprocess=`` as a function of one ``(3, H, W)`` image in [0, 1]: as given
+        here; an integration turns its framework's own preprocessing objects into one."""
+        return preprocess
+
     def prepare(
         self,
         inputs: ImageLike | Sequence[ImageLike],
@@ -108,7 +113,7 @@ class ModelAdapter:
                 (RGB); returns the ``(C, H, W)`` tensor the model takes. Only for
                 adapters whose :attr:`model_prepares_input` is ``None``.
         """
-        check_preprocess(preprocess, self)
+        preprocess = check_preprocess(preprocess, self)
         tensors, names = to_tensors(inputs, names)
         if preprocess is not None:
             tensors = [_preprocessed(preprocess, t) for t in tensors]
@@ -225,7 +230,7 @@ def check_preprocess(preprocess: Any, adapter: ModelAdapter) -> Any:
             f"{type(adapter.module).__name__} prepares its input itself "
             f"({adapter.model_prepares_input}), so leave it out"
         )
-    return preprocess
+    return adapter.preprocessor(preprocess)
 
 
 def adapt(model: object) -> ModelAdapter:
