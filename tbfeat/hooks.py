@@ -3,7 +3,9 @@
 :class:`StageHooks` follows PyTorch's ``RemovableHandle`` and Lightning's ``LayerSummary``:
 it keeps every handle it registers and removes them all on exit, also when the forward
 raises; removing twice is safe. It knows nothing about logging: each stage output goes to
-a callback, which never sees an exception escape into the model's forward.
+a callback, which never sees an exception escape into the model's forward. A stage whose
+token grid follows the input's size (:attr:`tbfeat.tokens.TokenLayout.stride`) reaches the
+callback with the layout of the input its root saw in this forward.
 :func:`eval_mode` is the one helper that puts a model in eval mode for a probe and gives
 every module back the mode it had; :func:`probing` wraps it for a probe: it holds the
 model's probe lock, so two threads never switch one model's modes at once, and marks the
@@ -18,6 +20,7 @@ import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -42,7 +45,8 @@ class StageHooks:
         on_output: Called as ``on_output(stage, output)`` after a stage's forward.
             Exceptions it raises are passed to ``on_error`` and never reach the forward.
         root: The module whose call counts as one forward (a forward pre-hook on it
-            calls ``on_forward``); ``None`` for none.
+            calls ``on_forward`` and reads the input's size, which gives the grid of token
+            stages with a stride); ``None`` for none.
         on_forward: Called before each forward of ``root``.
         on_error: Called as ``on_error(stage, exception)`` when ``on_output`` raises.
         gate: A predicate; while it returns False the hooks pass nothing on (an
@@ -82,14 +86,18 @@ class StageHooks:
         self._on_error = on_error
         self._gate = gate
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._strided = any(s.tokens is not None and s.tokens.stride for s in self.stages)
+        self._input = threading.local()  # per thread: the (rows, columns) the root saw
 
     def install(self) -> StageHooks:
         """Register the hooks (again, after :meth:`remove`); a no-op when installed."""
         if self._handles:
             return self
         try:
-            if self.root is not None and self._on_forward is not None:
-                self._handles.append(self.root.register_forward_pre_hook(self._pre_hook))
+            if self.root is not None and (self._on_forward is not None or self._strided):
+                self._handles.append(
+                    self.root.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+                )
             for stage in self.stages:
                 hook = functools.partial(self._hook, stage)
                 self._handles.append(stage.module.register_forward_hook(hook))
@@ -124,18 +132,33 @@ class StageHooks:
         except Exception:  # a broken gate closes the hooks; it never breaks the forward
             return False
 
-    def _pre_hook(self, module: nn.Module, args: Any) -> None:
-        if self._open():
+    def _pre_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not self._open():
+            return
+        if self._strided:
+            self._input.size = _image_size(args, kwargs)
+        if self._on_forward is not None:
             self._on_forward()
 
     def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
         if not self._open():
             return
+        size = getattr(self._input, "size", None)
+        if size is not None and stage.tokens is not None and stage.tokens.stride:
+            stage = replace(stage, tokens=stage.tokens.at(size))
         try:
             self._on_output(stage, output)
         except Exception as e:  # a stage that fails to log must never break the forward
             if self._on_error is not None:
                 self._on_error(stage, e)
+
+
+def _image_size(args: Any, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    """``(rows, columns)`` of a forward's input: its first ``(N, C, H, W)`` tensor."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() == 4:
+            return int(value.shape[-2]), int(value.shape[-1])
+    return None
 
 
 @contextlib.contextmanager

@@ -1,7 +1,9 @@
 """Token maps: a transformer stage's output as the ``(N, C, H, W)`` map every picture takes.
 
 A ViT block returns tokens ``(N, prefix + H·W, C)``: the class token and any register
-(or distillation) tokens first, then one token per patch in row-major order. Swin and
+(or distillation) tokens first, then one token per patch in row-major order; where the
+grid follows the input's size (a Swin stage, a detector's encoder), the layout gives the
+stride and the hooks resolve it for each forward (:meth:`TokenLayout.at`). timm's Swin and
 the other channels-last families return ``(N, H, W, C)``. Neither is guessed from a shape:
 the integration that knows the model family marks each such stage with a
 :class:`TokenLayout` (:attr:`tbfeat.stages.Stage.tokens`), and :func:`split` is the one
@@ -15,7 +17,7 @@ This module imports nothing else of tbfeat.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +35,11 @@ class TokenLayout:
         grid: ``(rows, columns)`` of the patch grid at the model's input size.
         dynamic: The model takes other input sizes (its grid then differs from ``grid``):
             a square number of patch tokens is read as a square grid.
+        stride: ``(rows, columns)`` of input pixels per token where the grid follows the
+            input's size: it is the input's size over ``stride``, rounded up (the model
+            pads its input to whole patches and rounds odd sizes up when it merges them:
+            Hugging Face Swin; a convolutional backbone's tokens). :meth:`at` gives the
+            layout of one input; ``grid`` is then left out.
     """
 
     channels_last: bool = False
@@ -40,6 +47,7 @@ class TokenLayout:
     cls: bool = False
     grid: tuple[int, int] | None = None
     dynamic: bool = False
+    stride: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.prefix, bool) or not isinstance(self.prefix, int) or self.prefix < 0:
@@ -52,6 +60,27 @@ class TokenLayout:
             if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
                 raise ValueError(f"grid must be (rows, columns) of ints > 0, got {self.grid!r}")
             object.__setattr__(self, "grid", grid)
+        if self.stride is not None:
+            stride = tuple(self.stride)
+            if len(stride) != 2 or not all(isinstance(s, int) and s > 0 for s in stride):
+                raise ValueError(f"stride must be (rows, columns) of ints > 0, got {self.stride!r}")
+            if self.grid is not None or self.dynamic or self.channels_last:
+                raise ValueError("stride gives the grid of each input: leave out grid, dynamic "
+                                 "and channels_last")  # fmt: skip
+            object.__setattr__(self, "stride", stride)
+
+    def at(self, size: tuple[int, int]) -> TokenLayout:
+        """This layout for an input of ``size`` ``(rows, columns)``: the grid from
+        :attr:`stride`, rounded up; the layout itself when it has no stride.
+
+        Example:
+            >>> TokenLayout(stride=(4, 4)).at((30, 64)).grid
+            (8, 16)
+        """
+        if self.stride is None:
+            return self
+        rows, cols = (-(-int(n) // s) for n, s in zip(size, self.stride, strict=True))
+        return replace(self, grid=(rows, cols), stride=None)
 
 
 @dataclass(frozen=True)
@@ -108,6 +137,8 @@ def patch_grid(n: int, layout: TokenLayout) -> tuple[int, int] | None:
 
 
 def _expected(layout: TokenLayout) -> str:
+    if layout.stride is not None:
+        return "no grid: the model's input size, which gives it, was not seen"
     grid = f"not the {layout.grid[0]}x{layout.grid[1]} patch grid" if layout.grid else "no grid"
     return f"{grid} nor a square one" if layout.dynamic else grid
 
