@@ -291,3 +291,27 @@ def test_dinov2_register_tokens_are_left_out_of_the_map(tmp_path):
     np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
     mean = scalar(events, f"stats/{stages[0].key}/mean")
     assert mean == pytest.approx(fmap.mean().item(), rel=1e-5)
+
+
+def test_the_models_image_processor_prepares_the_probes(tmp_path):
+    hf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = hf.ViTForImageClassification(hf.ViTConfig(**SMALL, num_labels=3)).eval()
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+    processor = hf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=mean,
+                                     image_std=std)  # fmt: skip
+    x = torch.rand(3, 32, 32)
+    by_hand = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        hidden = model(by_hand[None], output_hidden_states=True).hidden_states
+    fmap = hidden[1][:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    logger = FeatureLogger(model, tmp_path, stages=[0], preprocess=processor, **GRID)
+    logger.log([x, torch.rand(3, 48, 80)], step=0, names=["same", "resized"])
+    logger.close()
+    events = read_events(tmp_path)
+    key = list_stages(model)[0].key
+    (event,) = events.Images(f"features/{key}/same")
+    expect = colorize(feature_grid(fmap, **GRID)[0])
+    np.testing.assert_array_equal(decode(event), expect)
+    (event,) = events.Images(f"features/{key}/resized")  # resized to 32x32: a 4x4 grid
+    assert decode(event).shape == expect.shape

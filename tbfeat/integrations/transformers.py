@@ -27,8 +27,10 @@ describes, chosen by ``config.model_type`` (never guessed from a shape):
   heads is a default stage. Class activation maps explain the class logits of the
   queries: DETR's softmax (its "no object" class left out), RT-DETR's sigmoid.
 
-Probe images are taken as given, or through ``preprocess=`` (the model's image processor
-normalizes; built locally, it downloads nothing). A classifier's ``logits`` are what
+Probe images are taken as given, or through ``preprocess=``: a function of a ``(3, H, W)``
+image in [0, 1], or the model's image processor (built locally, as
+``ViTImageProcessor(size=...)`` or ``AutoImageProcessor.from_pretrained(folder)``; it
+resizes and normalizes as configured, :class:`ImageProcessor`). A classifier's ``logits`` are what
 ``stage_cams`` and ``cam=`` explain.
 
 This module is the one place that knows transformers' internals (module names, stage
@@ -85,6 +87,11 @@ class TransformersAdapter(ModelAdapter):
     def score_tap(self, module: nn.Module) -> ScoreTap:
         return LogitsTap(module)
 
+    def preprocessor(self, preprocess: Any) -> Any:
+        """An image processor (``ViTImageProcessor(...)``, ``AutoImageProcessor`` of a
+        local folder) as a function of one image; any other ``preprocess`` as given."""
+        return ImageProcessor(preprocess) if is_image_processor(preprocess) else preprocess
+
 
 class DetectorAdapter(TransformersAdapter):
     """DETR and RT-DETR: backbone stages and decoder levels; maps explain query logits."""
@@ -127,6 +134,29 @@ class QueryLogitsTap(ScoreTap):
 
 
 # ------------------------------------------------------------------ family rules
+class ImageProcessor:
+    """A Hugging Face image processor applied to one ``(3, H, W)`` image in [0, 1]: it
+    resizes and normalizes as configured; ``do_rescale=False`` because tbfeat's reader
+    has scaled the pixels already. Its ``pixel_values`` are the model's input (a
+    detector's ``pixel_mask`` is left out: one image is not padded). Picklable when the
+    processor is."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.__name__ = type(processor).__name__
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.processor(images=image, do_rescale=False, return_tensors="pt")
+        return out["pixel_values"][0]
+
+
+def is_image_processor(obj: Any) -> bool:
+    """``obj`` is a transformers image processor (not a function given as ``preprocess``)."""
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    return isinstance(obj, BaseImageProcessor)
+
+
 def family(model: nn.Module) -> str | None:
     """``config.model_type`` of a Hugging Face model; ``None`` for anything else."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
