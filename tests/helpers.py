@@ -115,7 +115,8 @@ def tiny_model(seed: int = 0):
 def tiny_run(logdir, steps: int, seed: int = 0, start: int = 0) -> None:
     """A real run of :func:`tiny_model`: each step perturbs the weights, then logs two
     32x40 probe images (grids, maps, drift) and the "training's" own scalars
-    ``metrics/mAP50(B)`` (``step / 100``) and ``train/box_loss`` (``1 / (step + 1)``)."""
+    ``metrics/mAP50(B)`` (``step / 100``), ``train/box_loss`` (``1 / (step + 1)``) and
+    ``val/box_loss`` (``2 / (step + 1)``)."""
     import torch
 
     from tbfeat import FeatureLogger
@@ -131,6 +132,7 @@ def tiny_run(logdir, steps: int, seed: int = 0, start: int = 0) -> None:
             fl.log(step=step, names=list(TINY_IMAGES))
             fl.writer.add_scalar("metrics/mAP50(B)", step / 100, step)
             fl.writer.add_scalar("train/box_loss", 1 / (step + 1), step)
+            fl.writer.add_scalar("val/box_loss", 2 / (step + 1), step)
 
 
 def screenshots():

@@ -114,7 +114,9 @@ def test_plain_tensorboard_lists_the_dashboard(tb):
 def test_first_view_shows_the_logged_pngs_at_first_middle_and_last_step(browser, tb, events):
     open_view(browser, tb)
     assert [(run, step) for run, step, _ in headers(browser)] == [("a", 0), ("a", 19), ("a", 39)]
-    assert "mAP50(B) 0.19" in headers(browser)[1][2]  # the training's metric at that step
+    metrics = headers(browser)[1][2]  # the training's metrics at that step, a shared last
+    assert "mAP50(B) 0.19" in metrics  # name (box_loss) shown with its whole tag
+    assert "train/box_loss 0.05" in metrics and "val/box_loss 0.1" in metrics
     shown = cells(browser)
     stages = [t["tag"].split("/")[1] for t in shown[::3]]
     assert stages == list(TINY_SHAPES)  # forward order, one row per stage with a grid

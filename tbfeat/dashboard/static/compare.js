@@ -69,12 +69,16 @@ function controls(app, info) {
 }
 
 function header(col, runs) {
-  const metrics = Object.entries(col.info.metrics).filter(([tag]) => METRIC.test(tag))
-    .slice(0, MAX_METRICS).map(([tag, values]) => {
-      const found = values.find(([step]) => step === col.step);
-      return found ? el('span', {class: 'metric', title: tag},
-        `${tag.split('/').pop()} ${short(found[1])}`) : null;
-    });
+  const shown = Object.entries(col.info.metrics).filter(([tag]) => METRIC.test(tag))
+    .slice(0, MAX_METRICS);
+  // a metric's last name, or its whole tag where two share one (train/loss, eval/loss)
+  const last = (tag) => tag.split('/').pop();
+  const shared = (tag) => shown.filter(([other]) => last(other) === last(tag)).length > 1;
+  const metrics = shown.map(([tag, values]) => {
+    const found = values.find(([step]) => step === col.step);
+    return found ? el('span', {class: 'metric', title: tag},
+      `${shared(tag) ? tag : last(tag)} ${short(found[1])}`) : null;
+  });
   return el('div', {class: 'head', dataset: {run: col.run, step: col.step}},
     el('b', {}, `step ${col.step}`), runs.length > 1 ? ` · ${col.run === runs[0] ? 'A' : 'B'}` : '',
     el('div', {class: 'metrics'}, metrics));
