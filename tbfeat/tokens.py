@@ -16,7 +16,6 @@ This module imports nothing else of tbfeat.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,22 +31,24 @@ class TokenLayout:
         prefix: Tokens before the patch tokens of a ``(N, prefix + H·W, C)`` output: the
             class token, then register or distillation tokens.
         cls: The first prefix token is a class token (its statistics are logged).
-        grid: ``(rows, columns)`` of the patch grid at the model's input size.
-        dynamic: The model takes other input sizes (its grid then differs from ``grid``):
-            a square number of patch tokens is read as a square grid.
+        grid: ``(rows, columns)`` of the patch grid, for a model of one input size.
         stride: ``(rows, columns)`` of input pixels per token where the grid follows the
-            input's size: it is the input's size over ``stride``, rounded up (the model
-            pads its input to whole patches and rounds odd sizes up when it merges them:
-            Hugging Face Swin; a convolutional backbone's tokens). :meth:`at` gives the
-            layout of one input; ``grid`` is then left out.
+            input's size (a model that takes any size): it is the input's size over
+            ``stride``, rounded as ``rounding`` says. :meth:`at` gives the layout of one
+            input; ``grid`` is then left out.
+        rounding: How a model with a ``stride`` treats a size that the stride does not
+            divide: ``"up"``, it pads its input to whole patches and rounds odd sizes up
+            when it merges them (Hugging Face Swin, timm's ``dynamic_img_pad``, a
+            "same"-padded convolutional backbone); ``"down"``, its patch embedding (a
+            strided convolution) leaves the remainder out (ViT, DINOv2).
     """
 
     channels_last: bool = False
     prefix: int = 0
     cls: bool = False
     grid: tuple[int, int] | None = None
-    dynamic: bool = False
     stride: tuple[int, int] | None = None
+    rounding: str = "up"
 
     def __post_init__(self) -> None:
         if isinstance(self.prefix, bool) or not isinstance(self.prefix, int) or self.prefix < 0:
@@ -64,22 +65,30 @@ class TokenLayout:
             stride = tuple(self.stride)
             if len(stride) != 2 or not all(isinstance(s, int) and s > 0 for s in stride):
                 raise ValueError(f"stride must be (rows, columns) of ints > 0, got {self.stride!r}")
-            if self.grid is not None or self.dynamic or self.channels_last:
-                raise ValueError("stride gives the grid of each input: leave out grid, dynamic "
+            if self.grid is not None or self.channels_last:
+                raise ValueError("stride gives the grid of each input: leave out grid "
                                  "and channels_last")  # fmt: skip
             object.__setattr__(self, "stride", stride)
+        if self.rounding not in ("up", "down"):
+            raise ValueError(f"rounding must be 'up' or 'down', got {self.rounding!r}")
 
     def at(self, size: tuple[int, int]) -> TokenLayout:
         """This layout for an input of ``size`` ``(rows, columns)``: the grid from
-        :attr:`stride`, rounded up; the layout itself when it has no stride.
+        :attr:`stride`, rounded as :attr:`rounding` says; the layout itself when it has no
+        stride.
 
         Example:
             >>> TokenLayout(stride=(4, 4)).at((30, 64)).grid
             (8, 16)
+            >>> TokenLayout(stride=(4, 4), rounding="down").at((30, 64)).grid
+            (7, 16)
         """
         if self.stride is None:
             return self
-        rows, cols = (-(-int(n) // s) for n, s in zip(size, self.stride, strict=True))
+        if self.rounding == "up":
+            rows, cols = (-(-int(n) // s) for n, s in zip(size, self.stride, strict=True))
+        else:
+            rows, cols = (int(n) // s for n, s in zip(size, self.stride, strict=True))
         return replace(self, grid=(rows, cols), stride=None)
 
 
@@ -127,20 +136,17 @@ def split(t: torch.Tensor, layout: TokenLayout) -> Split:
 
 
 def patch_grid(n: int, layout: TokenLayout) -> tuple[int, int] | None:
-    """``(rows, columns)`` of ``n`` patch tokens: the layout's grid when they fill it, a
-    square one for a model of dynamic input size; ``None`` when they make no grid."""
+    """``(rows, columns)`` of ``n`` patch tokens: the layout's grid when they fill it;
+    ``None`` when they do not (a shape is never guessed)."""
     if layout.grid is not None and layout.grid[0] * layout.grid[1] == n:
         return layout.grid
-    if layout.dynamic and n > 0 and math.isqrt(n) ** 2 == n:
-        return (math.isqrt(n), math.isqrt(n))
     return None
 
 
 def _expected(layout: TokenLayout) -> str:
     if layout.stride is not None:
         return "no grid: the model's input size, which gives it, was not seen"
-    grid = f"not the {layout.grid[0]}x{layout.grid[1]} patch grid" if layout.grid else "no grid"
-    return f"{grid} nor a square one" if layout.dynamic else grid
+    return f"not the {layout.grid[0]}x{layout.grid[1]} patch grid" if layout.grid else "no grid"
 
 
 def as_map(t: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor | None:

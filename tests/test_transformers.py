@@ -252,7 +252,7 @@ def test_hugging_face_vit_layers_are_stages_and_their_grids_are_hidden_states_re
     stages = list_stages(model)
     assert len(stages) == model.config.num_hidden_layers
     assert {s.tokens for s in stages} == {
-        TokenLayout(prefix=1, cls=True, grid=(4, 4), dynamic=True)
+        TokenLayout(prefix=1, cls=True, stride=(8, 8), rounding="down")
     }
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
@@ -274,19 +274,22 @@ def test_hugging_face_vit_layers_are_stages_and_their_grids_are_hidden_states_re
 
 
 def test_dinov2_register_tokens_are_left_out_of_the_map(tmp_path):
+    """At a non-square size the patch size does not divide: DINOv2 interpolates its
+    position embedding and its patch embedding leaves the remainder out (5x7 patches)."""
     hf = pytest.importorskip("transformers")
     config = hf.Dinov2WithRegistersConfig(**SMALL, num_register_tokens=4)
     model = hf.Dinov2WithRegistersModel(config).eval()
     stages = list_stages(model)
     assert [s.tokens.prefix for s in stages] == [5, 5]  # class token and 4 registers
-    x = torch.rand(1, 3, 32, 32)
+    x = torch.rand(1, 3, 44, 60)
     with torch.no_grad():
         hidden = model(x, output_hidden_states=True).hidden_states
+    assert hidden[1].shape[1] == 5 + 5 * 7
     logger = FeatureLogger(model, tmp_path, stages=[0], **GRID)
     logger.log(x, step=0)
     logger.close()
     events = read_events(tmp_path)
-    fmap = hidden[1][:, 5:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    fmap = hidden[1][:, 5:].reshape(1, 5, 7, 32).permute(0, 3, 1, 2)
     (event,) = events.Images(f"features/{stages[0].key}/0")
     np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
     mean = scalar(events, f"stats/{stages[0].key}/mean")
@@ -315,3 +318,28 @@ def test_the_models_image_processor_prepares_the_probes(tmp_path):
     np.testing.assert_array_equal(decode(event), expect)
     (event,) = events.Images(f"features/{key}/resized")  # resized to 32x32: a 4x4 grid
     assert decode(event).shape == expect.shape
+
+
+def test_a_vit_run_at_another_size_maps_the_grid_of_that_size(tmp_path):
+    """A Hugging Face ViT called with interpolate_pos_encoding in the user's own forward,
+    and a timm ViT of dynamic_img_size, at a non-square size: the grid of that input."""
+    hf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, x = hf.ViTModel(hf.ViTConfig(**SMALL)).eval(), torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states
+        with FeatureLogger(model, tmp_path / "hf", stages=[1], **GRID):
+            model(pixel_values=x, interpolate_pos_encoding=True)
+    fmap = hidden[2][:, 1:].reshape(1, 5, 7, 32).permute(0, 3, 1, 2)
+    events = read_events(tmp_path / "hf")
+    (event,) = events.Images(f"features/{list_stages(model)[1].key}/0")
+    np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
+
+    net, x = vit(dynamic_img_size=True), torch.rand(1, 3, 48, 80)
+    logger = FeatureLogger(net, tmp_path / "timm", stages=["blocks.1"], **GRID)
+    logger.log(x, step=0)
+    logger.close()
+    tokens = output_of(net, "blocks.1", x)  # a class token, 2 registers, 3x5 patches
+    fmap = tokens[:, 3:].reshape(1, 3, 5, -1).permute(0, 3, 1, 2)
+    (event,) = read_events(tmp_path / "timm").Images("features/01_blocks.1/0")
+    np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))

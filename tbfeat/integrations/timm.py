@@ -83,10 +83,11 @@ def token_layout(model: nn.Module) -> TokenLayout | None:
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if isinstance(prefix, bool) or not isinstance(prefix, int) or grid is None:
         return None
-    has_cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
-    return TokenLayout(
-        prefix=prefix,
-        cls=bool(has_cls) and prefix > 0,
-        grid=(int(grid[0]), int(grid[1])),
-        dynamic=bool(getattr(model, "dynamic_img_size", False)),
-    )
+    has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+    tokens = {"prefix": prefix, "cls": has_cls and prefix > 0}
+    patch = getattr(model.patch_embed, "patch_size", None)
+    if getattr(model, "dynamic_img_size", False) and patch is not None:
+        # any input size: the grid follows it, padded to whole patches or cut down
+        rounding = "up" if getattr(model.patch_embed, "dynamic_img_pad", False) else "down"
+        return TokenLayout(**tokens, stride=(int(patch[0]), int(patch[1])), rounding=rounding)
+    return TokenLayout(**tokens, grid=(int(grid[0]), int(grid[1])))

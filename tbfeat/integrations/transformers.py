@@ -8,9 +8,10 @@ describes, chosen by ``config.model_type`` (never guessed from a shape):
   ``ModuleList`` of ``config.num_hidden_layers`` layers, labelled by its module name
   (``00_encoder.layer.0``). A layer returns tokens ``(N, 1 + registers + H·W, C)``: the
   class token and ``config.num_register_tokens`` register tokens are left out of the map,
-  the patch grid is ``config.image_size // config.patch_size`` (a square grid at other
-  input sizes, which these models interpolate to), and the class token's statistics are
-  logged under ``<stage>/cls`` (:mod:`tbfeat.tokens`).
+  the patch grid is the input's size over ``config.patch_size``, rounded down as the
+  patch embedding does, at any input size these models take (``interpolate_pos_encoding``;
+  DINOv2 always), non-square too, and the class token's statistics are logged under
+  ``<stage>/cls`` (:mod:`tbfeat.tokens`).
 - **Swin and ConvNeXt** (``SwinModel``, ``ConvNextModel``, their classifiers and
   ``SwinBackbone``/``ConvNextBackbone``): the stages of ``config.depths``, labelled by the
   family's stage names (``00_stage1``); a ``*Backbone`` logs the stages of its
@@ -199,10 +200,11 @@ def token_layout(model: nn.Module) -> TokenLayout | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in TOKEN_FAMILIES:
         return None
-    size, patch = _pair(config.image_size), _pair(config.patch_size)
     registers = int(getattr(config, "num_register_tokens", 0) or 0)
-    grid = (size[0] // patch[0], size[1] // patch[1])
-    return TokenLayout(prefix=1 + registers, cls=True, grid=grid, dynamic=True)
+    # the patch embedding is a convolution of stride patch_size: the grid of any input
+    # size (interpolate_pos_encoding, DINOv2 always) leaves the remainder out
+    patch = _pair(config.patch_size)
+    return TokenLayout(prefix=1 + registers, cls=True, stride=patch, rounding="down")
 
 
 def hierarchical_stages(model: nn.Module) -> list[Named]:
