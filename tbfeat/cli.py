@@ -383,9 +383,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         metavar="MODULE:FUNCTION",
-        help="your own model for state-dict checkpoints: a function of a module "
-        "(mypkg.models:build) or of a file (path/to/model.py:build) that returns the "
-        "nn.Module the state dict loads into; literal arguments may follow: "
+        help="your own model for state-dict checkpoints and Hugging Face checkpoint "
+        "folders (which without it build the model their config.json names): a function "
+        "of a module (mypkg.models:build) or of a file (path/to/model.py:build) that "
+        "returns the nn.Module the state dict loads into; literal arguments may follow: "
         "'model.py:build(num_classes=6)'",
     )
 
@@ -416,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = subcommand(sub, "sweep", "log probe images through saved checkpoints, one step each")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_OR_DIR")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_OR_DIR",
+                   help="checkpoint files or folders of them; Hugging Face Trainer "
+                   "checkpoint-<N> folders or their output_dir")  # fmt: skip
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="probe images or folders of images")  # fmt: skip
     p.add_argument("--max-images", type=positive_int, default=8,
@@ -455,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand(sub, "stages", "print the stage table that --stages selects from")
     p.add_argument(
         "checkpoint", nargs="?", default=None, metavar="MODEL_OR_CHECKPOINT",
-        help="checkpoint, Ultralytics yaml (yolov8n.yaml) or torchvision builder; with "
-        "--model, a state-dict checkpoint for it (or none: the model as built)",
+        help="checkpoint, Hugging Face checkpoint folder, Ultralytics yaml (yolov8n.yaml) "
+        "or torchvision builder; with --model, a state-dict checkpoint for it (or none: "
+        "the model as built)",
     )  # fmt: skip
     add_model_flags(p)
     p.add_argument("--imgsz", type=positive_int, default=None,
