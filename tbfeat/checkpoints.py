@@ -10,7 +10,9 @@ it references decide its kind (an ``ultralytics.`` class makes it an Ultralytics
 checkpoint, anything else is a state dict), and every one of them must be on tbfeat's
 allow-list. Files that pass load with ``torch.load(weights_only=True)`` (or Ultralytics'
 own restricted loader); any other file raises :class:`UnsafeCheckpointError` unless
-``trust=True`` (``--trust-checkpoints``), which loads it with full unpickling.
+``trust=True`` (``--trust-checkpoints``), which loads it with full unpickling. A Hugging
+Face ``Trainer``'s ``checkpoint-<N>`` folder is a checkpoint of its own kind, ``"hf"``
+(:mod:`tbfeat.hf_checkpoints`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import hf_checkpoints as hf
 from .options import did_you_mean
 from .safeload import (
     TRUST_HINT,
@@ -39,10 +42,10 @@ from .safeload import (
     allowed_global,
     check_checkpoint,
     inspect_checkpoint,
-    kind_of,
     stored_epoch,
     torch_load,
 )
+from .safeload import kind_of as file_kind
 
 __all__ = [
     "TRUST_HINT",
@@ -84,11 +87,25 @@ def natural_key(path: Path) -> list[Any]:
 def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders expand to their epoch checkpoints (``epoch*.pt``,
     ``model_<N>.pth``), or to every checkpoint file when none is numbered like that, in
-    natural order (``model-2`` before ``model-10``)."""
+    natural order (``model-2`` before ``model-10``). A Hugging Face ``Trainer``'s
+    ``checkpoint-<N>`` folder is one checkpoint, as is a folder holding its weights
+    (:mod:`tbfeat.hf_checkpoints`); a folder of ``checkpoint-<N>`` folders gives them all,
+    in step order.
+
+    Raises:
+        CheckpointError: a path that is missing or no checkpoint, a folder without any, or
+            a ``checkpoint-<N>`` folder without weights (naming the files allowed).
+    """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        folders = hf.trainer_folders(path) if path.is_dir() else []
+        if folders or hf.is_checkpoint_folder(path):
+            folders = folders or [path]
+            for folder in folders:
+                hf.weights_file(folder)  # raises for a folder without weights
+            found += folders
+        elif path.is_dir():
             files = sorted(
                 (p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file()),
                 key=natural_key,
@@ -97,7 +114,8 @@ def find_checkpoints(paths: list[str | os.PathLike]) -> list[Path]:
             chosen = numbered or files
             if not chosen:
                 raise CheckpointError(
-                    f"no checkpoint files ({', '.join(SUFFIXES)}) in folder {str(path)!r}"
+                    f"no checkpoint files ({', '.join(SUFFIXES)}) nor Hugging Face "
+                    f"checkpoint-<N> folders in folder {str(path)!r}"
                 )
             found += chosen
         elif path.is_file() and path.suffix in SUFFIXES:
@@ -121,12 +139,16 @@ def step_from_name(path: Path) -> int | None:
 
 def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
     """The 1-based epoch a checkpoint stores (Ultralytics and torchvision store 0-based,
-    -1 once stripped), read with a memory-mapped :func:`torch_load`.
+    -1 once stripped), read with a memory-mapped :func:`torch_load`; for a Hugging Face
+    checkpoint folder, the ``global_step`` of its ``trainer_state.json`` (no weights are
+    read).
 
     Raises:
         UnsafeCheckpointError: without ``trust``, a global off the allow-list.
         CheckpointError: a damaged file.
     """
+    if path.is_dir():
+        return hf.global_step(path)
     try:
         ckpt = torch_load(path, trust=trust)
     except CheckpointError:
@@ -138,6 +160,18 @@ def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
         ) from None
     epoch = stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
     return None if epoch is None else epoch + 1
+
+
+def kind_of(path: Path, *, trust: bool = False) -> str:
+    """``"hf"`` for a Hugging Face checkpoint folder (one without weights, or with an
+    unreadable ``trainer_state.json``, raises its reason), else the kind of a
+    ``torch.save`` file (:func:`tbfeat.safeload.kind_of`: ``"ultralytics"`` or
+    ``"state_dict"``)."""
+    if path.is_dir():
+        hf.weights_file(path)
+        hf.global_step(path)
+        return hf.KIND
+    return file_kind(path, trust=trust)
 
 
 def load_ultralytics_checkpoint(path: Path, *, trust: bool = False) -> LoadedCheckpoint:
@@ -309,7 +343,8 @@ def _checked(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
 
 def check_model_args(path: Path, kind: str, arch: str | None, model: Any) -> None:
     """Whether a checkpoint of ``kind`` loads with the ``arch`` / ``model`` given: an
-    Ultralytics checkpoint carries its own model, a state dict needs one of them.
+    Ultralytics checkpoint carries its own model, a state dict needs one of them, a
+    Hugging Face folder takes ``model`` or builds the model its ``config.json`` names.
 
     Raises:
         CheckpointError: naming the file and the flag to add or leave out.
@@ -320,6 +355,15 @@ def check_model_args(path: Path, kind: str, arch: str | None, model: Any) -> Non
             f"{str(path)!r} is an Ultralytics checkpoint, which carries its own model: "
             f"{flag} does not apply to it; leave it out"
         )
+    if kind == hf.KIND:
+        if arch is not None:
+            raise CheckpointError(
+                f"{str(path)!r} is a Hugging Face checkpoint folder: --arch / arch= names "
+                "torchvision builders and does not apply to it; leave it out (its "
+                "config.json names its model) or pass --model / model="
+            )
+        if model is None:
+            hf.check_buildable(path)
     if kind == "state_dict" and not arch and model is None:
         raise CheckpointError(
             f"{str(path)!r} is a state-dict checkpoint: name the model it loads into with "
@@ -410,7 +454,13 @@ def load_checkpoint(
     ``model`` with the state dict.
 
     Without ``trust`` the file is checked against the allow-list before anything else.
+    A Hugging Face checkpoint folder loads with :func:`tbfeat.hf_checkpoints.load_folder`.
     """
+    if path.is_dir():
+        check_model_args(path, hf.KIND, arch, model)
+        loaded = hf.load_folder(path, model, trust=trust)
+        set_input_size(loaded.model, imgsz)
+        return loaded
     if not trust:
         kind = check_checkpoint(path).kind
     check_model_args(path, kind, arch, model)
@@ -435,8 +485,9 @@ def load_model(
     your own model (``model=``, see :func:`model_factory`) with a checkpoint's weights.
 
     Args:
-        path_or_name: A checkpoint (``.pt``, ``.pth``, ``.ckpt``), an Ultralytics yaml or
-            a torchvision builder name; ``None`` with ``model`` for that model as built.
+        path_or_name: A checkpoint (``.pt``, ``.pth``, ``.ckpt``, a Hugging Face
+            checkpoint folder), an Ultralytics yaml or a torchvision builder name;
+            ``None`` with ``model`` for that model as built.
         arch: The torchvision builder of a state-dict checkpoint.
         imgsz: ``min_size``/``max_size`` of torchvision detectors (and of your own, where
             its transform takes them: :func:`set_input_size`).
@@ -458,7 +509,7 @@ def load_model(
         set_input_size(built, imgsz)
         return built
     path = Path(path_or_name)
-    if path.is_file() and path.suffix in SUFFIXES:
+    if (path.is_file() and path.suffix in SUFFIXES) or hf.is_checkpoint_folder(path):
         kind = kind_of(path, trust=trust)
         return load_checkpoint(path, kind, arch, imgsz, trust=trust, model=factory).model
     if factory is not None:
@@ -493,7 +544,10 @@ def _named_model(name: str, imgsz: int | None) -> Any:
 def _not_a_checkpoint(path: Path) -> str:
     """Why ``path`` is no checkpoint: missing (naming the closest file), or its type."""
     if path.is_dir():
-        return f"{str(path)!r} is a folder, not a checkpoint file"
+        return (
+            f"{str(path)!r} is a folder, not a checkpoint file nor a Hugging Face checkpoint "
+            f"folder (one holding {' or '.join(hf.WEIGHTS[::2])})"
+        )
     if path.is_file():
         what = {".yaml": "a YAML file", ".yml": "a YAML file", ".json": "a JSON file"}.get(
             path.suffix.lower(), f"a {path.suffix or 'suffix-less'} file"

@@ -242,19 +242,24 @@ def cmd_stages(args: argparse.Namespace) -> int:
         shown = stages + [s for s in marked if (s.name, s.output) not in _keys(stages)]
         size = args.imgsz or 640
         probes = logger.prepare([np.full((size, size, 3), 114, dtype=np.uint8)], imgsz=size)
-        shapes: dict[tuple[str, Any], str] = {}
+        shapes: dict[tuple[str, Any], tuple[str, str]] = {}
 
         def record(stage: Any, output: Any) -> None:
             if stage.output is not None:
                 output = output[stage.output]
-            shapes.setdefault((stage.name, stage.output), _shape(output))
+            mapped = _map_shape(output, stage.tokens) if stage.tokens is not None else "-"
+            shapes.setdefault((stage.name, stage.output), (_shape(output), mapped))
 
         seen = _seen(adapter, probes, lambda: adapter.run_probe(probes, shown, record))
     finally:
         logger.close()
-    _print_table(shown, marked, shapes)
+    tokens = any(s.tokens is not None for s in shown)
+    _print_table(shown, marked, shapes, tokens)
     what = "selected by --stages" if args.stages else "logged by default"
     print(f"* {what}; probe image {size}x{size}, which the model sees as {seen}")
+    if tokens:
+        print("map shape: the (N, C, H, W) map tbfeat logs (the patch tokens of a token "
+              "stage, a channels-last output permuted)")  # fmt: skip
     if args.imgsz and args.model and _own_transform(model):
         print(f"tbfeat: --imgsz {args.imgsz} is not used: {type(model).__name__}'s own "
               f"transform decides the size (it takes no min_size/max_size)",
@@ -279,13 +284,22 @@ def _own_transform(model: Any) -> bool:
     return getattr(model, "transform", None) is not None and not takes_input_size(model)
 
 
-def _print_table(shown: list[Any], marked: list[Any], shapes: dict[tuple[str, Any], str]) -> None:
-    """One row per stage shown, ``*`` marking those logged."""
-    rows = [("", "index", "tag key", "name", "type", "output shape")]
+def _print_table(
+    shown: list[Any],
+    marked: list[Any],
+    shapes: dict[tuple[str, Any], tuple[str, str]],
+    tokens: bool = False,
+) -> None:
+    """One row per stage shown, ``*`` marking those logged; with ``tokens``, a column of
+    the maps tbfeat logs of token stages (:mod:`tbfeat.tokens`)."""
+    rows = [("", "index", "tag key", "name", "type", "output shape", "map shape")]
     for s in shown:
         mark = "*" if (s.name, s.output) in _keys(marked) else ""
         name = s.name + (f":{s.output}" if s.output else "")
-        rows.append((mark, str(s.index), s.key, name, s.type, shapes.get((s.name, s.output), "-")))
+        rows.append((mark, str(s.index), s.key, name, s.type,
+                     *shapes.get((s.name, s.output), ("-", "-"))))  # fmt: skip
+    if not tokens:
+        rows = [r[:-1] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -293,6 +307,19 @@ def _print_table(shown: list[Any], marked: list[Any], shapes: dict[tuple[str, An
 
 def _keys(stages: Any) -> set[tuple[str, Any]]:
     return {(s.name, s.output) for s in stages}
+
+
+def _map_shape(output: Any, layout: Any) -> str:
+    """The shape of the map tbfeat logs of each tensor of a token stage's output
+    (:func:`tbfeat.tokens.split`), or why it holds none."""
+    from .capture import stage_tensors
+    from .tokens import split
+
+    shapes = []
+    for _, t in stage_tensors(output):
+        parts = split(t, layout)
+        shapes.append("x".join(map(str, parts.map.shape)) if parts.map is not None else "no grid")
+    return ", ".join(shapes) or "-"
 
 
 def _shape(output: Any) -> str:
@@ -356,9 +383,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         metavar="MODULE:FUNCTION",
-        help="your own model for state-dict checkpoints: a function of a module "
-        "(mypkg.models:build) or of a file (path/to/model.py:build) that returns the "
-        "nn.Module the state dict loads into; literal arguments may follow: "
+        help="your own model for state-dict checkpoints and Hugging Face checkpoint "
+        "folders (which without it build the model their config.json names): a function "
+        "of a module (mypkg.models:build) or of a file (path/to/model.py:build) that "
+        "returns the nn.Module the state dict loads into; literal arguments may follow: "
         "'model.py:build(num_classes=6)'",
     )
 
@@ -389,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = subcommand(sub, "sweep", "log probe images through saved checkpoints, one step each")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_OR_DIR")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT_OR_DIR",
+                   help="checkpoint files or folders of them; Hugging Face Trainer "
+                   "checkpoint-<N> folders or their output_dir")  # fmt: skip
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="probe images or folders of images")  # fmt: skip
     p.add_argument("--max-images", type=positive_int, default=8,
@@ -428,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = subcommand(sub, "stages", "print the stage table that --stages selects from")
     p.add_argument(
         "checkpoint", nargs="?", default=None, metavar="MODEL_OR_CHECKPOINT",
-        help="checkpoint, Ultralytics yaml (yolov8n.yaml) or torchvision builder; with "
-        "--model, a state-dict checkpoint for it (or none: the model as built)",
+        help="checkpoint, Hugging Face checkpoint folder, Ultralytics yaml (yolov8n.yaml) "
+        "or torchvision builder; with --model, a state-dict checkpoint for it (or none: "
+        "the model as built)",
     )  # fmt: skip
     add_model_flags(p)
     p.add_argument("--imgsz", type=positive_int, default=None,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import hf_checkpoints as hf
 from .checkpoints import (
     CheckpointError,
     ModelSource,
@@ -76,7 +77,7 @@ class PlannedStep:
 
     step: int
     path: Path
-    kind: str  # "ultralytics", "state_dict" or "unreadable" (fails in its turn)
+    kind: str  # "ultralytics", "state_dict", "hf" or "unreadable" (fails in its turn)
 
 
 @dataclass
@@ -150,6 +151,8 @@ def checkpoint_facts(
             allow-list (nothing of it is run).
         CheckpointError: an unreadable file.
     """
+    if path.is_dir():  # a Hugging Face folder: only its small trainer_state.json is read
+        return kind_of(path, trust=trust), read_epoch_step(path, trust=trust)
     key, stamp = _file_key(path)
     entry = (known or {}).get(key)
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()):
@@ -383,13 +386,17 @@ def sweep(
 
     Args:
         checkpoints: Checkpoint files, or folders of them (their ``epoch*.pt`` /
-            ``model_<N>.pth`` files, else every checkpoint), in natural order.
+            ``model_<N>.pth`` files, else every checkpoint), in natural order; Hugging
+            Face ``Trainer`` ``checkpoint-<N>`` folders, or the folder holding them
+            (logged at each ``trainer_state.json``'s ``global_step``, else at ``<N>``).
         images: Probe image files or folders.
         logdir: The sweep's run folder; its manifest records the steps logged.
         arch: torchvision builder name for state-dict checkpoints.
-        model: Your own model for state-dict checkpoints: ``"MODULE:FUNCTION"``,
-            ``"path/to/file.py:FUNCTION"``, a function returning an ``nn.Module``, or an
-            ``nn.Module`` (a copy is loaded); see :func:`tbfeat.checkpoints.model_factory`.
+        model: Your own model for state-dict checkpoints and Hugging Face folders
+            (which without it build the model their ``config.json`` names):
+            ``"MODULE:FUNCTION"``, ``"path/to/file.py:FUNCTION"``, a function returning an
+            ``nn.Module``, or an ``nn.Module`` (a copy is loaded); see
+            :func:`tbfeat.checkpoints.model_factory`.
         stages: As for :class:`~tbfeat.FeatureLogger`.
         imgsz: Letterbox size (Ultralytics) or ``min_size``/``max_size`` (torchvision).
         max_images: Images taken from each folder in ``images`` (the first, in natural
@@ -683,7 +690,10 @@ def check_before_loading(todo: Iterable[PlannedStep]) -> None:
     """
     for p in todo:
         try:
-            check_checkpoint(p.path)
+            if p.kind == hf.KIND:
+                hf.check_folder(p.path)
+            else:
+                check_checkpoint(p.path)
         except UnsafeCheckpointError:
             raise
         except CheckpointError:

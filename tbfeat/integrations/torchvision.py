@@ -410,7 +410,7 @@ def load_checkpoint(
             if n is not None:
                 kwargs["num_classes"] = n
         model = build(arch, **kwargs)
-    _load_state(model, state, name, path, builder=not isinstance(arch, nn.Module))
+    load_state(model, state, name, path, builder=not isinstance(arch, nn.Module))
     return LoadedCheckpoint.of(model.eval(), meta)
 
 
@@ -516,12 +516,19 @@ _SIZE_MISMATCH = re.compile(
 )
 
 
-def _load_state(
-    model: nn.Module, state: dict[str, torch.Tensor], name: str, path: Path, *, builder: bool
+def load_state(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    name: str,
+    path: Path,
+    *,
+    builder: bool = False,
 ) -> None:
     """``model.load_state_dict(state)`` as leniently as PyTorch itself: the keys that stay
     missing or unexpected after the modules' own version handling (torchvision's FPN and
-    RPN head rename keys saved by older layouts) decide whether the checkpoint fits.
+    RPN head rename keys saved by older layouts) decide whether the checkpoint fits. A
+    key left out because its tensor is tied to one the checkpoint holds (Hugging Face's
+    ``save_pretrained`` saves tied weights once) is not missing: loading fills it.
 
     Raises:
         ValueError: naming a few missing and unexpected keys and differing shapes;
@@ -575,11 +582,26 @@ def _fit(
             if metadata is not None:
                 state._metadata = metadata  # keeps the saved module versions
             continue
-        dropped = {k for k, _, _ in mismatched}
+        dropped = {k for k, _, _ in mismatched} | tied_elsewhere(model, state)
         return (
             [k for k in result.missing_keys if k not in dropped],
             result.unexpected_keys,
             mismatched,
         )
-    own = model.state_dict()  # shapes differ under names the version handling changed
-    return [k for k in own if k not in state], [k for k in state if k not in own], mismatched
+    # shapes differ under names the version handling changed
+    own, tied = model.state_dict(), tied_elsewhere(model, state)
+    missing = [k for k in own if k not in state and k not in tied]
+    return missing, [k for k in state if k not in own], mismatched
+
+
+def tied_elsewhere(model: nn.Module, state: dict[str, Any]) -> set[str]:
+    """Names of ``model``'s parameters and buffers that are not in ``state`` but share
+    their tensor with a name that is (tied weights): loading that name fills them."""
+    names: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        names.setdefault(id(t), []).append(name)
+    return {
+        n for group in names.values() if any(g in state for g in group)
+        for n in group if n not in state
+    }  # fmt: skip
