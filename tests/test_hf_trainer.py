@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import tbfeat
 from tbfeat import list_stages
 from tbfeat.render import colorize, feature_grid
 
@@ -40,7 +42,16 @@ class Squares(torch.utils.data.Dataset):
 
 
 def probe() -> torch.Tensor:
-    return Squares()[1]["pixel_values"]
+    """An image with the square, in whole 8-bit levels (so that it is the same read back
+    from the PNG :func:`probe_file` writes)."""
+    return (Squares()[1]["pixel_values"] * 255).round() / 255
+
+
+def probe_file(folder: Path) -> Path:
+    path = folder / "square.png"
+    pixels = (probe() * 255).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def trainer(out: Path, callback: FeatureLoggerCallback, **args) -> "hf.Trainer":
@@ -71,8 +82,11 @@ def expected_grid(checkpoint: Path, stage: int) -> np.ndarray:
 
 
 def test_a_two_epoch_training_logs_each_evaluation_into_the_trainers_own_run(tmp_path, monkeypatch):
+    """...and a sweep of the checkpoints the same training saved logs the same grids at
+    the same steps."""
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    callback = FeatureLoggerCallback(images=[probe()], names=["square"], **GRID)
+    image = probe_file(tmp_path)
+    callback = FeatureLoggerCallback(images=[image], **GRID)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no tbfeat warning either
         trainer(tmp_path, callback).train()
@@ -90,6 +104,13 @@ def test_a_two_epoch_training_logs_each_evaluation_into_the_trainers_own_run(tmp
         expect = expected_grid(tmp_path / f"checkpoint-{event.step}", stage=1)
         np.testing.assert_array_equal(decode(event), expect)
     assert callback.logger is None  # closed at the end of training
+
+    result = tbfeat.sweep([tmp_path], images=[image], logdir=tmp_path / "sweep", **GRID)
+    assert list(result.logged) == steps
+    swept = read_events(tmp_path / "sweep").Images(f"features/{key}/square")
+    assert [e.step for e in swept] == steps
+    for a, b in zip(swept, images, strict=True):
+        np.testing.assert_array_equal(decode(a), decode(b))
 
 
 def test_step_epoch_logs_the_one_based_epoch_into_a_named_logdir(tmp_path):
