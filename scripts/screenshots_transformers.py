@@ -82,6 +82,29 @@ def train(out: Path, epochs: int) -> Path:
     return run
 
 
+def detector(logdir: Path) -> list[str]:
+    """An RT-DETR's stages over the bus photo at step 0; returns the stage keys."""
+    import transformers as hf
+    from ultralytics.utils import ASSETS
+
+    from tbfeat import FeatureLogger, list_stages
+
+    torch.manual_seed(0)
+    model = hf.RTDetrForObjectDetection(hf.RTDetrConfig(use_pretrained_backbone=False)).eval()
+    processor = hf.RTDetrImageProcessor(size={"height": 320, "width": 320})
+    with FeatureLogger(model, logdir, preprocess=processor, cam="layercam", max_channels=16) as fl:
+        fl.log([ASSETS / "bus.jpg"], step=0)
+    return [s.key for s in list_stages(model)]
+
+
+def screenshot(logdir: Path, state: str, path: Path) -> None:
+    with TensorBoard(logdir) as tb, Browser() as browser:
+        open_dashboard(browser, tb, state)
+        time.sleep(0.5)  # the last pictures paint
+        browser.frame(None)
+        _save(browser, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=20)
@@ -99,11 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
         keys = [s.key for s in list_stages(hf.ViTForImageClassification(hf.ViTConfig(**CONFIG)))]
         state = f"&run={run.name}&image=shape&stages={','.join(keys)}&mode=both"
-        with TensorBoard(run.parent) as tb, Browser() as browser:
-            open_dashboard(browser, tb, state)
-            time.sleep(0.5)
-            browser.frame(None)
-            _save(browser, args.out / "dashboard_vit.png")
+        screenshot(run.parent, state, args.out / "dashboard_vit.png")
+        keys = detector(tmp / "rtdetr")
+        state = f"&run=.&image=bus&stages={','.join(keys)}&mode=both"
+        screenshot(tmp / "rtdetr", state, args.out / "dashboard_rtdetr.png")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -106,7 +106,7 @@ class App {
 
   toolbar() {
     const s = this.state;
-    const runs = this.runs.map((r) => [r.run, `${r.run} (${r.steps} steps)`]);
+    const runs = this.runs.map((r) => [r.run, `${r.run} (${r.steps} step${r.steps === 1 ? "" : "s"})`]);
     const info = this.infos.get(s.run);
     return el('header', {class: 'toolbar'},
       el('nav', {}, VIEWS.map(([v, label]) => el('button', {
