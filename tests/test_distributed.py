@@ -168,3 +168,42 @@ def test_lightning_ddp_logs_each_validation_epoch_from_rank_zero(tmp_path, strat
     assert all([e.step for e in acc.Images(t)] == [1, 2] for t in features)  # 1-based epochs
     assert [e.step for e in acc.Scalars("stats/03_head/mean")] == [1, 2]
     assert "val_loss" in acc.Tags()["scalars"]
+
+
+HF_TRAINER_DDP = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from tests.test_hf_trainer import probe, trainer
+    from tbfeat.hf import FeatureLoggerCallback
+
+    out = sys.argv[1]
+    callback = FeatureLoggerCallback(images=[probe()], names=["square"], max_channels=4)
+    trainer(out, callback, save_strategy="no", per_device_train_batch_size=2).train()
+    print(f"RANK {os.environ['RANK']} {os.getpid()}", flush=True)
+    """
+)
+
+
+def test_a_hugging_face_trainer_under_torchrun_logs_from_the_main_process_only(tmp_path):
+    """``torchrun --nproc_per_node 2`` over a ``Trainer`` (DDP with gloo): the callback
+    on the main process writes one event file into the Trainer's run, at its steps."""
+    pytest.importorskip("transformers")
+    script = tmp_path / "train.py"
+    script.write_text(HF_TRAINER_DDP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(script), str(tmp_path / "out")],
+        capture_output=True, text=True, env=clean_env(), timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    pids = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert sorted(pids) == ["0", "1"]
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    (event_file,) = tbfeat_event_files(tmp_path / "out")
+    assert event_file.parent == run and f".{pids['0']}." in event_file.name
+    events = read_events(run)
+    steps = [e.step for e in events.Scalars("eval/loss")]  # 8 images, 2 ranks x 2 a batch
+    assert steps == [2, 4]
+    tags = [t for t in events.Tags()["images"] if t.startswith("features/")]
+    assert tags and all([e.step for e in events.Images(t)] == steps for t in tags)
