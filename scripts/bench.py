@@ -16,6 +16,9 @@ plain and logged runs interleaved, medians):
   stage (about 150): ``log()`` and a ``with`` block until flushed, over the plain forward;
   event bytes per step and the size of the drift history rewritten at every step.
 - ``scale``: the predict overhead at 320, 640 and 1280 px, and with 1, 4 and 16 images.
+- ``vit``: timm's ViT-S/16 (pretrained=False) at 224 px, one image, its 12 blocks as
+  token maps: a ``with`` block around the plain forward until flushed, and a ``log()``
+  probe with LayerCAM, over the plain forward.
 - ``cams``: a ``log()`` probe with class activation maps (LayerCAM, ``cam_topk`` 4 and
   16) against the same probe without (``cam=None``), until flushed: yolov8n at 640 px
   and Faster R-CNN R50-FPN at 800 px, one image.
@@ -216,6 +219,38 @@ def case_frcnn(repeats: int) -> None:
     record("  log() probe (backbone only)", r, r / p)
 
 
+def case_vit(repeats: int) -> None:
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+    image = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        model(image)
+    plain, logged, probe = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = FeatureLogger(model, logdir=tmp, cam=None)
+        prober = FeatureLogger(model, logdir=Path(tmp) / "probe")  # LayerCAM of the top-1
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(image)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with logger.at(i), torch.no_grad():  # the 12 blocks hooked, as token maps
+                model(image)
+            logged.append(time.perf_counter() - t0)  # leaving the block flushes
+            t0 = time.perf_counter()
+            prober.log(image[0], step=i)
+            prober.flush()
+            probe.append(time.perf_counter() - t0)
+        logger.close()
+        prober.close()
+    p, q, r = statistics.median(plain), statistics.median(logged), statistics.median(probe)
+    record("timm vit-s/16 224 (plain)", p)
+    record("  + FeatureLogger, until flushed", q, q / p)
+    record("  log() probe with LayerCAM", r, r / p)
+
+
 def cam_probe_times(model: Any, image: Any, repeats: int, topks: tuple[int, ...]) -> dict:
     """Median ``log()`` probe until flushed without maps and with them at each top-k,
     interleaved; the ratios are medians of adjacent pairs."""
@@ -378,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cases",
         nargs="+",
-        default=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams"],
-        choices=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams"],
+        default=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams", "vit"],
+        choices=["yolo", "seed", "frcnn", "memory", "scale", "stages", "cams", "vit"],
     )
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="one short case (CI smoke)")
@@ -408,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             "scale": lambda: case_scale(args.repeats),
             "stages": lambda: case_stages(max(3, args.repeats // 3)),
             "cams": lambda: case_cams(max(3, args.repeats // 3)),
+            "vit": lambda: case_vit(args.repeats),
         }
         for case in args.cases:
             runners[case]()
