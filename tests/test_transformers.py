@@ -343,3 +343,27 @@ def test_a_vit_run_at_another_size_maps_the_grid_of_that_size(tmp_path):
     fmap = tokens[:, 3:].reshape(1, 3, 5, -1).permute(0, 3, 1, 2)
     (event,) = read_events(tmp_path / "timm").Images("features/01_blocks.1/0")
     np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
+
+
+def test_a_dinov2_backbone_logs_the_layers_its_out_features_name(tmp_path):
+    """Without its final layer norm, a Dinov2Backbone's feature maps are those layers'
+    patch tokens reshaped: what tbfeat logs of them, bit for bit, at a non-square size."""
+    hf = pytest.importorskip("transformers")
+    config = hf.Dinov2Config(**{**SMALL, "num_hidden_layers": 3}, apply_layernorm=False,
+                             out_features=["stage1", "stage3"])  # fmt: skip
+    model = hf.Dinov2Backbone(config).eval()
+    stages = list_stages(model)
+    assert [(s.key, s.name) for s in stages] == [
+        ("00_stage1", "encoder.layer.0"), ("01_stage3", "encoder.layer.2")
+    ]
+    x = torch.rand(1, 3, 40, 56)
+    with torch.no_grad():
+        maps = model(x).feature_maps
+    assert [tuple(m.shape) for m in maps] == [(1, 32, 5, 7)] * 2
+    logger = FeatureLogger(model, tmp_path, **GRID)
+    logger.log(x, step=0)
+    logger.close()
+    events = read_events(tmp_path)
+    for stage, fmap in zip(stages, maps, strict=True):
+        (event,) = events.Images(f"features/{stage.key}/0")
+        np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))

@@ -6,11 +6,13 @@ describes, chosen by ``config.model_type`` (never guessed from a shape):
 - **ViT, DINOv2, DINOv2 with registers** (``ViTModel``, ``Dinov2Model``,
   ``Dinov2WithRegistersModel`` and their classifiers): each layer of the encoder, the
   ``ModuleList`` of ``config.num_hidden_layers`` layers, labelled by its module name
-  (``00_encoder.layer.0``). A layer returns tokens ``(N, 1 + registers + H·W, C)``: the
-  class token and ``config.num_register_tokens`` register tokens are left out of the map,
-  the patch grid is the input's size over ``config.patch_size``, rounded down as the
-  patch embedding does, at any input size these models take (``interpolate_pos_encoding``;
-  DINOv2 always), non-square too, and the class token's statistics are logged under
+  (``00_encoder.layer.0``); a ``Dinov2Backbone`` logs the layers of its ``out_features``
+  (``00_stage3``), the tokens of its feature maps before its final layer norm. A layer
+  returns tokens ``(N, 1 + registers + H·W, C)``: the class token and
+  ``config.num_register_tokens`` register tokens are left out of the map, the patch grid
+  is the input's size over ``config.patch_size``, rounded down as the patch embedding
+  does, at any input size these models take (``interpolate_pos_encoding``; DINOv2
+  always), non-square too, and the class token's statistics are logged under
   ``<stage>/cls`` (:mod:`tbfeat.tokens`).
 - **Swin and ConvNeXt** (``SwinModel``, ``ConvNextModel``, their classifiers and
   ``SwinBackbone``/``ConvNextBackbone``): the stages of ``config.depths``, labelled by the
@@ -168,8 +170,7 @@ def model_stages(model: nn.Module) -> list[Stage]:
     """The stages of ``model``'s family, numbered in order; ``[]`` for another model."""
     kind = family(model)
     if kind in TOKEN_FAMILIES:
-        layout = token_layout(model)
-        named: list[Named] = [(name, layer, None, layout) for name, layer in encoder_layers(model)]
+        named: list[Named] = token_stages(model)
     elif kind in STAGE_FAMILIES:
         named = hierarchical_stages(model)
     elif kind in DETECTOR_FAMILIES:
@@ -181,6 +182,24 @@ def model_stages(model: nn.Module) -> list[Stage]:
         Stage(i, names[id(m)], type(m).__name__, m, sanitize(label), output=out, tokens=layout)
         for i, (label, m, out, layout) in enumerate(named)
     ]
+
+
+def token_stages(model: nn.Module) -> list[Named]:
+    """A ViT's or DINOv2's encoder layers; for a ``*Backbone`` (``Dinov2Backbone``), the
+    layers its ``out_features`` name (``stage<i>`` is layer ``i - 1``, ``stem`` the
+    embeddings), labelled by those names: the tokens it turns into its feature maps,
+    before its final layer norm."""
+    layout = token_layout(model)
+    layers = encoder_layers(model)
+    stage_names = list(getattr(model, "stage_names", None) or [])
+    wanted = list(getattr(model, "out_features", None) or [])
+    if not wanted or len(stage_names) != len(layers) + 1:
+        return [(name, layer, None, layout) for name, layer in layers]
+    modules = [getattr(model, "embeddings", None), *(layer for _, layer in layers)]
+    return [
+        (n, modules[stage_names.index(n)], None, layout)
+        for n in wanted if n in stage_names and modules[stage_names.index(n)] is not None
+    ]  # fmt: skip
 
 
 def encoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
