@@ -167,7 +167,7 @@ def _batch_cams(
     grads: dict[str, torch.Tensor] = {}
 
     def keep(stage: Stage, output: Any) -> None:
-        t = output[stage.output] if stage.output is not None else output
+        t = stage.select(output)
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return
         fmap = as_map(t, stage.tokens)  # a transformer's tokens as their map

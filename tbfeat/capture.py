@@ -199,8 +199,7 @@ class CaptureSession:
             forward, calls = self._calls.get(ident, (-1, -1))
             calls = calls + 1 if forward == self._forward_id else 0
             self._calls[ident] = (self._forward_id, calls)
-            if stage.output is not None:
-                output = output[stage.output]
+            output = stage.select(output)
             renamed: list[str] = []
             skip = () if self.options.predictions else PREDICTION_KEYS
             skipped: list[str] = []

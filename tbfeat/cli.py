@@ -245,8 +245,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
         shapes: dict[tuple[str, Any], tuple[str, str]] = {}
 
         def record(stage: Any, output: Any) -> None:
-            if stage.output is not None:
-                output = output[stage.output]
+            output = stage.select(output)
             mapped = _map_shape(output, stage.tokens) if stage.tokens is not None else "-"
             shapes.setdefault((stage.name, stage.output), (_shape(output), mapped))
 

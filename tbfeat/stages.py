@@ -13,6 +13,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from torch import nn
 
@@ -70,6 +71,17 @@ class Stage:
     def __post_init__(self) -> None:
         if not self.label:
             object.__setattr__(self, "label", sanitize(self.type))
+
+    def select(self, output: Any) -> Any:
+        """This stage's part of its module's output: the element :attr:`output` names;
+        for a token stage whose module returns a tuple (a transformers 4 layer returns
+        ``(tokens, ...)``, a transformers 5 layer the tokens), its first element, so that
+        its tags are the same whichever the version."""
+        if self.output is not None:
+            return output[self.output]
+        if self.tokens is not None and isinstance(output, (tuple, list)) and output:
+            return output[0]
+        return output
 
     @property
     def key(self) -> str:

@@ -300,8 +300,8 @@ def resnet_stride(config: Any, index: int) -> int:
 def detector_stages(model: nn.Module) -> list[Named]:
     """A DETR's or RT-DETR's backbone stages, then the levels its decoder reads."""
     inner = getattr(model, "model", None)
-    backbone = getattr(getattr(inner, "backbone", None), "model", None)
-    if not isinstance(inner, nn.Module) or not isinstance(backbone, nn.Module):
+    backbone = conv_backbone(inner)
+    if not isinstance(inner, nn.Module) or backbone is None:
         return []
     stages = backbone_stages(backbone)
     levels = getattr(inner, "decoder_input_proj", None)
@@ -317,6 +317,18 @@ def detector_stages(model: nn.Module) -> list[Named]:
         layout = TokenLayout(stride=(stride, stride))  # the projected level, flattened
         stages.append(("encoder", encoder, "last_hidden_state", layout))
     return stages
+
+
+def conv_backbone(inner: Any) -> nn.Module | None:
+    """The Hugging Face backbone (``stage_names``, ``out_features``) under a detector's
+    ``backbone``: its ``model`` in transformers 5, its ``conv_encoder.model`` in 4."""
+    root = getattr(inner, "backbone", None)
+    if not isinstance(root, nn.Module):
+        return None
+    return next(
+        (m for m in root.modules() if hasattr(m, "stage_names") and hasattr(m, "out_features")),
+        None,
+    )
 
 
 def _pair(value: Any) -> tuple[int, int]:
