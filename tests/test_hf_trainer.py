@@ -153,6 +153,9 @@ def test_the_run_folder_is_the_one_tensorboard_opened_in_this_process(tmp_path, 
     other = tmp_path / "runs" / "Jan01_00-00-00_elsewhere"  # another process's run
     other.mkdir(parents=True)
     (other / "events.out.tfevents.1.elsewhere.1.0").write_bytes(b"")
+    if getattr(args, "logging_dir", None):  # transformers 4 names the folder in its args
+        assert trainer_run_dir(args) == args.logging_dir
+        return
     fresh = trainer_run_dir(args)  # none of this process: a new folder, as the Trainer names
     assert Path(fresh).parent == tmp_path / "runs" and Path(fresh) != other
     from torch.utils.tensorboard import SummaryWriter

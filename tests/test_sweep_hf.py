@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tbfeat import list_stages
 from tbfeat.checkpoints import CheckpointError, find_checkpoints
+from tbfeat.integrations.transformers import encoder_layers
 from tbfeat.render import colorize, feature_grid
 from tbfeat.sweep import plan_sweep, sweep
 
@@ -73,7 +75,8 @@ def expected_grid(model, image, layer: int) -> np.ndarray:
 def assert_steps_are_the_saved_models(logdir, saved, image) -> None:
     events = read_events(logdir)
     tags = [t for t in events.Tags()["images"] if t.startswith("features/")]
-    assert sorted(tags) == ["features/00_vit.layers.0/probe", "features/01_vit.layers.1/probe"]
+    keys = [s.key for s in list_stages(hf.ViTForImageClassification(hf.ViTConfig(**SMALL)))]
+    assert sorted(tags) == [f"features/{k}/probe" for k in keys]  # the two encoder layers
     for layer, tag in enumerate(sorted(tags)):
         grids = events.Images(tag)
         assert [e.step for e in grids] == sorted(saved)
@@ -146,7 +149,9 @@ def test_weights_that_do_not_fit_name_the_file_and_keys(tmp_path, trainer_run):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"checkpoint {str(folder / 'model.safetensors')!r} does not fit " \
            "ViTForImageClassification: missing" in proc.stderr  # fmt: skip
-    assert "vit.layers.2." in proc.stderr
+    deeper = hf.ViTForImageClassification(hf.ViTConfig(**{**SMALL, "num_hidden_layers": 3}))
+    third = encoder_layers(deeper)[2][0]
+    assert f"{third}." in proc.stderr  # the missing layer's keys, as this transformers names them
     no_config = tmp_path / "bare" / "checkpoint-2"
     save_trainer_checkpoint(saved[2], no_config, 2)
     (no_config / "config.json").unlink()

@@ -303,10 +303,13 @@ def test_the_models_image_processor_prepares_the_probes(tmp_path):
     mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
     processor = hf.ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=mean,
                                      image_std=std)  # fmt: skip
-    x = torch.rand(3, 32, 32)
+    x = torch.randint(0, 256, (3, 32, 32)) / 255  # whole 8-bit levels, as a file gives
     by_hand = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    with torch.no_grad():
-        hidden = model(by_hand[None], output_hidden_states=True).hidden_states
+    # the processor takes tbfeat's [0, 1] pixels as they are (no second 1/255 rescale)
+    seen = processor(images=x, do_rescale=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(seen[0], by_hand, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # (its arithmetic, float64 in transformers 4, is the model's input)
+        hidden = model(seen, output_hidden_states=True).hidden_states
     fmap = hidden[1][:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
     logger = FeatureLogger(model, tmp_path, stages=[0], preprocess=processor, **GRID)
     logger.log([x, torch.rand(3, 48, 80)], step=0, names=["same", "resized"])
@@ -335,12 +338,13 @@ def test_a_vit_run_at_another_size_maps_the_grid_of_that_size(tmp_path):
     (event,) = events.Images(f"features/{list_stages(model)[1].key}/0")
     np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
 
-    net, x = vit(dynamic_img_size=True), torch.rand(1, 3, 48, 80)
+    # (no register tokens: timm 1.0.3 cannot run them at another size)
+    net, x = vit(dynamic_img_size=True, reg_tokens=0), torch.rand(1, 3, 48, 80)
     logger = FeatureLogger(net, tmp_path / "timm", stages=["blocks.1"], **GRID)
     logger.log(x, step=0)
     logger.close()
-    tokens = output_of(net, "blocks.1", x)  # a class token, 2 registers, 3x5 patches
-    fmap = tokens[:, 3:].reshape(1, 3, 5, -1).permute(0, 3, 1, 2)
+    tokens = output_of(net, "blocks.1", x)  # a class token, then 3x5 patches
+    fmap = tokens[:, 1:].reshape(1, 3, 5, -1).permute(0, 3, 1, 2)
     (event,) = read_events(tmp_path / "timm").Images("features/01_blocks.1/0")
     np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
 

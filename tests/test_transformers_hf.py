@@ -61,6 +61,24 @@ def rt_detr():
     return hf.RTDetrForObjectDetection(config).eval()
 
 
+def pre_merging(model, x) -> tuple:
+    """The stem's and each stage's tokens before its patch merging, reshaped, as
+    transformers computes them: its encoder's ``output_hidden_states_before_downsampling``
+    (the model's own keyword is new in transformers 5, and 5.0 does not pass it on)."""
+    inner = getattr(model, "swin", model)
+    with torch.no_grad():
+        tokens, size = inner.embeddings(x)
+        out = inner.encoder(tokens, size, output_hidden_states=True,
+                            output_hidden_states_before_downsampling=True)  # fmt: skip
+    return out.reshaped_hidden_states
+
+
+def resnet_of(detector):
+    """The Hugging Face ResNet backbone inside a DETR or an RT-DETR."""
+    return next(m for m in detector.modules() if hasattr(m, "out_features") and
+                type(m).__name__.endswith("ResNetBackbone"))  # fmt: skip
+
+
 def logged(model, x, tmp_path, **kwargs):
     """``FeatureLogger(model, tmp_path).log(x, step=0)``, read back; and its stages."""
     logger = FeatureLogger(model, tmp_path, cam=kwargs.pop("cam", None), **GRID, **kwargs)
@@ -127,9 +145,7 @@ def test_convnext_models_log_every_stage(cls):
 # ------------------------------------------------------------------ maps
 def test_swin_stages_of_a_non_square_input_are_its_pre_merging_hidden_states(tmp_path):
     model, x = swin(), torch.rand(1, 3, 36, 52)  # 9x13 patches, then 5x7 (rounded up)
-    with torch.no_grad():
-        out = model(x, output_hidden_states=True, output_hidden_states_before_downsampling=True)
-    maps = out.reshaped_hidden_states[1:]  # the stem first, then each stage before merging
+    maps = pre_merging(model, x)[1:]  # the stem first, then each stage before merging
     assert [tuple(m.shape[-2:]) for m in maps] == [(9, 13), (5, 7)]
     events, stages = logged(model, x, tmp_path)
     for stage, fmap in zip(stages, maps, strict=True):
@@ -138,15 +154,14 @@ def test_swin_stages_of_a_non_square_input_are_its_pre_merging_hidden_states(tmp
 
 def test_a_with_block_maps_swin_tokens_of_a_forward_called_with_keywords(tmp_path):
     model, x = swin(hf.SwinForImageClassification), torch.rand(1, 3, 40, 24)
-    with torch.no_grad():
-        out = model(x, output_hidden_states=True, output_hidden_states_before_downsampling=True)
-        with FeatureLogger(model, tmp_path, cam=None, **GRID) as logger:
-            logger.step = 3
-            model(pixel_values=x)  # the user's own forward: the input is a keyword
+    maps = pre_merging(model, x)
+    with torch.no_grad(), FeatureLogger(model, tmp_path, cam=None, **GRID) as logger:
+        logger.step = 3
+        model(pixel_values=x)  # the user's own forward: the input is a keyword
     events = read_events(tmp_path)
     stages = list_stages(model)
-    assert tuple(out.reshaped_hidden_states[2].shape[-2:]) == (5, 3)
-    for stage, fmap in zip(stages, out.reshaped_hidden_states[1:], strict=True):
+    assert tuple(maps[2].shape[-2:]) == (5, 3)
+    for stage, fmap in zip(stages, maps[1:], strict=True):
         assert_map(events, stage.key, fmap)
     assert [e.step for e in events.Scalars(f"stats/{stages[1].key}/mean")] == [3]
 
@@ -189,7 +204,7 @@ def no_detection_tags(events) -> None:
 
 def test_detr_logs_backbone_stages_its_projected_level_and_the_encoders_tokens(tmp_path):
     model, x = detr(), torch.rand(1, 3, 64, 96)
-    backbone = model.model.backbone.model
+    backbone = resnet_of(model)
     feature_maps = inputs_of(backbone, x, model).feature_maps
     projected = inputs_of(model.model.input_projection, x, model)
     memory = inputs_of(model.model.decoder, x, model, kwarg="encoder_hidden_states")
@@ -206,7 +221,7 @@ def test_detr_logs_backbone_stages_its_projected_level_and_the_encoders_tokens(t
 
 def test_rt_detr_logs_backbone_stages_and_each_level_its_decoder_reads(tmp_path):
     model, x = rt_detr(), torch.rand(1, 3, 64, 96)
-    backbone = model.model.backbone.model
+    backbone = resnet_of(model)
     feature_maps = inputs_of(backbone, x, model).feature_maps
     flat = inputs_of(model.model.decoder, x, model, kwarg="encoder_hidden_states")
     shapes = inputs_of(model.model.decoder, x, model, kwarg="spatial_shapes").tolist()
