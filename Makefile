@@ -16,7 +16,7 @@ TORCH_PAIR ?= torch==2.13.0 torchvision==0.28.0
 ULTRALYTICS_PIN ?= ultralytics==8.4.190
 STAMP := $(VENV)/.tbfeat-installed
 
-.PHONY: setup test test-compat demo browser bench docs clean
+.PHONY: setup test test-compat test-compat-hf demo browser bench docs clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,25 @@ test-compat: $(STAMP)
 	  $(BIN)/python -c "import ultralytics; print('testing ultralytics', ultralytics.__version__)"
 	PYTHONPATH=$(abspath $(COMPAT)) YOLO_CONFIG_DIR=$(abspath $(COMPAT))/settings \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_ultralytics.py tests/test_regressions.py
+
+# The transformer tests against the oldest transformers and timm pyproject.toml allows
+# (or others: make test-compat-hf TRANSFORMERS=4.57.3 TOKENIZERS=0.22.1), in their own
+# folder ahead of the pinned ones; the tokenizers and huggingface_hub that release takes.
+TRANSFORMERS ?= 4.48.0
+TOKENIZERS ?= 0.21.0
+HUB ?= 0.36.0
+TIMM ?= 1.0.12
+COMPAT_HF := .compat/transformers-$(TRANSFORMERS)-timm-$(TIMM)
+HF_TESTS := tests/test_transformers.py tests/test_transformers_hf.py tests/test_hf_trainer.py \
+	tests/test_sweep_hf.py tests/test_stages_shapes.py
+test-compat-hf: $(STAMP)
+	test -f $(COMPAT_HF)/.installed || { \
+	  $(PIP) -q --no-deps --target $(COMPAT_HF) "transformers==$(TRANSFORMERS)" \
+	    "tokenizers==$(TOKENIZERS)" "huggingface_hub==$(HUB)" "timm==$(TIMM)" \
+	    && touch $(COMPAT_HF)/.installed; }
+	PYTHONPATH=$(abspath $(COMPAT_HF)) $(BIN)/python -c \
+	  "import transformers, timm; print('testing transformers', transformers.__version__, 'timm', timm.__version__)"
+	PYTHONPATH=$(abspath $(COMPAT_HF)) $(BIN)/python -m pytest -q -p no:cacheprovider $(HF_TESTS)
 
 demo: $(STAMP)
 	$(BIN)/tbfeat demo --dir runs/demo
