@@ -2,6 +2,7 @@
 back from the Trainer's own TensorBoard run at the Trainer's steps."""
 
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def probe_file(folder: Path) -> Path:
     return path
 
 
-def trainer(out: Path, callback: FeatureLoggerCallback, **args) -> "hf.Trainer":
+def trainer(
+    out: Path, callback: FeatureLoggerCallback, *, eval_dataset=None, processing_class=None,
+    **args,
+) -> "hf.Trainer":  # fmt: skip
     torch.manual_seed(0)
     model = hf.ViTForImageClassification(hf.ViTConfig(**CONFIG))
     args = dict(
@@ -65,8 +69,9 @@ def trainer(out: Path, callback: FeatureLoggerCallback, **args) -> "hf.Trainer":
     ) | args  # fmt: skip
     args = hf.TrainingArguments(**args)
     return hf.Trainer(
-        model, args, train_dataset=Squares(), eval_dataset=Squares(), callbacks=[callback]
-    )
+        model, args, train_dataset=Squares(), eval_dataset=eval_dataset or Squares(),
+        callbacks=[callback], processing_class=processing_class,
+    )  # fmt: skip
 
 
 def expected_grid(checkpoint: Path, stage: int) -> np.ndarray:
@@ -114,13 +119,24 @@ def test_a_two_epoch_training_logs_each_evaluation_into_the_trainers_own_run(tmp
 
 
 def test_step_epoch_logs_the_one_based_epoch_into_a_named_logdir(tmp_path):
+    """...once per evaluation with two eval data sets, a 48x64 probe going through the
+    Trainer's own image processor; step='epoch' with evaluations between epochs is an
+    error before the training starts."""
     callback = FeatureLoggerCallback(
-        images=[probe()], names=["square"], step="epoch", logdir=tmp_path / "tb", stages=[0], **GRID
+        images=[torch.rand(3, 48, 64)], names=["big"], step="epoch", logdir=tmp_path / "tb",
+        stages=[0], **GRID,
     )  # fmt: skip
-    trainer(tmp_path / "out", callback, save_only_model=True).train()
+    two = {"a": Squares(), "b": Squares()}
+    processor = hf.ViTImageProcessor(size={"height": 32, "width": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no tbfeat warning either
+        trainer(tmp_path / "out", callback, save_strategy="no", eval_dataset=two,
+                processing_class=processor).train()  # fmt: skip
     events = read_events(tmp_path / "tb")
     key = list_stages(trainer(tmp_path / "x", callback).model)[0].key
-    assert [e.step for e in events.Images(f"features/{key}/square")] == [1, 2]
+    assert [e.step for e in events.Images(f"features/{key}/big")] == [1, 2]
+    with pytest.raises(ValueError, match="step='epoch' needs eval_strategy='epoch', got 'steps'"):
+        trainer(tmp_path / "y", callback, eval_strategy="steps", eval_steps=1).train()
 
 
 def test_a_problem_while_logging_is_one_warning_and_the_training_goes_on(tmp_path):
@@ -162,6 +178,11 @@ def test_the_run_folder_is_the_one_tensorboard_opened_in_this_process(tmp_path, 
 
     with SummaryWriter(str(tmp_path / "runs" / "mine")):
         assert trainer_run_dir(args) == str(tmp_path / "runs" / "mine")
+    time.sleep(0.01)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # evaluate() before train(): ./runs/<date>_<host>
+    with SummaryWriter("runs/Jan01_00-00-01_here"):
+        assert Path(trainer_run_dir(args)).resolve() == tmp_path / "cwd/runs/Jan01_00-00-01_here"
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", os.fspath(tmp_path / "env"))
     assert trainer_run_dir(args) == str(tmp_path / "env")
 
@@ -177,3 +198,21 @@ def test_only_the_main_process_logs(tmp_path):
         callback.on_train_end(args, state, hf.TrainerControl())
         logged = tmp_path.joinpath("tb").exists() and read_events(tmp_path / "tb").Tags()
         assert bool(logged and logged["images"]) == zero
+
+
+def test_a_training_that_ended_without_its_end_leaves_nothing_to_the_next(tmp_path, monkeypatch):
+    """An exception ends a training without on_train_end: the next training logs its own
+    model into its own run."""
+    callback = FeatureLoggerCallback(images=[probe()], names=["square"], max_channels=4)
+    args = hf.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state = hf.TrainerState(is_world_process_zero=True, global_step=2, max_steps=4)
+    models = [hf.ViTForImageClassification(hf.ViTConfig(**CONFIG)) for _ in range(2)]
+    for name, model in zip(("first", "second"), models, strict=True):
+        monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / name))
+        callback.on_train_begin(args, state, hf.TrainerControl())
+        callback.on_evaluate(args, state, hf.TrainerControl(), model=model)
+        assert callback.logger.model is model  # no on_train_end between the two
+    callback.on_train_end(args, state, hf.TrainerControl())
+    for name in ("first", "second"):
+        files = list((tmp_path / name).glob("events.out.tfevents.*.tbfeat"))
+        assert len(files) == 1, name

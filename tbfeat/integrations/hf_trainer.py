@@ -27,8 +27,10 @@ from ..images import ImageLike, to_tensors
 from ..logger import FeatureLogger
 from ..notes import Notes
 from ..options import LogOptions
+from ..recorder import RUN_MODES
 from ..stages import StageSpec
 from ..writer import FILE_SUFFIX
+from .transformers import is_image_processor
 
 STEPS = ("global_step", "epoch")
 
@@ -43,10 +45,14 @@ class FeatureLoggerCallback(TrainerCallback):
         step: ``"global_step"``, the Trainer's step (where it logs ``eval/loss``, and
             the ``global_step`` of its ``checkpoint-N/trainer_state.json``, which
             ``tbfeat sweep`` logs a checkpoint at), or ``"epoch"``, the 1-based epoch
-            (``round(state.epoch)``: ``eval_strategy="epoch"`` only).
+            (with ``eval_strategy="epoch"`` only).
         preprocess: As for :class:`~tbfeat.FeatureLogger`: a function of a ``(3, H, W)``
-            tensor in [0, 1], or the model's image processor.
+            tensor in [0, 1], or an image processor; by default the Trainer's
+            ``processing_class`` when it is an image processor, else none.
         logdir: Where to log instead of the Trainer's TensorBoard run.
+        run: As for :class:`~tbfeat.FeatureLogger`: ``"auto"`` (a training that starts
+            again at an earlier step replaces the steps logged from there, as a resumed
+            one should), ``"append"`` or ``"new"``.
         **options: :class:`~tbfeat.LogOptions` fields; ``every=N`` logs every N-th
             evaluation (and the one at the last step).
 
@@ -65,6 +71,7 @@ class FeatureLoggerCallback(TrainerCallback):
         step: str = "global_step",
         preprocess: Callable[[Any], Any] | None = None,
         logdir: str | os.PathLike | None = None,
+        run: str = "auto",
         **options: Any,
     ) -> None:
         if step not in STEPS:
@@ -73,37 +80,50 @@ class FeatureLoggerCallback(TrainerCallback):
             raise TypeError(f"preprocess must be a function, got {type(preprocess).__name__}")
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"logdir must be a path or None, got {type(logdir).__name__}")
+        if run not in RUN_MODES:
+            raise ValueError(f"run must be one of {', '.join(map(repr, RUN_MODES))}, got {run!r}")
         _, self.names = to_tensors(images, names)  # bad images fail here, not mid-training
         LogOptions.from_kwargs(**options)  # and so do bad options
         self.images, self.stages, self.step = images, stages, step
-        self.preprocess, self.logdir, self.options = preprocess, logdir, options
+        self.preprocess, self.logdir, self.run, self.options = preprocess, logdir, run, options
         self.logger: FeatureLogger | None = None
         self._run_dir: str | None = None
         self._evaluations = 0
+        self._last_step: int | None = None
         self._training = False
         self._stopped = False
         self._notes = Notes()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # the Trainer's TensorBoard callback comes first and has made its run by now
-        self._stopped, self._notes, self._evaluations = False, Notes(), 0
+        strategy = getattr(args, "eval_strategy", "epoch")
+        if self.step == "epoch" and getattr(strategy, "value", strategy) != "epoch":
+            raise ValueError(
+                f"step='epoch' needs eval_strategy='epoch', got "
+                f"{getattr(strategy, 'value', strategy)!r}: evaluations between epochs "
+                "would share an epoch; use step='global_step'"
+            )
+        self._close()  # a training that ended without on_train_end (an exception) left it
+        self._stopped, self._notes, self._evaluations, self._last_step = False, Notes(), 0, None
         self._training = True
+        # the Trainer's TensorBoard callback comes first and has made its run by now
         if state.is_world_process_zero:
             self._run_dir = str(self.logdir) if self.logdir is not None else trainer_run_dir(args)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self._stopped:
             return
+        if state.global_step == self._last_step:  # another eval data set of this evaluation
+            return
         self._evaluations += 1
         every = self.options.get("every", 1)
         last = 0 < state.max_steps <= state.global_step
         if self._evaluations % every and not last:
             return
+        self._last_step = state.global_step
         try:
             step = state.global_step if self.step == "global_step" else round(state.epoch or 0)
-            self._feature_logger(args, kwargs["model"]).log(
-                self.images, step=step, names=self.names
-            )
+            logger = self._feature_logger(args, kwargs["model"], kwargs.get("processing_class"))
+            logger.log(self.images, step=step, names=self.names)
         except Exception as e:  # noqa: BLE001 - logging never ends the user's training
             self._stopped = True
             self._notes(
@@ -124,28 +144,37 @@ class FeatureLoggerCallback(TrainerCallback):
             self.logger.close()  # the next training opens its own run
             self.logger = None
 
-    def _feature_logger(self, args: Any, model: Any) -> FeatureLogger:
+    def _feature_logger(self, args: Any, model: Any, processing_class: Any) -> FeatureLogger:
+        if self.logger is not None and self.logger.model is not model:
+            self._close()  # another model: its own stages
         if self.logger is None:
             logdir = self._run_dir or (self.logdir or trainer_run_dir(args))  # evaluate()
+            preprocess = self.preprocess
+            if preprocess is None and is_image_processor(processing_class):
+                preprocess = processing_class
             self.logger = FeatureLogger(
-                model, logdir, stages=self.stages, preprocess=self.preprocess, **self.options
-            )
+                model, logdir, stages=self.stages, preprocess=preprocess, run=self.run,
+                **self.options,
+            )  # fmt: skip
         return self.logger
 
 
 def trainer_run_dir(args: Any) -> str:
     """The folder of the Trainer's TensorBoard run, as its TensorBoard callback chose it:
     ``args.logging_dir`` (transformers 4), ``$TENSORBOARD_LOGGING_DIR``, else the newest
-    ``<output_dir>/runs/*`` folder holding an event file this process opened (its name
-    carries the host and the process id); a new ``<output_dir>/runs/<date>_<host>``
-    when the Trainer reports to no TensorBoard."""
+    folder under ``<output_dir>/runs`` (a hyperparameter search's trials included) or
+    ``./runs`` (where transformers 5 puts it when ``evaluate()`` comes before
+    ``train()``) holding an event file this process opened (its name carries the host
+    and the process id); a new ``<output_dir>/runs/<date>_<host>`` when the Trainer
+    reports to no TensorBoard."""
     chosen = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
     if chosen:
         return os.path.expanduser(str(chosen))
-    runs = Path(args.output_dir) / "runs"
     mine = f".{socket.gethostname()}.{os.getpid()}."
     opened = [
-        p for p in runs.glob("*/events.out.tfevents.*")
+        p for runs in {Path(args.output_dir) / "runs", Path("runs")}
+        for pattern in ("*/events.out.tfevents.*", "*/*/events.out.tfevents.*")  # run, trial
+        for p in runs.glob(pattern)
         if mine in p.name and not p.name.endswith(FILE_SUFFIX) and p.is_file()
     ]  # fmt: skip
     if opened:
