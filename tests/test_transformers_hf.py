@@ -219,6 +219,32 @@ def test_detr_logs_backbone_stages_its_projected_level_and_the_encoders_tokens(t
     assert_map(events, stages[3].key, tokens)
 
 
+def test_a_detr_with_a_timm_backbone_logs_the_stages_of_its_feature_info(tmp_path):
+    """DETR's default backbone is timm's (use_timm_backbone): its stages and their
+    reduction come from timm's own feature_info, here a ResNet-18's (32 at the last)."""
+    config = hf.DetrConfig(
+        backbone="resnet18", use_timm_backbone=True, use_pretrained_backbone=False,
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=5,
+        num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, x = hf.DetrForObjectDetection(config).eval(), torch.rand(1, 3, 70, 90)
+    timm_net = next(m for m in model.modules() if hasattr(getattr(m, "feature_info", None),
+                                                          "get_dicts"))  # fmt: skip
+    feature_maps = inputs_of(timm_net, x, model)
+    projected = inputs_of(model.model.input_projection, x, model)
+    memory = inputs_of(model.model.decoder, x, model, kwarg="encoder_hidden_states")
+    events, stages = logged(model, x, tmp_path)
+    modules = [d["module"] for d in timm_net.feature_info.get_dicts()]
+    assert [s.label for s in stages] == [*modules, "level_0", "encoder"]
+    no_detection_tags(events)
+    for stage, fmap in zip(stages[: len(modules)], feature_maps, strict=True):
+        assert_map(events, stage.key, fmap)
+    assert tuple(projected.shape[-2:]) == (3, 3)  # 70x90 over 32, rounded up
+    assert_map(events, stages[-1].key, memory.reshape(1, 3, 3, 16).permute(0, 3, 1, 2))
+
+
 def test_rt_detr_logs_backbone_stages_and_each_level_its_decoder_reads(tmp_path):
     model, x = rt_detr(), torch.rand(1, 3, 64, 96)
     backbone = resnet_of(model)

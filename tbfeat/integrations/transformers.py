@@ -300,10 +300,9 @@ def resnet_stride(config: Any, index: int) -> int:
 def detector_stages(model: nn.Module) -> list[Named]:
     """A DETR's or RT-DETR's backbone stages, then the levels its decoder reads."""
     inner = getattr(model, "model", None)
-    backbone = conv_backbone(inner)
-    if not isinstance(inner, nn.Module) or backbone is None:
+    stages, stride = detector_backbone(inner)
+    if not isinstance(inner, nn.Module) or not stages:
         return []
-    stages = backbone_stages(backbone)
     levels = getattr(inner, "decoder_input_proj", None)
     if isinstance(levels, nn.ModuleList):  # RT-DETR: each level the decoder reads
         return stages + [(f"level_{i}", level, None, None) for i, level in enumerate(levels)]
@@ -311,24 +310,35 @@ def detector_stages(model: nn.Module) -> list[Named]:
     if not isinstance(projection, nn.Module):
         return stages
     stages.append(("level_0", projection, None, None))
-    encoder, names = getattr(inner, "encoder", None), list(backbone.stage_names)
-    if isinstance(encoder, nn.Module) and family(backbone) in RESNET_BACKBONES:
-        stride = resnet_stride(backbone.config, names.index(backbone.out_features[-1]))
+    encoder = getattr(inner, "encoder", None)
+    if isinstance(encoder, nn.Module) and stride is not None:
         layout = TokenLayout(stride=(stride, stride))  # the projected level, flattened
         stages.append(("encoder", encoder, "last_hidden_state", layout))
     return stages
 
 
-def conv_backbone(inner: Any) -> nn.Module | None:
-    """The Hugging Face backbone (``stage_names``, ``out_features``) under a detector's
-    ``backbone``: its ``model`` in transformers 5, its ``conv_encoder.model`` in 4."""
+def detector_backbone(inner: Any) -> tuple[list[Named], int | None]:
+    """The stages of the backbone under a detector's ``backbone`` and the input pixels
+    per cell of its last one (``None`` where not known): a Hugging Face backbone
+    (``stage_names``, ``out_features``: the ``model`` of transformers 5, the
+    ``conv_encoder.model`` of 4), or a timm one (DETR's default ``use_timm_backbone``: its
+    ``feature_info`` describes its stages and reductions)."""
     root = getattr(inner, "backbone", None)
     if not isinstance(root, nn.Module):
-        return None
-    return next(
-        (m for m in root.modules() if hasattr(m, "stage_names") and hasattr(m, "out_features")),
-        None,
-    )
+        return [], None
+    for module in root.modules():
+        if hasattr(module, "stage_names") and hasattr(module, "out_features"):
+            names, last = list(module.stage_names), module.out_features[-1]
+            known = family(module) in RESNET_BACKBONES
+            stride = resnet_stride(module.config, names.index(last)) if known else None
+            return backbone_stages(module), stride
+        info = getattr(module, "feature_info", None)
+        if hasattr(info, "get_dicts") and hasattr(info, "reduction"):
+            from .timm import feature_stages
+
+            stages = [(s.name, s.module, None, s.tokens) for s in feature_stages(module)]
+            return stages, int(info.reduction()[-1])
+    return [], None
 
 
 def _pair(value: Any) -> tuple[int, int]:
