@@ -22,8 +22,9 @@ describes, chosen by ``config.model_type`` (never guessed from a shape):
   before the patch merging: tokens ``(N, H·W, C)`` at the stage's resolution, whose grid
   follows the input as the model computes it (padded to whole patches, odd sizes rounded
   up at each merge: :attr:`tbfeat.tokens.TokenLayout.stride`), non-square inputs too.
-- **DETR and RT-DETR** (``DetrForObjectDetection`` with a Hugging Face ResNet backbone,
-  ``RTDetrForObjectDetection``): the backbone's ``out_features`` stages, then the levels
+- **DETR and RT-DETR** (``DetrForObjectDetection`` with its default timm backbone or a
+  Hugging Face ResNet, ``RTDetrForObjectDetection``): the backbone's stages (a Hugging
+  Face backbone's ``out_features``, a timm one's ``feature_info``), then the levels
   handed to the decoder: DETR's projected level (``input_projection``, labelled
   ``level_0``) and its encoder's output tokens on that grid (``encoder``); RT-DETR's
   ``decoder_input_proj`` maps (``level_0`` ...). Nothing of the decoder or the prediction
