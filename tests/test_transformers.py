@@ -371,3 +371,23 @@ def test_a_dinov2_backbone_logs_the_layers_its_out_features_name(tmp_path):
     for stage, fmap in zip(stages, maps, strict=True):
         (event,) = events.Images(f"features/{stage.key}/0")
         np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))
+
+
+def test_a_hugging_face_model_of_another_family_takes_its_image_processor(tmp_path):
+    """A family tbfeat has no stage rules for (a ResNet classifier): its children are
+    its stages, as for any module, and preprocess= still takes an image processor."""
+    hf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = hf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    model = hf.ResNetForImageClassification(config).eval()
+    assert [s.name for s in list_stages(model)] == ["resnet", "classifier"]
+    processor = hf.ViTImageProcessor(size={"height": 32, "width": 32})
+    x = torch.randint(0, 256, (3, 50, 40)) / 255
+    logger = FeatureLogger(model, tmp_path, stages=[0], preprocess=processor, **GRID)
+    logger.log(x, step=0)
+    logger.close()
+    seen = processor(images=x, do_rescale=False, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        fmap = model.resnet(seen).last_hidden_state
+    (event,) = read_events(tmp_path).Images("features/00_ResNetModel/last_hidden_state/0")
+    np.testing.assert_array_equal(decode(event), colorize(feature_grid(fmap, **GRID)[0]))

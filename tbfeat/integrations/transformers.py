@@ -73,9 +73,9 @@ Named = tuple[str, nn.Module, str | int | None, TokenLayout | None]
 
 
 def adapter_for(obj: object) -> ModelAdapter | None:
-    """The adapter for a Hugging Face model of a family this module knows; ``None`` for
-    any other, which the generic adapter then takes."""
-    if not isinstance(obj, nn.Module) or not model_stages(obj):
+    """The adapter for a Hugging Face model (a ``config.model_type``); ``None`` for
+    anything else, which the generic adapter then takes."""
+    if not isinstance(obj, nn.Module) or family(obj) is None:
         return None
     if family(obj) in DETECTOR_FAMILIES:
         return DetectorAdapter(obj)
@@ -83,10 +83,12 @@ def adapter_for(obj: object) -> ModelAdapter | None:
 
 
 class TransformersAdapter(ModelAdapter):
-    """A Hugging Face vision model: the stages of its family."""
+    """A Hugging Face vision model: the stages of its family (those of any module, its
+    children, for a family this module does not know), its ``logits`` explained, its
+    image processor taken as ``preprocess=``."""
 
     def candidate_stages(self) -> list[Stage]:
-        return model_stages(self.module)
+        return model_stages(self.module) or super().candidate_stages()
 
     def score_tap(self, module: nn.Module) -> ScoreTap:
         return LogitsTap(module)
