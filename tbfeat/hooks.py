@@ -98,6 +98,10 @@ class StageHooks:
                 self._handles.append(
                     self.root.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
                 )
+            if self.root is not None and self._strided:  # the size holds for one forward
+                self._handles.append(
+                    self.root.register_forward_hook(self._forget_size, always_call=True)
+                )
             for stage in self.stages:
                 hook = functools.partial(self._hook, stage)
                 self._handles.append(stage.module.register_forward_hook(hook))
@@ -140,13 +144,16 @@ class StageHooks:
         if self._on_forward is not None:
             self._on_forward()
 
+    def _forget_size(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._input.size = None  # a stage run outside the root's forward sees no size
+
     def _hook(self, stage: Stage, module: nn.Module, args: Any, output: Any) -> None:
         if not self._open():
             return
-        size = getattr(self._input, "size", None)
-        if size is not None and stage.tokens is not None and stage.tokens.stride:
-            stage = replace(stage, tokens=stage.tokens.at(size))
         try:
+            size = getattr(self._input, "size", None)
+            if size is not None and stage.tokens is not None and stage.tokens.stride:
+                stage = replace(stage, tokens=stage.tokens.at(size))
             self._on_output(stage, output)
         except Exception as e:  # a stage that fails to log must never break the forward
             if self._on_error is not None:

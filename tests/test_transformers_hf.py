@@ -4,6 +4,7 @@ logged against hand reshapes of what the model itself returns or hands to its de
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from tbfeat import FeatureLogger, list_stages, stage_cams
 from tbfeat.adapters import adapt
@@ -293,3 +294,20 @@ def test_a_stride_gives_the_grid_of_each_input_and_is_validated():
                 {"stride": (4, 4), "channels_last": True}):  # fmt: skip
         with pytest.raises(ValueError, match="stride"):
             TokenLayout(**bad)
+
+
+def test_a_strided_stage_takes_the_size_of_its_roots_forward_and_of_no_other():
+    """The hooks give a stage with a stride the grid of the input its root saw in this
+    forward; a call of the stage's module outside a root forward gets no grid (it logs
+    statistics only) rather than the last forward's."""
+    from tbfeat.hooks import StageHooks
+    from tbfeat.stages import Stage
+
+    body = nn.Flatten(2)  # (N, C, H, W) -> (N, C, H*W): tokens, channels first here
+    root = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), body)
+    stage = Stage(0, "1", "Flatten", body, tokens=TokenLayout(stride=(4, 4)))
+    seen = []
+    with StageHooks([stage], lambda s, out: seen.append(s.tokens), root=root):
+        root(torch.rand(1, 3, 32, 48))
+        body(torch.rand(1, 4, 8, 12))  # the same module, not inside its root's forward
+    assert seen == [TokenLayout(grid=(8, 12)), TokenLayout(stride=(4, 4))]
