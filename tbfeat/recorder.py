@@ -342,7 +342,12 @@ class Recorder:
         last = history.last_step
         if self.run == "new" or (self.run == "auto" and last is not None and step <= last):
             # a new run: the old run's steps from here on (all, for "new") go
-            self.sink.drop_steps(None if self.run == "new" else step)
+            first = None if self.run == "new" else step
+            if self.sink.drop_steps(first):
+                which = "all the steps" if first is None else f"the steps from {first} on"
+                self._note(f"new-run:{folder}", f"tbfeat: a new run in {str(folder)!r} "
+                           f"replaces {which} of the run logged there before (run="
+                           f"{self.run!r}; run='append' keeps them)", warn=True)  # fmt: skip
             history = History(path, keep=self.options.evolution_steps)
         self._history = history
         return history
