@@ -113,9 +113,11 @@ def test_a_new_run_in_an_old_logdir_replaces_the_old_steps(tmp_path):
         model[0].weight.mul_(2.0)  # the new run's values differ
     time.sleep(1.1)  # event files are named by the second
     new = FeatureLogger(model, logdir=tmp_path)
-    for step in (1, 2):
-        new.log(PROBES, step=step)
-    new.close()
+    with pytest.warns(RuntimeWarning, match="new run in .* replaces the steps from 1 on") as w:
+        for step in (1, 2):
+            new.log(PROBES, step=step)
+        new.close()
+    assert len([x for x in w if "new run" in str(x.message)]) == 1  # said once
     with torch.no_grad():
         expected = float(model[0](PROBES).mean())
     served = multiplexed(tmp_path)
