@@ -198,3 +198,81 @@ def test_a_tied_weight_saved_once_fills_both_names(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors' does not fit Sequential: "
                        r"missing 1 keys, e.g. 1\.weight"):  # fmt: skip
         load_folder(tmp_path / "checkpoint-1", untied)
+
+
+def modified_vit():
+    """A ViT whose head was replaced after it was built: its keys are not those of a
+    model built from its config (``classifier.1.*`` for ``classifier.*``)."""
+    from torch import nn
+
+    model = hf.ViTForImageClassification(hf.ViTConfig(**SMALL))
+    model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(32, 3))
+    return model
+
+
+def assert_same_weights(model, saved) -> None:
+    """``model`` holds every tensor of ``saved``, bit for bit and in its dtype."""
+    state = model.state_dict()
+    assert state.keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        assert state[key].dtype == value.dtype, key
+        assert torch.equal(state[key], value), key
+
+
+def test_a_modified_model_loads_the_checkpoint_it_saved(tmp_path, trainer_run):
+    from tbfeat.hf_checkpoints import load_folder
+
+    root, _ = trainer_run
+    torch.manual_seed(2)
+    saved = modified_vit().eval()
+    save_trainer_checkpoint(saved, tmp_path / "out" / "checkpoint-3", 3)
+    assert "classifier.1.weight" in saved.state_dict()
+    assert_same_weights(load_folder(tmp_path / "out" / "checkpoint-3", modified_vit).model, saved)
+    result = sweep([tmp_path / "out"], images=[root / "probe.png"], logdir=tmp_path / "run",
+                   model=modified_vit, max_channels=CHANNELS)  # fmt: skip
+    assert result.logged == [3]
+    # a model without the modification still does not fit, naming the keys
+    build = lambda: hf.ViTForImageClassification(hf.ViTConfig(**SMALL))  # noqa: E731
+    with pytest.raises(CheckpointError, match=r"model\.safetensors' does not fit "
+                       r"ViTForImageClassification: missing 2 keys, e\.g\. classifier\.(bias|"
+                       r"weight).*; unexpected 2 keys, e\.g\. classifier\.1\."):  # fmt: skip
+        load_folder(tmp_path / "out" / "checkpoint-3", build)
+
+
+def test_weights_keep_the_models_dtype_whatever_its_config_says(tmp_path, trainer_run):
+    from tbfeat.hf_checkpoints import load_folder
+
+    _, saved = trainer_run
+    folder = tmp_path / "checkpoint-4"
+    save_trainer_checkpoint(saved[4], folder, 4)
+
+    def build():  # float32 parameters, a config that says bfloat16
+        return hf.ViTForImageClassification(hf.ViTConfig(**SMALL, torch_dtype="bfloat16"))
+
+    assert next(build().parameters()).dtype == torch.float32
+    assert_same_weights(load_folder(folder, build).model, saved[4])
+    config = json.loads((folder / "config.json").read_text())
+    key = "dtype" if "dtype" in config else "torch_dtype"  # as this transformers writes it
+    (folder / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
+    assert_same_weights(load_folder(folder).model, saved[4])  # the model config.json names
+
+
+def test_an_adapter_only_checkpoint_is_refused_saying_how_to_merge_it(tmp_path, trainer_run):
+    root, _ = trainer_run
+    folder = tmp_path / "out" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / name).write_bytes(b"{}")
+    (folder / "trainer_state.json").write_text('{"global_step": 5}')
+    expected = (rf"{str(folder)!r} holds a PEFT \(LoRA\) adapter \(adapter_model\.safetensors, "
+                r"adapter_config\.json\) and no full weights: adapter-only checkpoints are not "
+                r"supported\. Merge .*merge_and_unload\(\)\.save_pretrained")  # fmt: skip
+    for given in (tmp_path / "out", folder):
+        with pytest.raises(CheckpointError, match=expected):
+            find_checkpoints([given])
+    proc = tbfeat_here("sweep", tmp_path / "out", "--images", root / "probe.png",
+                       "--logdir", tmp_path / "r")  # fmt: skip
+    assert proc.returncode == 2
+    assert "holds a PEFT (LoRA) adapter" in proc.stderr and "merge_and_unload()" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
