@@ -15,7 +15,9 @@ same checks as any state dict (:mod:`tbfeat.integrations.torchvision`): keys are
 to the model's own names as ``transformers`` maps them (:func:`converted`), in the dtype
 of the model's parameters.
 
-A PEFT (LoRA) ``Trainer`` saves only its adapter
+A folder may also hold the image processor the ``Trainer`` saved
+(``preprocessor_config.json``); a sweep prepares its probe images with it
+(:func:`image_processor`). A PEFT (LoRA) ``Trainer`` saves only its adapter
 (``adapter_model.safetensors``): such a folder is refused, saying how to merge it.
 """
 
@@ -45,6 +47,9 @@ WEIGHTS = (
 ADAPTER = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
 """The files of a PEFT (LoRA) adapter, which a ``Trainer`` of a PEFT model saves in place
 of the model's weights: not a checkpoint tbfeat loads (:func:`weights_file` says so)."""
+PROCESSOR = "preprocessor_config.json"
+"""The image processor a ``Trainer`` saves (its ``processing_class``) in each checkpoint
+folder: a sweep prepares its probe images with it (:func:`image_processor`)."""
 FOLDER = re.compile(r"^checkpoint-(\d+)$")
 """The name a ``Trainer`` gives each checkpoint folder."""
 _JSON_MAX_BYTES = 256 * 2**20  # a trainer_state.json with a long log history stays far below
@@ -331,6 +336,38 @@ def _dtype_argument(transformers: Any, model: Any) -> dict[str, Any]:
     widest = max(dtypes, key=lambda d: (torch.finfo(d).bits, -torch.finfo(d).eps))
     major = int(str(transformers.__version__).split(".")[0])
     return {"dtype" if major >= 5 else "torch_dtype": widest}
+
+
+def image_processor(folder: Path) -> Any:
+    """The image processor saved in ``folder`` (``preprocessor_config.json``, a
+    ``Trainer``'s ``processing_class``), built locally by ``transformers``'
+    ``AutoImageProcessor``: nothing is downloaded and no code of the folder's runs.
+    ``None`` when the folder holds none.
+
+    Raises:
+        CheckpointError: ``transformers`` is not installed or cannot read the file.
+    """
+    path = folder / PROCESSOR
+    if not path.is_file():
+        return None
+    if importlib.util.find_spec("transformers") is None:
+        raise CheckpointError(
+            f"{str(path)!r} is a transformers image processor, and transformers is not "
+            "installed: pip install 'tbfeat[transformers]'"
+        )
+    import transformers
+
+    try:
+        with _quiet(transformers):
+            return transformers.AutoImageProcessor.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot build the image processor of {str(path)!r} with transformers "
+            f"{transformers.__version__}: {type(e).__name__}: {reason}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -276,3 +276,55 @@ def test_an_adapter_only_checkpoint_is_refused_saying_how_to_merge_it(tmp_path, 
     assert "holds a PEFT (LoRA) adapter" in proc.stderr and "merge_and_unload()" in proc.stderr
     assert not (tmp_path / "r").exists()
 
+
+@pytest.fixture(scope="module")
+def processor_run(tmp_path_factory, trainer_run):
+    """The Trainer's checkpoints, each with the image processor it saves beside the
+    weights (32 px, normalized), and a 40x50 probe image, which the model cannot take
+    as it is."""
+    root, saved = trainer_run
+    out = tmp_path_factory.mktemp("processor") / "out"
+    processor = hf.ViTImageProcessor(size={"height": 32, "width": 32})
+    for step, model in saved.items():
+        save_trainer_checkpoint(model, out / f"checkpoint-{step}", step)
+        processor.save_pretrained(out / f"checkpoint-{step}")
+    rng = np.random.default_rng(1)
+    image = out.parent / "large.png"
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    return out, image, processor, saved
+
+
+def expected_processed_grid(model, image, processor, layer: int) -> np.ndarray:
+    """:func:`expected_grid` of the image as the processor prepares it: resized to
+    32x32, normalized with its mean and std."""
+    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32) / 255)
+    pixels = processor(images=x.permute(2, 0, 1), do_rescale=False, return_tensors="pt")
+    pixels = pixels["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and pixels.min() < -0.5  # resized and normalized
+    with torch.no_grad():
+        hidden = model(pixels, output_hidden_states=True).hidden_states
+    fmap = hidden[layer + 1][:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    return colorize(feature_grid(fmap, max_channels=CHANNELS)[0])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_image_processor_a_trainer_saved_prepares_the_probes(tmp_path, processor_run, workers):
+    out, image, processor, saved = processor_run
+    result = sweep([out], images=[image], logdir=tmp_path / "run", max_channels=CHANNELS,
+                   workers=workers)  # fmt: skip
+    assert result.logged == [2, 4]
+    events = read_events(tmp_path / "run")
+    tags = sorted(t for t in events.Tags()["images"] if t.startswith("features/"))
+    assert len(tags) == 2
+    for layer, tag in enumerate(tags):
+        for event in events.Images(tag):
+            expect = expected_processed_grid(saved[event.step], image, processor, layer)
+            np.testing.assert_array_equal(decode(event), expect)
+
+
+def test_stages_of_a_folder_with_an_image_processor_probe_at_its_size(processor_run):
+    out, _, _, _ = processor_run
+    proc = tbfeat_here("stages", out / "checkpoint-2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "probe image 640x640, which the model sees as 1x3x32x32" in proc.stdout
+    assert proc.stdout.count("1x17x32") == 2  # each layer's tokens: 4x4 patches, the class token
