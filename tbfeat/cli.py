@@ -233,8 +233,11 @@ def cmd_stages(args: argparse.Namespace) -> int:
     model = load_model(
         args.checkpoint, args.arch, args.imgsz, trust=args.trust_checkpoints, model=args.model
     )
-    # the logger's own stage choice and probe: the stages and shapes it would log
-    logger = FeatureLogger(model, stages=parse_stages(args.stages))
+    # the logger's own stage choice and probe: the stages and shapes it would log, with
+    # the image processor a Hugging Face checkpoint folder holds, as a sweep of it has
+    logger = FeatureLogger(
+        model, stages=parse_stages(args.stages), preprocess=_folder_processor(args.checkpoint)
+    )
     try:
         adapter = logger.adapter
         stages = list_stages(adapter)
@@ -264,6 +267,17 @@ def cmd_stages(args: argparse.Namespace) -> int:
               f"transform decides the size (it takes no min_size/max_size)",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _folder_processor(checkpoint: str | None) -> Any:
+    """The image processor saved in a Hugging Face checkpoint folder
+    (``preprocessor_config.json``; :func:`tbfeat.hf_checkpoints.image_processor`), else
+    ``None``: it resizes the probe to the size the model takes."""
+    from . import hf_checkpoints as hf
+
+    if checkpoint is None or not hf.is_checkpoint_folder(Path(checkpoint)):
+        return None
+    return hf.image_processor(Path(checkpoint))
 
 
 def _seen(adapter: Any, probes: Any, run: Callable[[], Any]) -> str:
@@ -425,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images taken from each folder given to --images")  # fmt: skip
     p.add_argument("--logdir", required=True, help="TensorBoard run folder for the sweep")
     p.add_argument("--imgsz", type=positive_int, default=None,
-                   help="Ultralytics letterbox size / torchvision min_size+max_size")  # fmt: skip
+                   help="Ultralytics letterbox size / torchvision min_size+max_size; a Hugging "
+                   "Face checkpoint folder's image processor (preprocessor_config.json, "
+                   "saved by its Trainer) resizes and normalizes the probe images "
+                   "instead")  # fmt: skip
     add_model_flags(p)
     p.add_argument("--stages", nargs="+", default=None, help="indices, names or types")
     p.add_argument("--max-channels", type=positive_int, default=32, help="channels per grid")
@@ -464,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     p.add_argument("--imgsz", type=positive_int, default=None,
                    help="probe image size (default 640); also the min_size/max_size of "
-                   "a detector's transform, yours included where it takes them")  # fmt: skip
+                   "a detector's transform, yours included where it takes them. A Hugging "
+                   "Face checkpoint folder's image processor (preprocessor_config.json, "
+                   "saved by its Trainer) resizes and normalizes the probe, as a sweep of "
+                   "the folder does")  # fmt: skip
     p.add_argument("--stages", nargs="+", default=None, help="mark what these select")
     add_trust_flag(p)
     p.set_defaults(func=cmd_stages)

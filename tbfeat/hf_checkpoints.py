@@ -11,7 +11,14 @@ checkpoint; its step is ``global_step``, else the ``<N>`` of its name.
 (:func:`tbfeat.safeload.torch_load`). The weights go into the model given (``--model``),
 or, without one, into the class ``config.json`` names, built by ``transformers`` from
 that local file (nothing is downloaded, no code of the checkpoint's is run), with the
-same checks as any state dict (:mod:`tbfeat.integrations.torchvision`).
+same checks as any state dict (:mod:`tbfeat.integrations.torchvision`): keys are mapped
+to the model's own names as ``transformers`` maps them (:func:`converted`), in the dtype
+of the model's parameters.
+
+A folder may also hold the image processor the ``Trainer`` saved
+(``preprocessor_config.json``); a sweep prepares its probe images with it
+(:func:`image_processor`). A PEFT (LoRA) ``Trainer`` saves only its adapter
+(``adapter_model.safetensors``): such a folder is refused, saying how to merge it.
 """
 
 from __future__ import annotations
@@ -37,15 +44,23 @@ WEIGHTS = (
     "pytorch_model.bin.index.json",
 )
 """The weights files a checkpoint folder may hold, in the order they are preferred."""
+ADAPTER = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json")
+"""The files of a PEFT (LoRA) adapter, which a ``Trainer`` of a PEFT model saves in place
+of the model's weights: not a checkpoint tbfeat loads (:func:`weights_file` says so)."""
+PROCESSOR = "preprocessor_config.json"
+"""The image processor a ``Trainer`` saves (its ``processing_class``) in each checkpoint
+folder: a sweep prepares its probe images with it (:func:`image_processor`)."""
 FOLDER = re.compile(r"^checkpoint-(\d+)$")
 """The name a ``Trainer`` gives each checkpoint folder."""
 _JSON_MAX_BYTES = 256 * 2**20  # a trainer_state.json with a long log history stays far below
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder named ``checkpoint-<N>`` or holding a weights file."""
+    """Whether ``path`` is a folder named ``checkpoint-<N>`` or holding a weights file (or
+    a PEFT adapter's, which :func:`weights_file` refuses with its reason)."""
     return path.is_dir() and (
-        bool(FOLDER.match(path.name)) or any((path / name).is_file() for name in WEIGHTS)
+        bool(FOLDER.match(path.name))
+        or any((path / name).is_file() for name in (*WEIGHTS, *ADAPTER))
     )
 
 
@@ -60,11 +75,20 @@ def weights_file(folder: Path) -> Path:
     """The weights file of a checkpoint folder (see :data:`WEIGHTS`).
 
     Raises:
-        CheckpointError: none there, naming the folder and the files allowed.
+        CheckpointError: none there, naming the folder and the files allowed; or only a
+            PEFT adapter's, saying how to merge it into full weights.
     """
     for name in WEIGHTS:
         if (folder / name).is_file():
             return folder / name
+    adapter = [name for name in ADAPTER if (folder / name).is_file()]
+    if adapter:
+        raise CheckpointError(
+            f"{str(folder)!r} holds a PEFT (LoRA) adapter ({', '.join(adapter)}) and no full "
+            "weights: adapter-only checkpoints are not supported. Merge the adapter into its "
+            "base model and save that: PeftModel.from_pretrained(base, folder)"
+            ".merge_and_unload().save_pretrained(out), then sweep out"
+        )
     raise CheckpointError(
         f"{str(folder)!r} is not a checkpoint: a Hugging Face checkpoint folder holds "
         f"{' or '.join(WEIGHTS)}, and this one holds none"
@@ -260,35 +284,90 @@ def load_folder(
 def converted(model: Any, state: dict[str, Any], path: Path) -> dict[str, Any]:
     """``state`` under ``model``'s own keys, as ``transformers`` loads it: its loader
     renames the keys ``save_pretrained`` writes in an older layout (and converts fused
-    ones), into a fresh model of the same class and config, and fills tied weights.
+    ones) into a fresh model of the same class and config, in the dtype of ``model``'s
+    parameters (not the config's), and fills tied weights.
+
+    Only what the fresh model loaded is taken from it; the checkpoint's keys it did not
+    take (a head ``model`` replaced, a module it added: unexpected to the fresh model, or
+    of other shapes) pass on as saved, and whether the whole fits ``model`` is decided
+    by loading it there (:func:`tbfeat.integrations.torchvision.load_state`). A key the
+    fresh model left missing is not taken, so ``model`` reports it missing.
 
     Raises:
-        CheckpointError: keys missing, unexpected or of other shapes, naming the file.
+        CheckpointError: ``transformers`` cannot read ``state`` at all, naming the file.
     """
     import transformers
 
-    name = type(model).__name__
     try:
         with _quiet(transformers):
             fresh, info = type(model).from_pretrained(
-                None, config=model.config, state_dict=state, output_loading_info=True
-            )
+                None, config=model.config, state_dict=dict(state), output_loading_info=True,
+                ignore_mismatched_sizes=True, **_dtype_argument(transformers, model),
+            )  # fmt: skip
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit {name}: {type(e).__name__}: {reason}"
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
+            f"{type(e).__name__}: {reason}"
         ) from None
-    parts = []
-    for what in ("missing", "unexpected", "mismatched"):
-        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info[f"{what}_keys"])
-        if keys:
-            parts.append(f"{what} {len(keys)} keys, e.g. {', '.join(keys[:3])}")
-    if parts:
+    mismatched = [_key(k) for k in info["mismatched_keys"]]
+    not_loaded = {_key(k) for k in info["missing_keys"]} | set(mismatched)
+    mapped = {k: v for k, v in fresh.state_dict().items() if k not in not_loaded}
+    for key in (*map(_key, info["unexpected_keys"]), *mismatched):
+        if key in state:  # a key renamed before it was found unexpected stays missing
+            mapped.setdefault(key, state[key])
+    return mapped
+
+
+def _key(entry: Any) -> str:
+    """A key of ``transformers``' loading info (a mismatched key is ``(key, shapes...)``)."""
+    return str(entry[0] if isinstance(entry, tuple) else entry)
+
+
+def _dtype_argument(transformers: Any, model: Any) -> dict[str, Any]:
+    """``from_pretrained``'s dtype argument for the widest floating dtype of ``model``'s
+    parameters (``dtype=`` from transformers 5 on, ``torch_dtype=`` before); none for a
+    model without any."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not dtypes:
+        return {}
+    import torch
+
+    widest = max(dtypes, key=lambda d: (torch.finfo(d).bits, -torch.finfo(d).eps))
+    major = int(str(transformers.__version__).split(".")[0])
+    return {"dtype" if major >= 5 else "torch_dtype": widest}
+
+
+def image_processor(folder: Path) -> Any:
+    """The image processor saved in ``folder`` (``preprocessor_config.json``, a
+    ``Trainer``'s ``processing_class``), built locally by ``transformers``'
+    ``AutoImageProcessor``: nothing is downloaded and no code of the folder's runs.
+    ``None`` when the folder holds none.
+
+    Raises:
+        CheckpointError: ``transformers`` is not installed or cannot read the file.
+    """
+    path = folder / PROCESSOR
+    if not path.is_file():
+        return None
+    if importlib.util.find_spec("transformers") is None:
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit {name}: {'; '.join(parts)}. Pass the "
-            "model it was saved from (--model / model=)."
+            f"{str(path)!r} is a transformers image processor, and transformers is not "
+            "installed: pip install 'tbfeat[transformers]'"
         )
-    return fresh.state_dict()
+    import transformers
+
+    try:
+        with _quiet(transformers):
+            return transformers.AutoImageProcessor.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot build the image processor of {str(path)!r} with transformers "
+            f"{transformers.__version__}: {type(e).__name__}: {reason}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -417,6 +417,11 @@ def sweep(
             (skipped, logged at a step of its own).
         **options: :class:`~tbfeat.LogOptions` fields.
 
+    A Hugging Face checkpoint folder that holds the image processor its ``Trainer`` saved
+    (``preprocessor_config.json``) prepares the probe images with it (resize, normalize:
+    ``preprocess=`` of :class:`~tbfeat.FeatureLogger`), built locally by ``transformers``;
+    the first such folder to log gives it for the whole sweep, in every process.
+
     Returns:
         The steps logged (on disk), skipped (on disk before) and dropped (refused by
         the storage, warned about; the next run of the sweep logs them).
@@ -448,6 +453,8 @@ def sweep(
             warn(f"workers={workers} is left aside: the {shared.world} ranks share the checkpoints")
         manifest, plan, todo, kept = _plan_on_rank0(shared, checkpoints, folder, overwrite,
                                                     arch, model, trust, warn)  # fmt: skip
+        job = replace(job, processor=processor_folder(todo))
+        preprocess = hf.image_processor(job.processor) if job.processor is not None else None
         result = SweepResult(folder, skipped=[p.step for p in plan if p.step in kept])
         if shared is not None and shared.rank:  # rank 0 writes; the others log their share
             _log_for_rank0(job, todo, shared)
@@ -455,7 +462,7 @@ def sweep(
             return result
         manifest["steps"] = {k: v for k, v in manifest["steps"].items() if int(k) in kept}
         created = not folder.exists()
-        run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options)
+        run = _Run(folder, manifest, stages, "new" if overwrite else "auto", options, preprocess)
         try:
             if shared is None and workers == 1:
                 _log_here(todo, run, result, kept, image_files, arch, imgsz, trust, source,
@@ -468,6 +475,16 @@ def sweep(
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # made for a first step that failed, if nothing was written
     return result
+
+
+def processor_folder(todo: Iterable[PlannedStep]) -> Path | None:
+    """The first Hugging Face checkpoint folder of ``todo`` that holds an image processor
+    (:data:`tbfeat.hf_checkpoints.PROCESSOR`): the one that prepares the sweep's probe
+    images. The processes of a sweep are sent this path, never the processor."""
+    for p in todo:
+        if p.path.is_dir() and (p.path / hf.PROCESSOR).is_file():
+            return p.path
+    return None
 
 
 def _log_here(
@@ -611,14 +628,21 @@ def _plan(
 
 class _Run:
     """The sweep's logger and manifest: the logger is created when the first model has
-    loaded; it resolves the stages on each model (an unknown stage fails as it is
-    created, before the logdir exists)."""
+    loaded, with ``preprocess`` (a checkpoint folder's image processor, or ``None``); it
+    resolves the stages on each model (an unknown stage fails as it is created, before
+    the logdir exists)."""
 
     def __init__(
-        self, folder: Path, manifest: dict[str, Any], stages: Any, run: str, options: dict
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        stages: Any,
+        run: str,
+        options: dict,
+        preprocess: Any = None,
     ) -> None:
         self.folder, self.manifest, self.stages, self.run = folder, manifest, stages, run
-        self.options = options
+        self.options, self.preprocess = options, preprocess
         self.logger: Any = None
         self.pipeline: Any = None
         """The :class:`~tbfeat.run.Run` of steps captured in other processes."""
@@ -629,8 +653,9 @@ class _Run:
 
         if self.logger is None:
             self.logger = FeatureLogger(
-                model, self.folder, stages=self.stages, run=self.run, **self.options
-            )
+                model, self.folder, stages=self.stages, run=self.run,
+                preprocess=self.preprocess, **self.options,
+            )  # fmt: skip
         logger = self.logger
         logger.probe(logger.prepare(images, model=model, imgsz=imgsz), model=model, step=p.step)
         logger.flush()

@@ -59,6 +59,9 @@ class SweepJob:
     options: LogOptions
     device: str | None = None
     """Where each model runs (``cuda:<LOCAL_RANK>`` on the ranks of a GPU job)."""
+    processor: Path | None = None
+    """A Hugging Face checkpoint folder whose image processor prepares the probe images
+    (built in each process: :func:`tbfeat.hf_checkpoints.image_processor`)."""
 
     def check_portable(self) -> None:
         """Fail, before anything is created, when the job cannot reach a worker process."""
@@ -101,8 +104,9 @@ class StepProber:
 
     def messages(self, p: Any) -> Messages:
         """Load the checkpoint of ``p`` and probe it at its step."""
-        from .adapters import adapt
+        from .adapters import adapt, check_preprocess
         from .capturer import Capturer
+        from .hf_checkpoints import image_processor
 
         job = self.job
         kind = kind_of(p.path, trust=job.trust) if p.kind == "unreadable" else p.kind
@@ -112,9 +116,12 @@ class StepProber:
         if job.device is not None:
             model.to(job.device)
         if self._capturer is None:
+            adapter = adapt(model)
+            processor = image_processor(job.processor) if job.processor is not None else None
             self._capturer = Capturer(
-                model, adapt(model), job.stages, job.options, self._post, lambda: None
-            )
+                model, adapter, job.stages, job.options, self._post, lambda: None,
+                preprocess=check_preprocess(processor, adapter),
+            )  # fmt: skip
         capturer, self._messages = self._capturer, []
         probes = capturer.prepare(list(job.images), model=model, imgsz=job.imgsz)
         capturer.probe(probes, model=model, step=p.step)

@@ -198,3 +198,133 @@ def test_a_tied_weight_saved_once_fills_both_names(tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.safetensors' does not fit Sequential: "
                        r"missing 1 keys, e.g. 1\.weight"):  # fmt: skip
         load_folder(tmp_path / "checkpoint-1", untied)
+
+
+def modified_vit():
+    """A ViT whose head was replaced after it was built: its keys are not those of a
+    model built from its config (``classifier.1.*`` for ``classifier.*``)."""
+    from torch import nn
+
+    model = hf.ViTForImageClassification(hf.ViTConfig(**SMALL))
+    model.classifier = nn.Sequential(nn.Dropout(), nn.Linear(32, 3))
+    return model
+
+
+def assert_same_weights(model, saved) -> None:
+    """``model`` holds every tensor of ``saved``, bit for bit and in its dtype."""
+    state = model.state_dict()
+    assert state.keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        assert state[key].dtype == value.dtype, key
+        assert torch.equal(state[key], value), key
+
+
+def test_a_modified_model_loads_the_checkpoint_it_saved(tmp_path, trainer_run):
+    from tbfeat.hf_checkpoints import load_folder
+
+    root, _ = trainer_run
+    torch.manual_seed(2)
+    saved = modified_vit().eval()
+    save_trainer_checkpoint(saved, tmp_path / "out" / "checkpoint-3", 3)
+    assert "classifier.1.weight" in saved.state_dict()
+    assert_same_weights(load_folder(tmp_path / "out" / "checkpoint-3", modified_vit).model, saved)
+    result = sweep([tmp_path / "out"], images=[root / "probe.png"], logdir=tmp_path / "run",
+                   model=modified_vit, max_channels=CHANNELS)  # fmt: skip
+    assert result.logged == [3]
+    # a model without the modification still does not fit, naming the keys
+    build = lambda: hf.ViTForImageClassification(hf.ViTConfig(**SMALL))  # noqa: E731
+    with pytest.raises(CheckpointError, match=r"model\.safetensors' does not fit "
+                       r"ViTForImageClassification: missing 2 keys, e\.g\. classifier\.(bias|"
+                       r"weight).*; unexpected 2 keys, e\.g\. classifier\.1\."):  # fmt: skip
+        load_folder(tmp_path / "out" / "checkpoint-3", build)
+
+
+def test_weights_keep_the_models_dtype_whatever_its_config_says(tmp_path, trainer_run):
+    from tbfeat.hf_checkpoints import load_folder
+
+    _, saved = trainer_run
+    folder = tmp_path / "checkpoint-4"
+    save_trainer_checkpoint(saved[4], folder, 4)
+
+    def build():  # float32 parameters, a config that says bfloat16
+        return hf.ViTForImageClassification(hf.ViTConfig(**SMALL, torch_dtype="bfloat16"))
+
+    assert next(build().parameters()).dtype == torch.float32
+    assert_same_weights(load_folder(folder, build).model, saved[4])
+    config = json.loads((folder / "config.json").read_text())
+    key = "dtype" if "dtype" in config else "torch_dtype"  # as this transformers writes it
+    (folder / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
+    assert_same_weights(load_folder(folder).model, saved[4])  # the model config.json names
+
+
+def test_an_adapter_only_checkpoint_is_refused_saying_how_to_merge_it(tmp_path, trainer_run):
+    root, _ = trainer_run
+    folder = tmp_path / "out" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / name).write_bytes(b"{}")
+    (folder / "trainer_state.json").write_text('{"global_step": 5}')
+    expected = (rf"{str(folder)!r} holds a PEFT \(LoRA\) adapter \(adapter_model\.safetensors, "
+                r"adapter_config\.json\) and no full weights: adapter-only checkpoints are not "
+                r"supported\. Merge .*merge_and_unload\(\)\.save_pretrained")  # fmt: skip
+    for given in (tmp_path / "out", folder):
+        with pytest.raises(CheckpointError, match=expected):
+            find_checkpoints([given])
+    proc = tbfeat_here("sweep", tmp_path / "out", "--images", root / "probe.png",
+                       "--logdir", tmp_path / "r")  # fmt: skip
+    assert proc.returncode == 2
+    assert "holds a PEFT (LoRA) adapter" in proc.stderr and "merge_and_unload()" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def processor_run(tmp_path_factory, trainer_run):
+    """The Trainer's checkpoints, each with the image processor it saves beside the
+    weights (32 px, normalized), and a 40x50 probe image, which the model cannot take
+    as it is."""
+    root, saved = trainer_run
+    out = tmp_path_factory.mktemp("processor") / "out"
+    processor = hf.ViTImageProcessor(size={"height": 32, "width": 32})
+    for step, model in saved.items():
+        save_trainer_checkpoint(model, out / f"checkpoint-{step}", step)
+        processor.save_pretrained(out / f"checkpoint-{step}")
+    rng = np.random.default_rng(1)
+    image = out.parent / "large.png"
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(image)
+    return out, image, processor, saved
+
+
+def expected_processed_grid(model, image, processor, layer: int) -> np.ndarray:
+    """:func:`expected_grid` of the image as the processor prepares it: resized to
+    32x32, normalized with its mean and std."""
+    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"), dtype=np.float32) / 255)
+    pixels = processor(images=x.permute(2, 0, 1), do_rescale=False, return_tensors="pt")
+    pixels = pixels["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32) and pixels.min() < -0.5  # resized and normalized
+    with torch.no_grad():
+        hidden = model(pixels, output_hidden_states=True).hidden_states
+    fmap = hidden[layer + 1][:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    return colorize(feature_grid(fmap, max_channels=CHANNELS)[0])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_image_processor_a_trainer_saved_prepares_the_probes(tmp_path, processor_run, workers):
+    out, image, processor, saved = processor_run
+    result = sweep([out], images=[image], logdir=tmp_path / "run", max_channels=CHANNELS,
+                   workers=workers)  # fmt: skip
+    assert result.logged == [2, 4]
+    events = read_events(tmp_path / "run")
+    tags = sorted(t for t in events.Tags()["images"] if t.startswith("features/"))
+    assert len(tags) == 2
+    for layer, tag in enumerate(tags):
+        for event in events.Images(tag):
+            expect = expected_processed_grid(saved[event.step], image, processor, layer)
+            np.testing.assert_array_equal(decode(event), expect)
+
+
+def test_stages_of_a_folder_with_an_image_processor_probe_at_its_size(processor_run):
+    out, _, _, _ = processor_run
+    proc = tbfeat_here("stages", out / "checkpoint-2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "probe image 640x640, which the model sees as 1x3x32x32" in proc.stdout
+    assert proc.stdout.count("1x17x32") == 2  # each layer's tokens: 4x4 patches, the class token
