@@ -97,6 +97,24 @@ def detector(logdir: Path) -> list[str]:
     return [s.key for s in list_stages(model)]
 
 
+def timm_swin(logdir: Path) -> list[str]:
+    """timm's Swin-T (untrained) over the bus photo through timm's own transform at
+    step 0: four channels-last stages; returns the stage keys."""
+    import timm
+    import torchvision.transforms.v2 as T
+    from ultralytics.utils import ASSETS
+
+    from tbfeat import FeatureLogger, list_stages
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    cfg = model.pretrained_cfg
+    to_input = T.Compose([T.Resize(cfg["input_size"][1:]), T.Normalize(cfg["mean"], cfg["std"])])
+    with FeatureLogger(model, logdir, preprocess=to_input, cam="layercam", max_channels=16) as fl:
+        fl.log([ASSETS / "bus.jpg"], step=0)
+    return [s.key for s in list_stages(model)]
+
+
 def screenshot(logdir: Path, state: str, path: Path) -> None:
     with TensorBoard(logdir) as tb, Browser() as browser:
         open_dashboard(browser, tb, state)
@@ -126,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         keys = detector(tmp / "rtdetr")
         state = f"&run=.&image=bus&stages={','.join(keys)}&mode=both"
         screenshot(tmp / "rtdetr", state, args.out / "dashboard_rtdetr.png")
+        keys = timm_swin(tmp / "swin")
+        state = f"&run=.&image=bus&stages={','.join(keys)}&mode=both"
+        screenshot(tmp / "swin", state, args.out / "dashboard_swin.png")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
