@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Callable
 
 PREFIX = "tbfeat: "
 
@@ -73,3 +74,40 @@ class Notes:
         else:
             logging.getLogger("tbfeat").info(_text(message))
         return True
+
+
+class Stoppable:
+    """Logging that a training's callback runs again and again, stopped for the rest of
+    that training by its first error: said once, as a warning, and never raised into the
+    training. :meth:`reset` when the next training begins.
+
+    Example:
+        >>> import warnings
+        >>> guard = Stoppable()
+        >>> with warnings.catch_warnings(record=True) as said:
+        ...     warnings.simplefilter("always")
+        ...     guard.attempt("at step 2", lambda: 1 / 0)
+        ...     guard.attempt("at step 4", lambda: print("not run"))
+        >>> guard.stopped, len(said)
+        (True, 1)
+        >>> print(str(said[0].message).split(": ", 1)[1])
+        stopped logging feature maps of this training at step 2: ZeroDivisionError: division by zero
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._notes = Notes()
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def attempt(self, when: str, log: Callable[[], object]) -> None:
+        """Run ``log`` unless an earlier attempt failed; a failure stops the logging."""
+        if self.stopped:
+            return
+        try:
+            log()
+        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
+            self.stopped = True
+            message = f"stopped logging feature maps of this training {when}: "
+            self._notes("stopped", f"{message}{type(e).__name__}: {e}", warn=True, stacklevel=3)

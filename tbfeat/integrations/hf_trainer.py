@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 
 from ..images import ImageLike, to_tensors
 from ..logger import FeatureLogger
-from ..notes import Notes
+from ..notes import Stoppable
 from ..options import LogOptions
 from ..recorder import RUN_MODES
 from ..stages import StageSpec
@@ -91,8 +91,7 @@ class FeatureLoggerCallback(TrainerCallback):
         self._evaluations = 0
         self._last_step: int | None = None
         self._training = False
-        self._stopped = False
-        self._notes = Notes()
+        self._guard = Stoppable()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         strategy = getattr(args, "eval_strategy", "epoch")
@@ -103,14 +102,15 @@ class FeatureLoggerCallback(TrainerCallback):
                 "would share an epoch; use step='global_step'"
             )
         self._close()  # a training that ended without on_train_end (an exception) left it
-        self._stopped, self._notes, self._evaluations, self._last_step = False, Notes(), 0, None
+        self._guard.reset()
+        self._evaluations, self._last_step = 0, None
         self._training = True
         # the Trainer's TensorBoard callback comes first and has made its run by now
         if state.is_world_process_zero:
             self._run_dir = str(self.logdir) if self.logdir is not None else trainer_run_dir(args)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero or self._stopped:
+        if not state.is_world_process_zero or self._guard.stopped:
             return
         if state.global_step == self._last_step:  # another eval data set of this evaluation
             return
@@ -120,18 +120,13 @@ class FeatureLoggerCallback(TrainerCallback):
         if self._evaluations % every and not last:
             return
         self._last_step = state.global_step
-        try:
-            step = state.global_step if self.step == "global_step" else round(state.epoch or 0)
-            logger = self._feature_logger(args, kwargs["model"], kwargs.get("processing_class"))
-            logger.log(self.images, step=step, names=self.names)
-        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
-            self._stopped = True
-            self._notes(
-                "stopped",
-                f"stopped logging feature maps of this training at step {state.global_step}: "
-                f"{type(e).__name__}: {e}",
-                warn=True,
-            )
+        step = state.global_step if self.step == "global_step" else round(state.epoch or 0)
+        self._guard.attempt(
+            f"at step {state.global_step}",
+            lambda: self._feature_logger(
+                args, kwargs["model"], kwargs.get("processing_class")
+            ).log(self.images, step=step, names=self.names),
+        )
         if not self._training:  # trainer.evaluate() on its own: nothing stays open
             self._close()
 

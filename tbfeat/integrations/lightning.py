@@ -28,7 +28,7 @@ except ImportError:  # the older package name
 
 from ..images import ImageLike, to_tensors
 from ..logger import FeatureLogger
-from ..notes import Notes
+from ..notes import Stoppable
 from ..options import LogOptions
 from ..stages import StageSpec
 
@@ -82,8 +82,7 @@ class FeatureLoggerCallback(Callback):
         self.preprocess = preprocess
         self.options = options
         self.logger: FeatureLogger | None = None
-        self._stopped = False
-        self._notes = Notes()
+        self._guard = Stoppable()
 
     def target(self, pl_module: nn.Module) -> nn.Module:
         """The module to log for this LightningModule."""
@@ -125,23 +124,16 @@ class FeatureLoggerCallback(Callback):
         last = trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch + 1
         if (epoch + 1) % every and not last:
             return
-        if self._stopped:
-            return
-        try:
-            logger = self._feature_logger(trainer, pl_module)
-            step = epoch + 1 if self.step == "epoch" else trainer.global_step
-            logger.log(self.images, step=step, names=self.names)
-        except Exception as e:  # noqa: BLE001 - logging never ends the user's training
-            self._stopped = True
-            self._notes(
-                "stopped",
-                f"stopped logging feature maps of this training at epoch {epoch}: "
-                f"{type(e).__name__}: {e}",
-                warn=True,
-            )
+        step = epoch + 1 if self.step == "epoch" else trainer.global_step
+        self._guard.attempt(
+            f"at epoch {epoch}",
+            lambda: self._feature_logger(trainer, pl_module).log(
+                self.images, step=step, names=self.names
+            ),
+        )
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        self._stopped, self._notes = False, Notes()  # the next training tries again
+        self._guard.reset()  # the next training tries again
         if self.logger is not None:
             self.logger.close()  # flushes; Lightning's own writer stays open
             self.logger = None
