@@ -41,6 +41,7 @@ from .safeload import (
     UnsafeCheckpointError,
     allowed_global,
     check_checkpoint,
+    error_text,
     inspect_checkpoint,
     stored_epoch,
     torch_load,
@@ -156,7 +157,7 @@ def read_epoch_step(path: Path, *, trust: bool = False) -> int | None:
     except Exception as e:
         raise CheckpointError(
             f"cannot read checkpoint {str(path)!r} (corrupt or truncated?): "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            f"{error_text(e, 160)}"
         ) from None
     epoch = stored_epoch(ckpt.get("epoch")) if isinstance(ckpt, dict) else None
     return None if epoch is None else epoch + 1
@@ -199,8 +200,7 @@ def load_ultralytics_checkpoint(path: Path, *, trust: bool = False) -> LoadedChe
         raise
     except Exception as e:
         raise CheckpointError(
-            f"cannot load Ultralytics checkpoint {str(path)!r}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+            f"cannot load Ultralytics checkpoint {str(path)!r}: {error_text(e)}"
         ) from None
 
 

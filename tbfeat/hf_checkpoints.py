@@ -32,7 +32,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .safeload import CheckpointError, LoadedCheckpoint, check_checkpoint, torch_load
+from .safeload import (
+    CheckpointError,
+    LoadedCheckpoint,
+    check_checkpoint,
+    error_text,
+    torch_load,
+)
 
 KIND = "hf"
 """The kind of a Hugging Face checkpoint folder, beside ``"ultralytics"`` and
@@ -188,9 +194,8 @@ def _read_file(path: Path, trust: bool) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as e:
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(
-            f"cannot read {str(path)!r} (corrupt or truncated?): {type(e).__name__}: {reason}"
+            f"cannot read {str(path)!r} (corrupt or truncated?): {error_text(e)}"
         ) from None
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
         raise CheckpointError(f"{str(path)!r} holds no state dict (a dict of tensors)")
@@ -305,10 +310,8 @@ def converted(model: Any, state: dict[str, Any], path: Path) -> dict[str, Any]:
                 ignore_mismatched_sizes=True, **_dtype_argument(transformers, model),
             )  # fmt: skip
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: "
-            f"{type(e).__name__}: {reason}"
+            f"checkpoint {str(path)!r} does not fit {type(model).__name__}: {error_text(e, 300)}"
         ) from None
     mismatched = [_key(k) for k in info["mismatched_keys"]]
     not_loaded = {_key(k) for k in info["missing_keys"]} | set(mismatched)
@@ -363,10 +366,9 @@ def image_processor(folder: Path) -> Any:
                 str(folder), local_files_only=True, trust_remote_code=False
             )
     except Exception as e:
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CheckpointError(
             f"cannot build the image processor of {str(path)!r} with transformers "
-            f"{transformers.__version__}: {type(e).__name__}: {reason}"
+            f"{transformers.__version__}: {error_text(e)}"
         ) from None
 
 

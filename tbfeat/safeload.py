@@ -51,6 +51,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 
+def error_text(error: BaseException, limit: int = 200) -> str:
+    """``"<Type>: <first line of its message>"``, the line cut to ``limit`` characters:
+    how a checkpoint error quotes the error under it.
+
+    Example:
+        >>> error_text(ValueError("bad magic number\\nmore lines"))
+        'ValueError: bad magic number'
+    """
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would run code outside tbfeat's allow-list when loaded."""
 

@@ -385,7 +385,7 @@ def load_checkpoint(
             unexpected keys), or without ``trust`` a file that needs globals off the
             allow-list (:class:`~tbfeat.checkpoints.UnsafeCheckpointError`, naming them).
     """
-    from ..safeload import CheckpointError, torch_load
+    from ..safeload import CheckpointError, error_text, torch_load
 
     path = Path(path)
     if not path.is_file():
@@ -397,7 +397,7 @@ def load_checkpoint(
     except Exception as e:
         raise ValueError(
             f"cannot read checkpoint {str(path)!r} as a state dict "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"({error_text(e)})"
         ) from None
     state, meta = _split_checkpoint(ckpt, path)
     if isinstance(arch, nn.Module):
