@@ -204,15 +204,16 @@ def test_a_training_that_ended_without_its_end_leaves_nothing_to_the_next(tmp_pa
     """An exception ends a training without on_train_end: the next training logs its own
     model into its own run."""
     callback = FeatureLoggerCallback(images=[probe()], names=["square"], max_channels=4)
-    args = hf.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     state = hf.TrainerState(is_world_process_zero=True, global_step=2, max_steps=4)
     models = [hf.ViTForImageClassification(hf.ViTConfig(**CONFIG)) for _ in range(2)]
     for name, model in zip(("first", "second"), models, strict=True):
-        monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / name))
+        # each training its own run: transformers 5 by the variable, 4 by logging_dir
+        monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / name / "tb"))
+        args = hf.TrainingArguments(output_dir=str(tmp_path / name), use_cpu=True, report_to=[])
         callback.on_train_begin(args, state, hf.TrainerControl())
         callback.on_evaluate(args, state, hf.TrainerControl(), model=model)
         assert callback.logger.model is model  # no on_train_end between the two
     callback.on_train_end(args, state, hf.TrainerControl())
     for name in ("first", "second"):
-        files = list((tmp_path / name).glob("events.out.tfevents.*.tbfeat"))
+        files = list((tmp_path / name).rglob("events.out.tfevents.*.tbfeat"))
         assert len(files) == 1, name
